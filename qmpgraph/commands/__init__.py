@@ -1,0 +1,7 @@
+"""QMP command handlers, one module per command family, and the dispatcher.
+
+Importing this package registers every implemented command.
+"""
+
+from qmpgraph.commands import core as core
+from qmpgraph.commands.registry import REGISTRY as REGISTRY

@@ -1,0 +1,163 @@
+"""Write JSON text byte-for-byte as QEMU 7.2's QObject serializer does.
+
+QEMU differs from every Python JSON library in ways clients can see:
+
+* Object members come out in QDict iteration order: by bucket of the tdb hash
+  of the key modulo 512, and within one bucket newest-inserted first.
+* Separators are ``", "`` and ``": "`` (compact mode) or newline plus four
+  spaces per level (pretty mode, where ``,`` has no trailing space).
+* Strings escape ``"``, ``\\``, ``\\b \\f \\n \\r \\t``, every other control
+  character, DEL and every non-ASCII character as ``\\uXXXX`` with uppercase
+  hex (surrogate pairs beyond the BMP).
+* Floating-point numbers use C's ``%.17g``.
+
+Python dicts keep insertion order, so callers build dicts in the order QEMU
+would insert members (QAPI member order) and this module applies the hash
+ordering. What does not live here: parsing (``qmpgraph.protocol.jsonlex``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from typing import Any
+
+_BUCKETS = 512
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f-\U0010ffff]')
+_SHORT_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+@lru_cache(maxsize=65536)
+def qdict_bucket(key: str) -> int:
+    """The QDict bucket of ``key``: QEMU's tdb hash modulo the bucket count."""
+    data = key.encode("utf-8", "surrogatepass")
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, byte in enumerate(data):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _BUCKETS
+
+
+def qdict_order(keys: list[str]) -> list[str]:
+    """Keys in QDict iteration order, given them in insertion order."""
+    return [
+        k
+        for _, _, k in sorted(
+            (qdict_bucket(k), -i, k) for i, k in enumerate(keys)
+        )
+    ]
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    short = _SHORT_ESCAPES.get(ch)
+    if short is not None:
+        return short
+    cp = ord(ch)
+    if cp > 0xFFFF:
+        cp -= 0x10000
+        return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
+    if 0xD800 <= cp <= 0xDFFF:
+        # A lone surrogate cannot come from valid UTF-8; QEMU substitutes U+FFFD.
+        return "\\uFFFD"
+    return f"\\u{cp:04X}"
+
+
+def quote(text: str) -> str:
+    """A JSON string literal as QEMU writes it."""
+    return '"' + _NEEDS_ESCAPE.sub(_escape_char, text) + '"'
+
+
+def format_float(value: float) -> str:
+    """C's ``%.17g`` for a double, as QEMU's qnum_to_string."""
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    if math.isinf(value):
+        return "-inf" if value < 0 else "inf"
+    return "%.17g" % value
+
+
+def _write(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
+    if isinstance(obj, str):
+        out.append(quote(obj))
+    elif obj is None:
+        out.append("null")
+    elif isinstance(obj, RawJSON):
+        out.append(obj.text(pretty, indent))
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, int):
+        out.append(str(obj))
+    elif isinstance(obj, float):
+        out.append(format_float(obj))
+    elif isinstance(obj, dict):
+        out.append("{")
+        sep = ""
+        comma = "," if pretty else ", "
+        for key in qdict_order(list(obj)):
+            out.append(sep)
+            if pretty:
+                out.append("\n" + " " * (4 * (indent + 1)))
+            out.append(quote(key))
+            out.append(": ")
+            _write(obj[key], out, pretty, indent + 1)
+            sep = comma
+        if pretty:
+            out.append("\n" + " " * (4 * indent))
+        out.append("}")
+    elif isinstance(obj, list | tuple):
+        out.append("[")
+        sep = ""
+        comma = "," if pretty else ", "
+        for item in obj:
+            out.append(sep)
+            if pretty:
+                out.append("\n" + " " * (4 * (indent + 1)))
+            _write(item, out, pretty, indent + 1)
+            sep = comma
+        if pretty:
+            out.append("\n" + " " * (4 * indent))
+        out.append("]")
+    else:
+        raise TypeError(f"cannot serialize {type(obj).__name__} as QMP JSON")
+
+
+def dumps(obj: Any, *, pretty: bool = False) -> str:
+    """Serialize ``obj`` as QEMU's ``qobject_to_json_pretty(obj, pretty)`` would."""
+    out: list[str] = []
+    _write(obj, out, pretty, 0)
+    return "".join(out)
+
+
+class RawJSON:
+    """A large constant value serialized once per layout and then reused.
+
+    ``query-qmp-schema`` returns hundreds of kilobytes that never change; the
+    text for each (pretty, indent) layout is cached on first use.
+    """
+
+    __slots__ = ("_cache", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._cache: dict[tuple[bool, int], str] = {}
+
+    def text(self, pretty: bool, indent: int) -> str:
+        """The serialized text of the value at this layout."""
+        key = (pretty, indent if pretty else 0)
+        cached = self._cache.get(key)
+        if cached is None:
+            out: list[str] = []
+            _write(self.value, out, pretty, key[1])
+            cached = self._cache[key] = "".join(out)
+        return cached
