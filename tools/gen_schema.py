@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qsd_oracle import QSD  # noqa: E402  (tools/ is not a package)
+from qsd_oracle import QSD
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "qmpgraph" / "schema" / "data"
 SCHEMA_FILE = "qmp-schema.json"
@@ -61,6 +61,10 @@ PROBE_KEY = "qmpgraph-probe"
 
 Entity = dict[str, Any]
 Wrap = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _in_list(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda d: [inner(d)]
 
 
 class SchemaWalker:
@@ -149,7 +153,7 @@ class SchemaWalker:
         if meta == "object":
             return [(tname, lambda d: d)]
         if meta == "array":
-            return [(t, lambda d, f=f: [f(d)]) for t, f in self._member_targets(ent["element-type"])]
+            return [(t, _in_list(f)) for t, f in self._member_targets(ent["element-type"])]
         if meta == "alternate":
             out: list[tuple[str, Callable[[Any], Any]]] = []
             for b in ent["members"]:

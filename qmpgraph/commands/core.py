@@ -27,14 +27,20 @@ def query_version(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("query-commands")
 def query_commands(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
-    """Every command this daemon implements (the same set query-qmp-schema lists)."""
-    return [{"name": name} for name in reversed(list(REGISTRY))]
+    """Every command this daemon implements (the same set query-qmp-schema lists).
+
+    QEMU registers commands in schema definition order and its
+    ``query-commands`` prepends each one to the reply, so the reply runs
+    in reverse definition order.
+    """
+    names = ctx.daemon.schema.ordered_commands(REGISTRY)
+    return [{"name": name} for name in reversed(names)]
 
 
 @command("query-qmp-schema")
 def query_qmp_schema(ctx: CommandContext, args: dict[str, Any]) -> Any:
     """QEMU's introspection data, restricted to what is implemented."""
-    return ctx.daemon.schema.introspection()
+    return ctx.daemon.schema.introspection(REGISTRY)
 
 
 @command("quit")

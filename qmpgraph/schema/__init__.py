@@ -1,29 +1,96 @@
-"""QEMU 7.2's QMP schema: the data generated from qemu-storage-daemon, the argument
-validators compiled from it, and the introspection reply (placeholder)."""
+"""QEMU 7.2's QMP schema: argument validation and introspection.
+
+The data in ``data/`` is generated from the installed qemu-storage-daemon by
+``tools/gen_schema.py`` (its docstring explains how the masked type names and
+integer widths are recovered). ``load()`` reads it once; the ``Schema`` it
+returns holds:
+
+* one compiled JSON Schema validator per command (``fastpath``), the check
+  every command's arguments go through;
+* the replay of QEMU's input visitor (``visitor``), run only when the fast
+  path rejects, to decide exactly as QEMU and word QEMU's first error;
+* the ``query-qmp-schema`` reply for the implemented commands (``introspect``),
+  serialized once.
+
+What does not live here: the command table (``qmpgraph.commands.registry``);
+the dispatcher that calls ``validate_arguments`` before any handler runs.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
 from typing import Any
 
-from qmpgraph.errors import GenericError
+from qmpgraph.protocol.qjson import RawJSON
+from qmpgraph.schema.fastpath import compile_validators
+from qmpgraph.schema.introspect import qemu_key_order, restrict
+from qmpgraph.schema.types import ObjectType, build_types
+from qmpgraph.schema.visitor import visit_arguments
+
+__all__ = ["Schema", "load"]
 
 
 class Schema:
-    """Validates command arguments and answers introspection."""
+    """QEMU's schema for qemu-storage-daemon: validators and introspection."""
+
+    def __init__(self, entities: list[dict[str, Any]], probed: dict[str, Any]) -> None:
+        self.entities = entities
+        self.probed = probed
+        types = build_types(entities, probed)
+        commands = [e for e in entities if e["meta-type"] == "command"]
+        self._arg_types: dict[str, ObjectType] = {}
+        for cmd in commands:
+            t = types[cmd["arg-type"]]
+            assert isinstance(t, ObjectType)
+            self._arg_types[cmd["name"]] = t
+        #: Commands in QEMU's definition (= registration) order.
+        self.command_names: list[str] = [c["name"] for c in commands]
+        # Commands that take no arguments at all: ``{}`` is the whole check.
+        self._no_args = {name for name, t in self._arg_types.items() if not t.members}
+        self._validators = compile_validators(self._arg_types)
+        self._introspection: dict[frozenset[str], RawJSON] = {}
 
     def validate_arguments(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Check ``args`` for ``command``; raise QEMU's message on the first problem."""
-        if command == "qmp_capabilities":
-            for key in args:
-                if key != "enable":
-                    raise GenericError(f"Parameter '{key}' is unexpected")
-        return args
+        """``args`` as QEMU's input visitor would pass them to ``command``.
 
-    def introspection(self) -> list[dict[str, Any]]:
-        """The ``query-qmp-schema`` reply."""
-        return []
+        Raises ``GenericError`` with QEMU's message for the first problem, in
+        QEMU's visit order. ``command`` must be one of QEMU's commands.
+        """
+        if not args and command in self._no_args:
+            return args
+        validator = self._validators.get(command)
+        if validator is None:
+            raise KeyError(f"{command} is not a command of QEMU's schema")
+        if validator.is_valid(args):
+            return args
+        return visit_arguments(self._arg_types[command], args)
+
+    def ordered_commands(self, implemented: Iterable[str]) -> list[str]:
+        """``implemented`` commands that QEMU has, in QEMU's registration order."""
+        wanted = set(implemented)
+        return [c for c in self.command_names if c in wanted]
+
+    def introspection(self, implemented: Iterable[str]) -> RawJSON:
+        """The ``query-qmp-schema`` reply for the ``implemented`` commands.
+
+        Serialized once per command set (``RawJSON`` caches the text).
+        """
+        key = frozenset(implemented)
+        cached = self._introspection.get(key)
+        if cached is None:
+            kept = restrict(self.entities, key)
+            cached = self._introspection[key] = RawJSON(qemu_key_order(kept))
+        return cached
 
 
+def _read(name: str) -> Any:
+    return json.loads(resources.files("qmpgraph.schema").joinpath("data", name).read_text())
+
+
+@cache
 def load() -> Schema:
-    """The schema embedded in the package."""
-    return Schema()
+    """The schema generated from QEMU 7.2's qemu-storage-daemon (loaded once)."""
+    return Schema(_read("qmp-schema.json"), _read("qsd-probed.json"))
