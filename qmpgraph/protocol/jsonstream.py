@@ -1,65 +1,156 @@
-"""Split a QMP byte stream into JSON values (placeholder; replaced by a QEMU-exact lexer).
+"""Split a QMP byte stream into JSON values exactly as QEMU 7.2 does, quickly.
 
-``JSONStreamer.feed`` takes bytes and returns every complete top-level value,
-or a ``JSONParseError`` for input QEMU's parser rejects.
+``JSONStreamer.feed`` takes bytes and returns every value QEMU would have
+completed by then, in order, with a ``JSONParseError`` where QEMU reports a
+lexical, syntax or limit error. Dict keys keep the order of the text.
+
+Two paths produce the same results:
+
+* The fast path takes one line at a time (clients end each request with a
+  newline) and lets orjson parse it. orjson accepts a subset of what QEMU
+  accepts, but with different values in a few corners, so a result is
+  trusted only when the line is ASCII without ``\\u`` escapes (no
+  noncharacters, no surrogates), has no duplicate keys (counted through the
+  colons), and is far below the nesting, token-count and size limits.
+* Everything else goes through ``jsonlex.JSONMachine``, the exact model of
+  QEMU's lexer, streamer and parser, until it is back in its start state.
+
+A trailing piece without a newline is either parsed now (when it ends a
+value that QEMU would already have completed), held (when it is a lexically
+clean prefix of a container that QEMU would still be collecting), or given to
+the exact machine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from typing import Any
 
 import orjson
 
+from qmpgraph.protocol.jsonlex import MAX_NESTING, JSONMachine, JSONParseError
 
-@dataclass(frozen=True, slots=True)
-class JSONParseError:
-    """A parse failure, reported to the client as a GenericError with ``desc``."""
+__all__ = ["JSONParseError", "JSONStreamer"]
 
-    desc: str
+_NO = object()
+_WS = b" \t\r\n"
+# Lines this long could approach a QEMU limit; the exact path decides them.
+_FAST_MAX = 1 << 20
+# A lexically clean prefix of a container: whole tokens QEMU lexes without
+# error, then at most one unfinished string, number or keyword.
+_CLEAN_PREFIX = re.compile(
+    rb'(?:[ \t\r\n{}\[\],:]|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*"'
+    rb"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?=[ \t\r\n{}\[\],:])"
+    rb"|[a-z]+(?=[^a-z]))*"
+    rb'(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*\\?|-?[0-9]*|[a-z]*)'
+)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
+
+
+def _colons(value: Any) -> int:
+    """Keys in all dicts of ``value`` plus colons inside its strings."""
+    kind = type(value)
+    if kind is str:
+        return value.count(":")  # type: ignore[no-any-return]
+    if kind is dict:
+        total = len(value)
+        for key, item in value.items():
+            total += key.count(":")
+            if type(item) in _CONTAINERS:
+                total += _colons(item)
+        return total
+    if kind is list:
+        return sum(_colons(item) for item in value if type(item) in _CONTAINERS)
+    return 0
+
+
+_CONTAINERS = frozenset((str, dict, list))
+
+
+def _fast(line: bytes) -> Any:
+    """The value of ``line`` if orjson's reading of it is QEMU's, else ``_NO``."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return _NO
+    if len(line) > _FAST_MAX or not line.isascii() or b"\\u" in line:
+        return _NO
+    if line.count(b"{") + line.count(b"[") > MAX_NESTING - 24:
+        return _NO
+    if type(value) in _CONTAINERS and _colons(value) != line.count(b":"):
+        return _NO  # a duplicate key, which QEMU rejects
+    return value
+
+
+def _held(tail: bytes) -> bool:
+    """Whether QEMU would silently keep collecting ``tail`` (a container prefix)."""
+    if len(tail) > _FAST_MAX or tail.lstrip(_WS)[:1] not in (b"{", b"["):
+        return False
+    match = _CLEAN_PREFIX.match(tail)
+    if match is None or match.end() != len(tail):
+        return False
+    brackets = _STRING.sub(b"", tail).translate(None, _NOT_BRACKETS)
+    brace = bracket = 0
+    for c in brackets:
+        if c == 0x7B:
+            brace += 1
+        elif c == 0x7D:
+            brace -= 1
+        elif c == 0x5B:
+            bracket += 1
+        else:
+            bracket -= 1
+        if brace < 0 or bracket < 0 or (brace == 0 and bracket == 0):
+            return False
+        if brace + bracket > MAX_NESTING:
+            return False
+    return True
 
 
 class JSONStreamer:
-    """Incremental splitter: balanced braces at top level end one value."""
+    """Incremental reader of one client's byte stream."""
+
+    __slots__ = ("_machine", "_pending")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._depth = 0
-        self._in_str = False
-        self._esc = False
-        self._scan = 0
+        self._machine = JSONMachine()
+        self._pending = b""
 
     def feed(self, data: bytes) -> list[Any]:
         """Consume ``data``; return the values (or errors) it completed."""
-        out: list[Any] = []
-        self._buf += data
-        i = self._scan
-        buf = self._buf
-        start = 0
-        while i < len(buf):
-            c = buf[i]
-            if self._in_str:
-                if self._esc:
-                    self._esc = False
-                elif c == 0x5C:
-                    self._esc = True
-                elif c == 0x22:
-                    self._in_str = False
-            elif c == 0x22:
-                self._in_str = True
-            elif c in b"{[":
-                self._depth += 1
-            elif c in b"}]":
-                self._depth -= 1
-                if self._depth <= 0:
-                    chunk = bytes(buf[start : i + 1])
-                    start = i + 1
-                    self._depth = 0
-                    try:
-                        out.append(orjson.loads(chunk))
-                    except orjson.JSONDecodeError:
-                        out.append(JSONParseError("JSON parse error, expecting value"))
-            i += 1
-        del buf[:start]
-        self._scan = i - start
+        machine = self._machine
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        out = machine.out = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if not machine.clean:
+                pos = machine.feed(data, pos, until_clean=True)
+                continue
+            while pos < n and data[pos] in _WS:
+                pos += 1
+            if pos >= n:
+                break
+            nl = data.find(b"\n", pos)
+            if nl >= 0:
+                value = _fast(data[pos:nl])
+                if value is not _NO:
+                    out.append(value)
+                    pos = nl + 1
+                    continue
+            else:
+                tail = data[pos:]
+                value = _fast(tail)
+                # Numbers and keywords end only when the next byte arrives.
+                if value is not _NO and (tail[-1] in b'}]"' or tail[-1] in _WS):
+                    out.append(value)
+                    break
+                if _held(tail):
+                    self._pending = tail
+                    break
+            pos = machine.feed(data, pos, until_clean=True)
+        machine.out = []
         return out

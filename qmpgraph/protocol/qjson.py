@@ -48,12 +48,7 @@ def qdict_bucket(key: str) -> int:
 
 def qdict_order(keys: list[str]) -> list[str]:
     """Keys in QDict iteration order, given them in insertion order."""
-    return [
-        k
-        for _, _, k in sorted(
-            (qdict_bucket(k), -i, k) for i, k in enumerate(keys)
-        )
-    ]
+    return [k for _, _, k in sorted((qdict_bucket(k), -i, k) for i, k in enumerate(keys))]
 
 
 def _escape_char(match: re.Match[str]) -> str:
@@ -82,7 +77,7 @@ def format_float(value: float) -> str:
         return "-nan" if math.copysign(1.0, value) < 0 else "nan"
     if math.isinf(value):
         return "-inf" if value < 0 else "inf"
-    return "%.17g" % value
+    return format(value, ".17g")
 
 
 def _write(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
