@@ -14,6 +14,8 @@ picks it up automatically. One step per line::
     #! args: --blockdev driver=null-co,node-name=n0
     #! setup: qemu-img create -f qcow2 $TMP/a.qcow2 1M
     #! quiet: 300
+    #! monitor: pretty=on
+    #! xfail: blockdev-add is not implemented yet
     > {"execute": "qmp_capabilities"}
     >> {'bad \\xff
 
@@ -21,6 +23,10 @@ picks it up automatically. One step per line::
   ``--chardev socket,id=qmp,path=...,server=on,wait=off --monitor qmp``.
 * ``#! setup:`` a shell command run (in ``$TMP``) before the daemon starts,
   e.g. to create images; may be repeated. A failing setup fails the test.
+* ``#! monitor:`` options appended to the harness's ``--monitor qmp``
+  (e.g. ``pretty=on``).
+* ``#! xfail:`` the reason qmpgraph is known not to match yet; the test is
+  then reported as xfail (XPASS once it matches: remove the line then).
 * ``#! quiet:`` milliseconds of silence that end a step which is not a plain
   command (default ``QMPGRAPH_DIFF_QUIET_MS`` or 200).
 * ``> text`` sends ``text`` plus ``"\\n"``.
@@ -89,6 +95,9 @@ QUIET = _env_ms("QMPGRAPH_DIFF_QUIET_MS", 200)
 SETTLE = _env_ms("QMPGRAPH_DIFF_SETTLE_MS", 100)
 # How long qmpgraph is watched for extra messages once it matched QEMU's count.
 EXTRA = _env_ms("QMPGRAPH_DIFF_EXTRA_MS", 50)
+# qmpgraph sent part of a step's messages and then nothing for this long: it
+# will not send the rest, stop waiting (the transcripts differ anyway).
+STALL = _env_ms("QMPGRAPH_DIFF_STALL_MS", 1000)
 
 
 # --------------------------------------------------------------------------
@@ -117,6 +126,8 @@ class Script:
     setup: tuple[str, ...] = ()
     quiet: float | None = None
     steps: tuple[Step, ...] = ()
+    monitor_options: str = ""
+    xfail: str | None = None
 
     def daemon_args(self, tmp: str) -> list[str]:
         """The extra daemon arguments, with ``$TMP`` replaced."""
@@ -136,6 +147,8 @@ def parse_script(text: str, name: str = "<script>") -> Script:
     args: list[str] = []
     setup: list[str] = []
     quiet: float | None = None
+    monitor = ""
+    xfail: str | None = None
     steps: list[Step] = []
     # A reply is only predictable while every earlier step was one whole JSON
     # value: after raw bytes the streamer may be mid-token.
@@ -154,6 +167,10 @@ def parse_script(text: str, name: str = "<script>") -> Script:
                 setup.append(value)
             elif key == "quiet":
                 quiet = int(value) / 1000.0
+            elif key == "monitor":
+                monitor = value
+            elif key == "xfail":
+                xfail = value
             else:
                 raise ValueError(f"{where}: unknown directive {key!r}")
         elif line.startswith("#") or not line.strip():
@@ -169,7 +186,7 @@ def parse_script(text: str, name: str = "<script>") -> Script:
             clean = clean and is_command
         else:
             raise ValueError(f"{where}: a line starts with '#', '> ' or '>> '")
-    return Script(name, tuple(args), tuple(setup), quiet, tuple(steps))
+    return Script(name, tuple(args), tuple(setup), quiet, tuple(steps), monitor, xfail)
 
 
 def load_script(path: Path) -> Script:
@@ -206,8 +223,11 @@ class Transcript:
 
     def normalized(self, tmp: str) -> list[tuple[str, tuple[bytes, ...], bool]]:
         """The comparable form: labels, normalized messages, closed flags."""
+        # Normalize a step's bytes as a whole: with pretty=on, QEMU ends every
+        # line with CRLF, so a timestamp object spans several "messages".
         return [
-            (r.label, tuple(normalize(m, tmp) for m in r.messages), r.closed) for r in self.records
+            (r.label, tuple(split_messages(normalize(b"".join(r.messages), tmp))), r.closed)
+            for r in self.records
         ]
 
     def render(self, tmp: str) -> list[str]:
@@ -300,6 +320,17 @@ class _Connection:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
+    def wait_or_stall(self, predicate: Callable[[], bool], timeout: float, stall: float) -> bool:
+        """Like ``wait``, but also give up once data came and then stopped for ``stall``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                now = time.monotonic()
+                if now >= deadline or (self._buf and now - self._changed >= stall):
+                    return False
+                self._cond.wait(min(deadline - now, stall))
+            return True
+
     def wait_quiet(self, window: float, limit: float) -> None:
         """Wait until nothing arrived for ``window`` seconds (or closed, or limit)."""
         deadline = time.monotonic() + limit
@@ -348,7 +379,7 @@ class DaemonRun:
             "--chardev",
             f"socket,id=qmp,path={self.sock_path},server=on,wait=off",
             "--monitor",
-            "qmp",
+            ",".join(filter(None, ["qmp", script.monitor_options])),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: _Connection | None = None
@@ -437,7 +468,7 @@ class DaemonRun:
 
             # Once qmpgraph missed a reply it is failing anyway: stop waiting long.
             timeout = REPLY_TIMEOUT if not self._missed else EXTRA * 4
-            if not conn.wait(enough, timeout):
+            if not conn.wait_or_stall(enough, timeout, STALL):
                 self._missed = True
             conn.wait_quiet(EXTRA, EXTRA)
             record.messages, record.closed = conn.take()

@@ -17,6 +17,9 @@ SCRIPTS = script_paths()
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.stem for p in SCRIPTS])
 def test_script(path: Path, qsd_path: str) -> None:
     """The normalized transcripts of both daemons are identical."""
-    result = run_differential(load_script(path), qsd_path)
+    script = load_script(path)
+    result = run_differential(script, qsd_path)
+    if not result.equal and script.xfail is not None:
+        pytest.xfail(f"{script.xfail}\n{result.diff()}")
     if not result.equal:
         pytest.fail(f"{path.name}: transcripts differ\n{result.diff()}", pytrace=False)

@@ -1,0 +1,90 @@
+"""The differential harness itself: script parsing, splitting, normalization.
+
+These need no QEMU; ``test_scripts.py`` runs the scripts.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness import normalize, parse_script, split_messages
+
+TMP = "/tmp/qdabc123/tmp"
+
+
+def test_parse_directives_and_steps() -> None:
+    """Directives fill the script; '>' adds a newline, '>>' decodes escapes only."""
+    script = parse_script(
+        "# comment\n"
+        "#! args: --blockdev 'driver=null-co,node-name=a b'\n"
+        "#! setup: touch $TMP/x\n"
+        "#! quiet: 300\n"
+        "#! monitor: pretty=on\n"
+        "#! xfail: not yet\n"
+        "\n"
+        '> {"execute": "qmp_capabilities"}\n'
+        ">> {'bad \\xff\\r\\n\n"
+    )
+    assert script.args == ("--blockdev", "driver=null-co,node-name=a b")
+    assert script.setup == ("touch $TMP/x",)
+    assert script.quiet == 0.3
+    assert script.monitor_options == "pretty=on"
+    assert script.xfail == "not yet"
+    assert [s.data(TMP) for s in script.steps] == [
+        b'{"execute": "qmp_capabilities"}\n',
+        b"{'bad \xff\r\n",
+    ]
+
+
+def test_reply_expected_only_on_a_clean_stream() -> None:
+    """After raw bytes or non-command text, replies are waited for by silence."""
+    script = parse_script('> {"execute": "a"}\n> {"exec-oob": "b"}\n> [1]\n> {"execute": "c"}\n')
+    assert [s.expects_reply for s in script.steps] == [True, True, False, False]
+    script = parse_script('>> {\n> {"execute": "a"}\n')
+    assert [s.expects_reply for s in script.steps] == [False, False]
+
+
+def test_tmp_substitution() -> None:
+    """$TMP is replaced in steps and arguments."""
+    script = parse_script('#! args: --x $TMP/a\n> {"f": "$TMP/b"}\n')
+    assert script.daemon_args(TMP) == ["--x", f"{TMP}/a"]
+    assert script.steps[0].data(TMP) == f'{{"f": "{TMP}/b"}}\n'.encode()
+
+
+@pytest.mark.parametrize("line", ["bogus", "#! nosuch: 1", "#!args"])
+def test_bad_lines_are_rejected(line: str) -> None:
+    """Typos in scripts fail loudly instead of being skipped."""
+    with pytest.raises(ValueError, match=r"<script>:1"):
+        parse_script(line + "\n")
+
+
+def test_split_keeps_terminators_and_partials() -> None:
+    """Messages keep their CRLF; an unterminated tail is its own message."""
+    assert split_messages(b"a\r\nb\nc\r\nd") == [b"a\r\n", b"b\nc\r\n", b"d"]
+    assert split_messages(b"") == []
+
+
+def test_normalize_only_random_parts() -> None:
+    """Timestamps, package, auto node names and the temp dir; nothing else."""
+    event = (
+        b'{"timestamp": {"seconds": 1700000000, "microseconds": 12}, '
+        b'"event": "X", "data": {"node": "#block123", "file": "' + TMP.encode() + b'/a"}}\r\n'
+    )
+    assert normalize(event, TMP) == (
+        b'{"timestamp": {"seconds": N, "microseconds": N}, '
+        b'"event": "X", "data": {"node": "#blockN", "file": "$TMP/a"}}\r\n'
+    )
+    version = b'{"return": {"package": "Debian 1:7.2 \\"x\\""}, "id": 5}\r\n'
+    assert normalize(version, TMP) == b'{"return": {"package": "<package>"}, "id": 5}\r\n'
+    other = b'{"return": {"seconds": 1, "name": "block1"}}\r\n'
+    assert normalize(other, TMP) == other
+
+
+def test_normalize_pretty_timestamp_across_lines() -> None:
+    """With pretty=on every line ends with CRLF; timestamps still normalize."""
+    from harness import Record, Transcript
+
+    lines = [b"{\r\n", b'    "timestamp": {\r\n', b'        "seconds": 17,\r\n']
+    lines += [b'        "microseconds": 5\r\n', b"    }\r\n", b"}\r\n"]
+    transcript = Transcript("x", [Record("step", lines)])
+    ((_, messages, _),) = transcript.normalized(TMP)
+    assert messages[2:4] == (b'        "seconds": N,\r\n', b'        "microseconds": N\r\n')
