@@ -1,0 +1,145 @@
+"""The ``Driver`` base class: the control-plane contract of a block driver.
+
+A driver is a stateless singleton describing one ``driver`` value of
+blockdev-add: its constants (``is_filter``, ``filtered_child_is_backing``,
+``is_format``, ``supports_backing``, ``protocol``), its options, its children
+and their roles, its child-permission function, and its open-time checks.
+Per-node state lives in ``Node.state``.  No I/O path lives here.
+
+Opening: the generic open path (``qmpgraph.drivers.open``) parses the generic
+options, then calls ``Driver.open(ctx, node, options)``, where ``options`` holds
+only the driver's own keys plus its child keys (still nested).  The driver
+opens its children through ``ctx.open_child(...)``, which handles inline
+definitions, references and ``None``, inside the same transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from qmpgraph.errors import GenericError
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.graph.permissions import ReopenQueue, default_perms
+from qmpgraph.graph.perms import Role
+
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
+    from qmpgraph.transactions.engine import Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """A child a driver may have: its edge name and its usual role."""
+
+    name: str
+    role: Role
+    required: bool = True
+
+
+class OpenContext(Protocol):
+    """What a driver's ``open`` may use (implemented by the generic open path)."""
+
+    graph: BlockGraph
+    tran: Transaction
+
+    def open_child(
+        self,
+        parent: Node,
+        options: dict[str, Any],
+        name: str,
+        role: int,
+        *,
+        required: bool = True,
+        implicit: dict[str, Any] | None = None,
+    ) -> Edge | None:
+        """Open or look up child ``name`` from ``options`` and attach it to ``parent``.
+
+        ``implicit`` gives options to use when ``options`` has no ``name`` key
+        (a child named by the image header).
+        """
+        ...
+
+
+class Driver:
+    """Base class of every block driver: defaults are a protocol driver without children."""
+
+    format_name: ClassVar[str] = ""
+    is_filter: ClassVar[bool] = False
+    filtered_child_is_backing: ClassVar[bool] = False
+    is_format: ClassVar[bool] = False
+    supports_backing: ClassVar[bool] = False
+    protocol: ClassVar[bool] = False
+    supports_reopen: ClassVar[bool] = True
+    # Option keys the driver itself consumes (besides the generic ones and children).
+    options: ClassVar[frozenset[str]] = frozenset()
+    # Keys that may change in blockdev-reopen.
+    mutable_options: ClassVar[frozenset[str]] = frozenset()
+    children: ClassVar[tuple[ChildSpec, ...]] = ()
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """Check options, open children, set ``node.state``; raise GenericError."""
+        del ctx, node
+        self.reject_unknown(options)
+
+    def reject_unknown(self, options: dict[str, Any]) -> None:
+        """QEMU's leftover-option error for keys the driver did not consume."""
+        for key in options:
+            if key not in self.options and key not in {c.name for c in self.children}:
+                kind = "protocol" if self.protocol else "format"
+                verb = "doesn't" if self.protocol else "does not"
+                raise GenericError(
+                    f"Block {kind} '{self.format_name}' {verb} support the option '{key}'"
+                )
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """The (perm, shared) ``node`` needs on a child with ``role``."""
+        del edge
+        return default_perms(node, role, queue, perm, shared)
+
+    def check_perm(self, node: Node, perm: int, shared: int) -> None:
+        """Driver hook run during refresh (file locking would go here)."""
+
+    def set_perm(self, node: Node, perm: int, shared: int) -> None:
+        """Commit hook of ``check_perm``."""
+
+    def abort_perm_update(self, node: Node) -> None:
+        """Abort hook of ``check_perm``."""
+
+    def request_alignment(self, node: Node) -> int:
+        """Request alignment in bytes; refresh checks sizes against it."""
+        del node
+        return 1
+
+    def size(self, node: Node) -> int:
+        """Virtual size in bytes (control-plane view)."""
+        state = node.state
+        return int(getattr(state, "size", 0))
+
+    def read(self, node: Node, offset: int, length: int) -> bytes:
+        """Read bytes for format probes: through ``file`` by default, zeros without."""
+        if node.file is not None and node.file.child is not None:
+            child = node.file.child
+            if child.driver is not None:
+                return child.driver.read(child, offset, length)
+        return bytes(length)
+
+    def filename(self, node: Node) -> str:
+        """The node's filename as queries report it."""
+        if node.file is not None and node.file.child is not None:
+            child = node.file.child
+            if child.driver is not None:
+                return child.driver.filename(child)
+        return ""
+
+    def close(self, node: Node) -> None:
+        """Release per-node resources after the node was deleted (on commit)."""

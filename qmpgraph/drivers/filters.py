@@ -1,0 +1,203 @@
+"""Filter drivers and snapshot-access: children, roles and permission rules.
+
+``copy-before-write`` (``file`` FILTERED|PRIMARY plus ``target`` DATA),
+``copy-on-read``, ``compress``, ``throttle`` and ``preallocate`` (``file``
+FILTERED|PRIMARY), ``snapshot-access`` (not a filter: ``file`` DATA|PRIMARY,
+takes nothing, shares everything), and the internal job filters
+``commit_top``/``mirror_top`` (``filtered_child_is_backing``), which are not
+offered to blockdev-add.  No data path lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.graph.permissions import ReopenQueue, default_perms, filter_default_perms
+from qmpgraph.graph.perms import PERM_ALL, OpenFlag, Perm, Role
+
+_FILTERED = Role.FILTERED | Role.PRIMARY
+
+
+class _SimpleFilter(Driver):
+    """A filter with one FILTERED|PRIMARY ``file`` child."""
+
+    is_filter = True
+    children = (ChildSpec("file", _FILTERED),)
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """Open the filtered child."""
+        self.reject_unknown(options)
+        ctx.open_child(node, options, "file", _FILTERED)
+
+    def size(self, node: Node) -> int:
+        """The filtered child's size."""
+        edge = node.file or node.backing
+        if edge is None or edge.child is None or edge.child.driver is None:
+            return 0
+        return edge.child.driver.size(edge.child)
+
+
+class CopyOnRead(_SimpleFilter):
+    """copy-on-read: passthrough, plus WRITE_UNCHANGED unless inactive."""
+
+    format_name = "copy-on-read"
+    options = frozenset({"bottom"})
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """Filter passthrough plus WRITE_UNCHANGED (copy-on-read writes back)."""
+        nperm, nshared = filter_default_perms(perm, shared)
+        if not node.open_flags & OpenFlag.INACTIVE:
+            nperm |= Perm.WRITE_UNCHANGED
+        return nperm, nshared
+
+
+class Compress(_SimpleFilter):
+    """compress: compressed writes through the default filter rule."""
+
+    format_name = "compress"
+
+
+class Throttle(_SimpleFilter):
+    """throttle: I/O limits by group; the default filter rule."""
+
+    format_name = "throttle"
+    options = frozenset({"throttle-group"})
+    mutable_options = options
+
+
+class Preallocate(_SimpleFilter):
+    """preallocate: takes WRITE|RESIZE and unshares them when its parents hold both."""
+
+    format_name = "preallocate"
+    options = frozenset({"prealloc-align", "prealloc-size"})
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """Default, then WRITE|RESIZE forced and unshared when parents need both."""
+        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        both = Perm.WRITE | Perm.RESIZE
+        if perm & both == both:
+            nperm |= both
+            nshared &= ~both
+        return int(nperm), int(nshared)
+
+
+class CopyBeforeWrite(Driver):
+    """copy-before-write: copies old data to ``target`` before guest writes."""
+
+    format_name = "copy-before-write"
+    is_filter = True
+    options = frozenset({"bitmap", "on-cbw-error", "cbw-timeout"})
+    children = (ChildSpec("file", _FILTERED), ChildSpec("target", Role.DATA))
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """Open the source (``file``), then ``target``."""
+        self.reject_unknown(options)
+        ctx.open_child(node, options, "file", _FILTERED)
+        ctx.open_child(node, options, "target", Role.DATA)
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """Target: WRITE, shares all but RESIZE; source: see section 3.4."""
+        if not role & Role.FILTERED:
+            return int(Perm.WRITE), PERM_ALL & ~Perm.RESIZE
+        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        if node.parents:
+            if perm & Perm.WRITE:
+                nperm |= Perm.CONSISTENT_READ
+            nshared &= ~(Perm.WRITE | Perm.RESIZE)
+        return int(nperm), int(nshared)
+
+    def size(self, node: Node) -> int:
+        """The source's size."""
+        edge = node.file
+        if edge is None or edge.child is None or edge.child.driver is None:
+            return 0
+        return edge.child.driver.size(edge.child)
+
+
+class SnapshotAccess(Driver):
+    """snapshot-access: reads a cbw node's snapshot; not a filter."""
+
+    format_name = "snapshot-access"
+    children = (ChildSpec("file", Role.DATA | Role.PRIMARY),)
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """Open ``file`` (the cbw node) with DATA|PRIMARY."""
+        self.reject_unknown(options)
+        ctx.open_child(node, options, "file", Role.DATA | Role.PRIMARY)
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """Takes nothing, shares everything."""
+        return 0, PERM_ALL
+
+
+class CommitTop(Driver):
+    """commit_top: the commit job's implicit filter; its filtered child is ``backing``."""
+
+    format_name = "commit_top"
+    is_filter = True
+    filtered_child_is_backing = True
+    children = (ChildSpec("backing", _FILTERED),)
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """Takes nothing, shares everything."""
+        return 0, PERM_ALL
+
+
+class MirrorTop(Driver):
+    """mirror_top: the mirror job's implicit filter (default rule while running)."""
+
+    format_name = "mirror_top"
+    is_filter = True
+    filtered_child_is_backing = True
+    children = (ChildSpec("backing", _FILTERED),)
+
+
+DRIVERS = (CopyOnRead(), Compress(), Throttle(), Preallocate(), CopyBeforeWrite(), SnapshotAccess())
+INTERNAL_DRIVERS = (CommitTop(), MirrorTop())

@@ -1,0 +1,49 @@
+"""The ``null-co`` and ``null-aio`` protocol drivers (no data, a configurable size)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qmpgraph.drivers.base import Driver, OpenContext
+from qmpgraph.errors import GenericError
+from qmpgraph.graph.model import Node
+
+
+@dataclass(frozen=True, slots=True)
+class NullState:
+    """Per-node state of a null node."""
+
+    size: int
+    latency_ns: int
+    read_zeroes: bool
+
+
+class NullCo(Driver):
+    """null-co: reads return nothing in particular, writes vanish."""
+
+    format_name = "null-co"
+    protocol = True
+    options = frozenset({"size", "latency-ns", "read-zeroes", "filename"})
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """Parse ``size`` (default 1 GiB), ``latency-ns`` and ``read-zeroes``."""
+        self.reject_unknown(options)
+        size = int(options.get("size", 1 << 30))
+        latency = int(options.get("latency-ns", 0))
+        if latency < 0:
+            raise GenericError("latency-ns is invalid")
+        node.state = NullState(size, latency, bool(options.get("read-zeroes", False)))
+
+    def filename(self, node: Node) -> str:
+        """``null-co://`` (QEMU's synthesized filename)."""
+        return f"{self.format_name}://"
+
+
+class NullAio(NullCo):
+    """null-aio: the same, completing through the AIO path."""
+
+    format_name = "null-aio"
+
+
+DRIVERS = (NullCo(), NullAio())

@@ -1,0 +1,98 @@
+"""The ``raw`` format driver: a window (offset, size) onto its ``file`` child.
+
+Without ``offset`` and ``size`` the file edge is FILTERED|PRIMARY ("filter-like"
+mode; raw is still not a filter); with either it is DATA|PRIMARY.  Its perm
+rule takes WRITE and RESIZE on the file only when its own parents need them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.errors import GenericError
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.graph.permissions import ReopenQueue, default_perms
+from qmpgraph.graph.perms import Perm, Role
+
+
+@dataclass(frozen=True, slots=True)
+class RawState:
+    """Per-node state of a raw node."""
+
+    offset: int
+    size: int
+    has_size: bool
+
+
+class Raw(Driver):
+    """raw: a format driver with no metadata."""
+
+    format_name = "raw"
+    is_format = True
+    options = frozenset({"offset", "size"})
+    mutable_options = frozenset({"offset", "size"})
+    children = (ChildSpec("file", Role.FILTERED | Role.PRIMARY),)
+
+    @staticmethod
+    def file_role(options: dict[str, Any]) -> Role:
+        """FILTERED|PRIMARY without offset and size, DATA|PRIMARY with either."""
+        if "offset" in options or "size" in options:
+            return Role.DATA | Role.PRIMARY
+        return Role.FILTERED | Role.PRIMARY
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """Open ``file``, then check offset and size against its size."""
+        self.reject_unknown(options)
+        edge = ctx.open_child(node, options, "file", self.file_role(options))
+        assert edge is not None and edge.child is not None
+        child = edge.child
+        # bdrv_getlength() counts whole 512-byte sectors.
+        real = child.driver.size(child) if child.driver is not None else 0
+        real = (real + 511) // 512 * 512
+        offset = int(options.get("offset", 0))
+        has_size = "size" in options
+        if offset > real:
+            raise GenericError(
+                f"Offset ({offset}) cannot be greater than size of the containing file ({real})"
+            )
+        size = int(options["size"]) if has_size else real - offset
+        if has_size and real - offset < size:
+            raise GenericError(
+                f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal "
+                f"to the  actual size of the containing file ({real})"
+            )
+        if has_size and size % 512:
+            raise GenericError("Specified size is not multiple of 512")
+        node.state = RawState(offset, size, has_size)
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """Default perms, but WRITE and RESIZE only as far as the parents want them."""
+        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        keep = Perm.WRITE | Perm.RESIZE
+        nperm = (nperm & ~keep) | (perm & keep)
+        return int(nperm), nshared
+
+    def read(self, node: Node, offset: int, length: int) -> bytes:
+        """Read through the window."""
+        state = node.state
+        base = state.offset if isinstance(state, RawState) else 0
+        return super().read(node, base + offset, length)
+
+    def size(self, node: Node) -> int:
+        """The window's size."""
+        state = node.state
+        return state.size if isinstance(state, RawState) else 0
+
+
+DRIVERS = (Raw(),)
