@@ -7,7 +7,7 @@ alternate names and integer widths come from the side file, which is what
 QEMU's error messages need.
 
 What does not live here: validation (``qmpgraph.schema.visitor`` and
-``qmpgraph.schema.fastpath``) and the introspection reply
+``qmpgraph.schema.jsonschemas``) and the introspection reply
 (``qmpgraph.schema.introspect``).
 """
 

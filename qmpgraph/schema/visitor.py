@@ -22,8 +22,8 @@ qemu-storage-daemon):
   "Parameter 'x' expects uint64".
 
 Returns the arguments as QEMU would hand them to the command (negative
-unsigned values wrapped). What does not live here: the fast pre-check
-(``qmpgraph.schema.fastpath``).
+unsigned values wrapped). What does not live here: the JSON Schema export
+(``qmpgraph.schema.jsonschemas``).
 """
 
 from __future__ import annotations
