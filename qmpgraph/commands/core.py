@@ -11,7 +11,8 @@ from qmpgraph.errors import CommandNotFound
 from qmpgraph.protocol.session import Mode
 
 
-@command("qmp_capabilities", allow_oob=True, negotiation=True)
+# QEMU 7.2 gives no qemu-storage-daemon command allow-oob (query-qmp-schema shows none).
+@command("qmp_capabilities", negotiation=True)
 def qmp_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Leave negotiation mode, enabling the requested capabilities."""
     if ctx.session.mode is Mode.COMMAND:
