@@ -97,3 +97,31 @@ def test_fresh_random_faults_match_qemu(tools: Any, qsd_path: str) -> None:
         if got != case["error"]:
             wrong.append((case, got))
     assert wrong == [], f"seed {seed}"
+
+
+def test_which_unexpected_key_is_named(tools: Any, qsd_path: str) -> None:
+    """Many unknown keys (non-ASCII too), some known ones consumed first:
+    QEMU names the first leftover in GLib hash table order."""
+    schema = load()
+    rng = random.Random(2074)
+    alphabet = "abcdefgz-_09\u00e9\u00ef\u4e2d"
+    known = {"read-only": True, "discard": "ignore", "cache": {}, "offset": 0, "size": 0}
+    wrong = []
+    with tools.QSD(qsd_path) as qsd:
+        for _ in range(300):
+            items: list[tuple[str, Any]] = [("driver", "raw"), ("file", "f")]
+            items += [(k, v) for k, v in known.items() if rng.random() < 0.5]
+            for _ in range(rng.choice([2, 3, 5, 8, 13, 30])):
+                key = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+                items.append((key, 1))
+            rng.shuffle(items)
+            args = dict(items)
+            qemu = qsd.error_desc("blockdev-add", args)
+            try:
+                schema.validate_arguments("blockdev-add", args)
+                mine = None
+            except GenericError as err:
+                mine = err.desc
+            if mine != qemu:
+                wrong.append((list(args), qemu, mine))
+    assert wrong == []
