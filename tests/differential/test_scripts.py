@@ -47,7 +47,7 @@ def test_script(path: Path, results: dict[Path, Future[Result]]) -> None:
     script = load_script(path)
     result = results[path].result()
     if not result.equal and script.xfail is not None:
-        print(result.diff())  # captured: shown with -rP or -s
+        print(result.diff())  # for -s; tools/record_diff.py --diff shows it too
         pytest.xfail(script.xfail)
     if not result.equal:
         pytest.fail(f"{path.name}: transcripts differ\n{result.diff()}", pytrace=False)
