@@ -220,6 +220,7 @@ class Transcript:
     records: list[Record] = field(default_factory=list)
     ending: str = ""
     stderr: str = ""
+    failed_start: bool = False
 
     def normalized(self, tmp: str) -> list[tuple[str, tuple[bytes, ...], bool]]:
         """The comparable form: labels, normalized messages, closed flags."""
@@ -239,6 +240,10 @@ class Transcript:
             if closed:
                 lines.append("  <connection closed by daemon>")
         lines.append(f"end: {self.ending}")
+        if self.failed_start:
+            # Command-line errors are the reply here: compare them, minus the
+            # program name (QEMU's messages start with "qemu-storage-daemon: ").
+            lines.extend("stderr: " + _PROG.sub("<prog>: ", e) for e in self.stderr.splitlines())
         return lines
 
 
@@ -246,6 +251,7 @@ _TIMESTAMP = re.compile(rb'"timestamp":\s*\{[^{}]*\}')
 _DIGITS = re.compile(rb"-?\d+")
 _PACKAGE = re.compile(rb'("package":\s*)"(?:[^"\\]|\\.)*"')
 _AUTO_NODE = re.compile(rb"#block\d+")
+_PROG = re.compile(r"^\S*(?:qemu-storage-daemon|qmpgraph): ")
 
 
 def normalize(message: bytes, tmp: str) -> bytes:
@@ -420,6 +426,7 @@ class DaemonRun:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.transcript.ending = f"exited with status {self.proc.returncode} at start"
+                self.transcript.failed_start = True
                 return False
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
