@@ -51,7 +51,9 @@ timeout, and watched briefly for anything extra.
 A transcript is the greeting plus each step's messages (raw bytes split after
 each CRLF, so framing and formatting differences show), whether the daemon
 closed the connection, and at the end whether the process is still alive or
-its exit status. Normalized, and nothing else: event timestamps, the
+its exit status. A daemon that exits before accepting the connection (a
+command-line error) is compared by exit status and stderr, with the leading
+program name normalized. Normalized, and nothing else: event timestamps, the
 ``package`` string, auto node-name digits (``#block123`` -> ``#blockN``) and
 the temporary directory (``$TMP``).
 """
