@@ -9,7 +9,8 @@ that chunk, so the data says not only what QEMU answers but when (a keyword
 at the end of a write is answered only once the next byte arrives).
 
 The result is ``tests/protocol/data/qsd-wire.json``: bytes are stored as
-latin-1 text, so every byte value survives. ``tests/protocol/test_wire.py``
+latin-1 text, so every byte value survives; a long chunk is stored as
+``[prefix, unit, count, suffix]``. ``tests/protocol/test_wire.py``
 replays the inputs through qmpgraph's sans-IO path and compares bytes.
 
 Usage: ``python tools/record_wire.py [--out PATH] [--quiet-ms N] [-k NAME]``.
@@ -39,20 +40,50 @@ NOPE = b'{"execute": "x-no-such-command"'
 
 
 @dataclass(frozen=True, slots=True)
+class Rep:
+    """A long chunk stored compactly: ``prefix + unit * count + suffix``."""
+
+    prefix: bytes
+    unit: bytes
+    count: int
+    suffix: bytes
+
+    def expand(self) -> bytes:
+        """The bytes this stands for."""
+        return self.prefix + self.unit * self.count + self.suffix
+
+    def stored(self) -> list[object]:
+        """The data-file form (latin-1 texts and the count)."""
+        return [
+            self.prefix.decode("latin-1"),
+            self.unit.decode("latin-1"),
+            self.count,
+            self.suffix.decode("latin-1"),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class Case:
     """One recorded exchange."""
 
     name: str
-    chunks: tuple[bytes, ...]
+    chunks: tuple[bytes | Rep, ...]
     mode: str = "command"
     pretty: bool = False
+    quiet: float = 0.0  # a longer quiet window for slow cases (seconds)
 
 
 def _cases() -> list[Case]:
     cases: list[Case] = []
 
-    def add(name: str, *chunks: bytes, mode: str = "command", pretty: bool = False) -> None:
-        cases.append(Case(name, tuple(chunks), mode, pretty))
+    def add(
+        name: str,
+        *chunks: bytes | Rep,
+        mode: str = "command",
+        pretty: bool = False,
+        quiet: float = 0.0,
+    ) -> None:
+        cases.append(Case(name, tuple(chunks), mode, pretty, quiet))
 
     # tests/qtest/qmp-test.c test_malformed, before and after negotiation.
     malformed = {
@@ -279,6 +310,8 @@ def _cases() -> list[Case]:
     add("limit/nesting-1025", b"[" * 1025 + b"]" * 1025 + b"\n")
     add("limit/nesting-dicts-1025", b'{"a": ' * 1025 + b"1" + b"}" * 1025 + b"\n")
     add("limit/nesting-2000", b"[" * 2000 + b"]" * 2000 + b"\n")
+    add("limit/token-count-max", Rep(b"[", b"0,", 1048574, b"[]]\n"), quiet=5.0)
+    add("limit/token-count-exceeded", Rep(b"[", b"0,", 1048576, b"0]\n"), quiet=5.0)
 
     # Negotiation mode and capabilities.
     neg = "negotiation"
@@ -455,8 +488,8 @@ def run_case(daemon: Daemon, case: Case, quiet: float) -> dict[str, object]:
             setup_reply = _read_message(sock, case.pretty)
         replies = []
         for chunk in case.chunks:
-            sock.sendall(chunk)
-            replies.append(_read_quiet(sock, quiet))
+            sock.sendall(chunk.expand() if isinstance(chunk, Rep) else chunk)
+            replies.append(_read_quiet(sock, max(quiet, case.quiet)))
     finally:
         sock.close()
     return {
@@ -465,7 +498,7 @@ def run_case(daemon: Daemon, case: Case, quiet: float) -> dict[str, object]:
         "pretty": case.pretty,
         "greeting": greeting.decode("latin-1"),
         "setup": setup_reply.decode("latin-1"),
-        "chunks": [c.decode("latin-1") for c in case.chunks],
+        "chunks": [c.stored() if isinstance(c, Rep) else c.decode("latin-1") for c in case.chunks],
         "replies": [r.decode("latin-1") for r in replies],
     }
 
@@ -476,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--quiet-ms", type=int, default=250)
     parser.add_argument("--jobs", type=int, default=4)
-    parser.add_argument("-k", dest="only", default=None, help="substring of case names")
+    parser.add_argument(
+        "-k", dest="only", default=None, help="re-record only cases whose name has this"
+    )
     args = parser.parse_args(argv)
     binary = shutil.which("qemu-storage-daemon")
     if binary is None:
@@ -506,10 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         t.start()
     for t in threads:
         t.join()
-    ordered = [results[c.name] for c in cases if c.name in results]
-    if args.only is not None:
-        print(json.dumps(ordered, indent=1, ensure_ascii=False))
-        return 0
+    if args.only is not None and args.out.exists():
+        # Re-record only the selected cases; keep the others as they are.
+        for old in json.loads(args.out.read_text(encoding="ascii")):
+            results.setdefault(old["name"], old)
+    ordered = [results[c.name] for c in _cases() if c.name in results]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(ordered, indent=1, ensure_ascii=True) + "\n", encoding="ascii")
     print(f"recorded {len(ordered)} cases into {args.out}")

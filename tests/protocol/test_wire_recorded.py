@@ -31,6 +31,15 @@ SETUP = {
 }
 
 
+def _chunk(stored: str | list[Any]) -> bytes:
+    """A recorded write: latin-1 text, or [prefix, unit, count, suffix]."""
+    if isinstance(stored, str):
+        return stored.encode("latin-1")
+    prefix, unit, count, suffix = stored
+    text: str = prefix + unit * count + suffix
+    return text.encode("latin-1")
+
+
 def _norm(data: bytes) -> bytes:
     return _PACKAGE.sub(b'"package": "P"', data)
 
@@ -57,6 +66,6 @@ def test_replay(case: dict[str, Any], daemon: Daemon) -> None:
     setup = SETUP[case["mode"]]
     if setup is not None:
         assert _exchange(dispatcher, session, setup) == case["setup"].encode("latin-1")
-    got = [_norm(_exchange(dispatcher, session, c.encode("latin-1"))) for c in case["chunks"]]
+    got = [_norm(_exchange(dispatcher, session, _chunk(c))) for c in case["chunks"]]
     want = [_norm(r.encode("latin-1")) for r in case["replies"]]
     assert got == want
