@@ -31,7 +31,7 @@ def norm(text: str) -> str:
 
 def run_qsd(qsd: str, adds: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Results of each blockdev-add ("ok" or the error text) and the final edges."""
-    cmds = [{"execute": "qmp_capabilities"}]
+    cmds: list[dict[str, Any]] = [{"execute": "qmp_capabilities"}]
     cmds += [{"execute": "blockdev-add", "arguments": a} for a in adds]
     cmds += [{"execute": "x-debug-query-block-graph"}, {"execute": "quit"}]
     text = "".join(json.dumps(c) + "\n" for c in cmds)
