@@ -41,7 +41,6 @@ from qmpgraph.transactions.actions import (
     ref_node,
     set_inherits_from,
     set_monitor_owned,
-    set_open_flags,
     set_options,
     set_runtime,
     unref_node,
@@ -281,11 +280,3 @@ def open_node_tree(graph: BlockGraph, options: dict[str, Any], tran: Transaction
     node = open_one(ctx, opts, None)
     set_monitor_owned(tran, node, True)
     return node
-
-
-def open_flags_of(node: Node) -> int:
-    """The node's open flags (helper for queries and tests)."""
-    return int(node.open_flags)
-
-
-__all__ = ["open_flags_of", "open_node_tree", "open_one", "set_open_flags"]

@@ -98,20 +98,19 @@ class BlockGraph:
         self._head.prev = link
         self._by_name[node.node_name] = link
 
-    def _unlink(self, node: Node) -> tuple[_Link, _Link]:
-        """Remove ``node``; returns its neighbours for ``_relink`` (LIFO-safe)."""
+    def _unlink(self, node: Node) -> _Link:
+        """Remove ``node``; its link keeps its neighbours for ``_relink``."""
         link = self._by_name.pop(node.node_name)
         link.prev.next = link.next
         link.next.prev = link.prev
-        return link.prev, link.next
+        return link
 
-    def _relink(self, node: Node, prev: _Link, nxt: _Link) -> None:
-        """Undo ``_unlink``; correct when undos run in reverse order of removals."""
-        link = _Link(node)
-        link.prev, link.next = prev, nxt
-        prev.next = link
-        nxt.prev = link
-        self._by_name[node.node_name] = link
+    def _relink(self, link: _Link) -> None:
+        """Undo ``_unlink`` (dancing links: exact when undone in reverse order)."""
+        link.prev.next = link
+        link.next.prev = link
+        assert link.node is not None
+        self._by_name[link.node.node_name] = link
 
 
 # -- navigation helpers (section 1.9) -----------------------------------------

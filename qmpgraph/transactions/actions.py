@@ -96,11 +96,10 @@ class DeleteNodeUndo(Action):
     name = "delete-node"
     graph: BlockGraph
     node: Node
-    prev: _Link
-    next: _Link
+    link: _Link
 
     def abort(self) -> None:
-        self.graph._relink(self.node, self.prev, self.next)
+        self.graph._relink(self.link)
 
     def commit(self) -> None:
         if self.node.driver is not None:
@@ -112,8 +111,8 @@ def _delete_node(tran: Transaction, graph: BlockGraph, node: Node) -> None:
     # Children go first, newest first, as bdrv_close() drops them.
     for edge in list(node.children):
         remove_child(tran, graph, edge)
-    prev, nxt = graph._unlink(node)
-    tran.add(DeleteNodeUndo(graph, node, prev, nxt))
+    link = graph._unlink(node)
+    tran.add(DeleteNodeUndo(graph, node, link))
 
 
 # -- edges --------------------------------------------------------------------
