@@ -8,12 +8,13 @@ QEMU differs from every Python JSON library in ways clients can see:
   spaces per level (pretty mode, where ``,`` has no trailing space).
 * Strings escape ``"``, ``\\``, ``\\b \\f \\n \\r \\t``, every other control
   character, DEL and every non-ASCII character as ``\\uXXXX`` with uppercase
-  hex (surrogate pairs beyond the BMP).
+  hex (surrogate pairs beyond the BMP); what QEMU's writer cannot decode
+  (lone surrogates, the 66 noncharacters) comes out as ``\\uFFFD``.
 * Floating-point numbers use C's ``%.17g``.
 
 Python dicts keep insertion order, so callers build dicts in the order QEMU
 would insert members (QAPI member order) and this module applies the hash
-ordering. What does not live here: parsing (``qmpgraph.protocol.jsonlex``).
+ordering. What does not live here: parsing (``jsonlex`` and ``jsonstream``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _escape_char(match: re.Match[str]) -> str:
     if short is not None:
         return short
     cp = ord(ch)
+    if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE:
+        # QEMU's writer decodes its UTF-8 and rejects noncharacters as invalid.
+        return "\\uFFFD"
     if cp > 0xFFFF:
         cp -= 0x10000
         return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
