@@ -42,7 +42,7 @@ _CLEAN_PREFIX = re.compile(
     rb'(?:[ \t\r\n{}\[\],:]|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*"'
     rb"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?=[ \t\r\n{}\[\],:])"
     rb"|[a-z]+(?=[^a-z]))*"
-    rb'(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*\\?|-?[0-9]*|[a-z]*)'
+    rb'(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*\\?|-?(?:0|[1-9][0-9]*)?|[a-z]*)'
 )
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
