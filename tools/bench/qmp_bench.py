@@ -51,8 +51,8 @@ class Client:
         self.sock.connect(path)
         self.buf = b""
 
-    def read_messages(self, count: int) -> None:
-        """Read until ``count`` complete messages arrived (then drop them)."""
+    def read_messages(self, count: int) -> bytes:
+        """Read until ``count`` complete messages arrived; return their bytes."""
         chunks = [self.buf]
         seen = self.buf.count(b"\r\n")
         tail = self.buf[-1:]
@@ -68,6 +68,7 @@ class Client:
         for _ in range(count):
             pos = buf.index(b"\r\n", pos) + 2
         self.buf = buf[pos:]
+        return buf[:pos]
 
     def negotiate(self) -> None:
         """Read the greeting and leave negotiation mode."""
