@@ -9,9 +9,11 @@ Two paths produce the same results:
 * The fast path takes one line at a time (clients end each request with a
   newline) and lets orjson parse it. orjson accepts a subset of what QEMU
   accepts, but with different values in a few corners, so a result is
-  trusted only when the line is ASCII without ``\\u`` escapes (no
-  noncharacters, no surrogates), has no duplicate keys (counted through the
-  colons), and is far below the nesting, token-count and size limits.
+  trusted only when no string holds a noncharacter (orjson already rejects
+  surrogates; QEMU's ``\\xC0\\x80`` spelling of U+0000 makes orjson fail and
+  so takes the exact path), the text has no duplicate keys (the dicts hold as
+  many keys as the text has colon tokens), and is far below the nesting,
+  token-count and size limits.
 * Everything else goes through ``jsonlex.JSONMachine``, the exact model of
   QEMU's lexer, streamer and parser, until it is back in its start state.
 
@@ -28,12 +30,13 @@ from typing import Any
 
 import orjson
 
-from qmpgraph.protocol.jsonlex import MAX_NESTING, JSONMachine, JSONParseError
+from qmpgraph.protocol.jsonlex import MAX_NESTING, JSONMachine, JSONParseError, has_noncharacter
 
 __all__ = ["JSONParseError", "JSONStreamer"]
 
 _NO = object()
 _WS = b" \t\r\n"
+_WS_RUN = re.compile(rb"[ \t\r\n]*")
 # Lines this long could approach a QEMU limit; the exact path decides them.
 _FAST_MAX = 1 << 20
 # A lexically clean prefix of a container: whole tokens QEMU lexes without
@@ -44,28 +47,40 @@ _CLEAN_PREFIX = re.compile(
     rb"|[a-z]+(?=[^a-z]))*"
     rb'(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*\\?|-?(?:0|[1-9][0-9]*)?|[a-z]*)'
 )
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
 
 
-def _colons(value: Any) -> int:
-    """Keys in all dicts of ``value`` plus colons inside its strings."""
-    kind = type(value)
-    if kind is str:
-        return value.count(":")  # type: ignore[no-any-return]
-    if kind is dict:
+def _keys(value: Any) -> int:
+    """How many keys the dicts in ``value`` hold, nested ones included."""
+    if type(value) is dict:
         total = len(value)
-        for key, item in value.items():
-            total += key.count(":")
+        for item in value.values():
             if type(item) in _CONTAINERS:
-                total += _colons(item)
+                total += _keys(item)
         return total
-    if kind is list:
-        return sum(_colons(item) for item in value if type(item) in _CONTAINERS)
+    if type(value) is list:
+        return sum(_keys(item) for item in value if type(item) in _CONTAINERS)
     return 0
 
 
-_CONTAINERS = frozenset((str, dict, list))
+_CONTAINERS = frozenset((dict, list))
+
+
+def _strings_valid(value: Any) -> bool:
+    """Whether no string in ``value`` holds a noncharacter.
+
+    orjson already rejects surrogates, escaped or raw, so noncharacters are
+    the only strings it accepts and QEMU does not.
+    """
+    kind = type(value)
+    if kind is str:
+        return not has_noncharacter(value)
+    if kind is dict:
+        return all(not has_noncharacter(k) and _strings_valid(v) for k, v in value.items())
+    if kind is list:
+        return all(_strings_valid(v) for v in value)
+    return True
 
 
 def _fast(line: bytes) -> Any:
@@ -74,12 +89,19 @@ def _fast(line: bytes) -> Any:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:
         return _NO
-    if len(line) > _FAST_MAX or not line.isascii() or b"\\u" in line:
+    if len(line) > _FAST_MAX:
         return _NO
-    if line.count(b"{") + line.count(b"[") > MAX_NESTING - 24:
+    if (not line.isascii() or b"\\u" in line) and not _strings_valid(value):
         return _NO
-    if type(value) in _CONTAINERS and _colons(value) != line.count(b":"):
-        return _NO  # a duplicate key, which QEMU rejects
+    if type(value) in _CONTAINERS:
+        if line.count(b"{") + line.count(b"[") > MAX_NESTING - 24:
+            return _NO
+        # Every key is followed by one colon token; a dict with fewer keys
+        # than the text has colon tokens lost a duplicate key (QEMU rejects).
+        keys = _keys(value)
+        colons = line.count(b":")
+        if colons != keys and _STRING.sub(b"", line).count(b":") != keys:
+            return _NO
     return value
 
 
@@ -130,10 +152,10 @@ class JSONStreamer:
             if not machine.clean:
                 pos = machine.feed(data, pos, until_clean=True)
                 continue
-            while pos < n and data[pos] in _WS:
-                pos += 1
-            if pos >= n:
-                break
+            if data[pos] in _WS:
+                pos = _WS_RUN.match(data, pos).end()  # type: ignore[union-attr]
+                if pos >= n:
+                    break
             nl = data.find(b"\n", pos)
             if nl >= 0:
                 value = _fast(data[pos:nl])
