@@ -310,6 +310,10 @@ def _cases() -> list[Case]:
     add("limit/nesting-1025", b"[" * 1025 + b"]" * 1025 + b"\n")
     add("limit/nesting-dicts-1025", b'{"a": ' * 1025 + b"1" + b"}" * 1025 + b"\n")
     add("limit/nesting-2000", b"[" * 2000 + b"]" * 2000 + b"\n")
+    deep = b"[" * 1020 + b'{"a": 1}' + b"]" * 1020
+    add("limit/deep-id-echo", NOPE + b', "id": ' + deep + b"}\n")
+    add("limit/deep-id-echo-pretty", NOPE + b', "id": ' + deep + b"}\n", pretty=True)
+    add("limit/deep-id-1023", NOPE + b', "id": [' + deep + b"]}\n")
     add("limit/token-count-max", Rep(b"[", b"0,", 1048574, b"[]]\n"), quiet=5.0)
     add("limit/token-count-exceeded", Rep(b"[", b"0,", 1048576, b"0]\n"), quiet=5.0)
 

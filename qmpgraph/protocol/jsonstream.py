@@ -7,7 +7,8 @@ lexical, syntax or limit error. Dict keys keep the order of the text.
 Two paths produce the same results:
 
 * The fast path takes one line at a time (clients end each request with a
-  newline) and lets orjson parse it. orjson accepts a subset of what QEMU
+  newline; several requests on one line are taken one by one) and lets
+  orjson parse it. orjson accepts a subset of what QEMU
   accepts, but with different values in a few corners, so a result is
   trusted only when no string holds a noncharacter (orjson already rejects
   surrogates; QEMU's ``\\xC0\\x80`` spelling of U+0000 makes orjson fail and
@@ -39,6 +40,9 @@ _WS = b" \t\r\n"
 _WS_RUN = re.compile(rb"[ \t\r\n]*")
 # Lines this long could approach a QEMU limit; the exact path decides them.
 _FAST_MAX = 1 << 20
+# Deeper values go the exact way: its parser is a loop, while the checks here
+# recurse and QEMU's 1024 levels would exceed Python's recursion limit.
+_FAST_NESTING = 200
 # A lexically clean prefix of a container: whole tokens QEMU lexes without
 # error, then at most one unfinished string, number or keyword.
 _CLEAN_PREFIX = re.compile(
@@ -83,26 +87,49 @@ def _strings_valid(value: Any) -> bool:
     return True
 
 
-def _fast(line: bytes) -> Any:
-    """The value of ``line`` if orjson's reading of it is QEMU's, else ``_NO``."""
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
+def _checked(text: bytes, value: Any) -> Any:
+    """``value`` (orjson's reading of ``text``) if it is QEMU's too, else ``_NO``."""
+    if len(text) > _FAST_MAX:
         return _NO
-    if len(line) > _FAST_MAX:
-        return _NO
-    if (not line.isascii() or b"\\u" in line) and not _strings_valid(value):
+    if (not text.isascii() or b"\\u" in text) and not _strings_valid(value):
         return _NO
     if type(value) in _CONTAINERS:
-        if line.count(b"{") + line.count(b"[") > MAX_NESTING - 24:
+        if text.count(b"{") + text.count(b"[") > _FAST_NESTING:
             return _NO
         # Every key is followed by one colon token; a dict with fewer keys
         # than the text has colon tokens lost a duplicate key (QEMU rejects).
         keys = _keys(value)
-        colons = line.count(b":")
-        if colons != keys and _STRING.sub(b"", line).count(b":") != keys:
+        if text.count(b":") != keys and _STRING.sub(b"", text).count(b":") != keys:
             return _NO
     return value
+
+
+# orjson's words for a valid document followed by more input (older releases
+# said "trailing characters").
+_TRAILING = frozenset(("unexpected content after document", "trailing characters"))
+_SELF_TERMINATED = frozenset(b'}]"')
+
+
+def _fast(segment: bytes, complete: bool) -> tuple[Any, int]:
+    """The first value of ``segment`` and the bytes it used, or ``(_NO, 0)``.
+
+    ``complete`` says the segment is followed by a newline; without it, a
+    number or keyword at its very end is not finished yet.
+    """
+    try:
+        value = orjson.loads(segment)
+    except orjson.JSONDecodeError as err:
+        # Several values on one line: take the first if it ends itself (a
+        # number or keyword would swallow what follows, as "truex" does).
+        if err.msg not in _TRAILING or err.pos <= 0:
+            return _NO, 0
+        head = segment[: err.pos]
+        if head.rstrip(_WS)[-1] not in _SELF_TERMINATED:
+            return _NO, 0
+        return _checked(head, orjson.loads(head)), err.pos
+    if not complete and segment[-1] not in _SELF_TERMINATED and segment[-1] not in _WS:
+        return _NO, 0
+    return _checked(segment, value), len(segment)
 
 
 def _held(tail: bytes) -> bool:
@@ -157,22 +184,15 @@ class JSONStreamer:
                 if pos >= n:
                     break
             nl = data.find(b"\n", pos)
-            if nl >= 0:
-                value = _fast(data[pos:nl])
-                if value is not _NO:
-                    out.append(value)
-                    pos = nl + 1
-                    continue
-            else:
-                tail = data[pos:]
-                value = _fast(tail)
-                # Numbers and keywords end only when the next byte arrives.
-                if value is not _NO and (tail[-1] in b'}]"' or tail[-1] in _WS):
-                    out.append(value)
-                    break
-                if _held(tail):
-                    self._pending = tail
-                    break
+            segment = data[pos:nl] if nl >= 0 else data[pos:]
+            value, used = _fast(segment, nl >= 0)
+            if value is not _NO:
+                out.append(value)
+                pos += used
+                continue
+            if nl < 0 and _held(segment):
+                self._pending = segment
+                break
             pos = machine.feed(data, pos, until_clean=True)
         machine.out = []
         return out

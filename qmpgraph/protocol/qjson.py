@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -131,10 +132,76 @@ def _write(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
         raise TypeError(f"cannot serialize {type(obj).__name__} as QMP JSON")
 
 
+def _members(
+    obj: dict[str, Any] | list[Any] | tuple[Any, ...], out: list[str], pretty: bool, indent: int
+) -> Iterator[Any]:
+    """Write one container around its members, yielding each member to write."""
+    comma = "," if pretty else ", "
+    sep = ""
+    if isinstance(obj, dict):
+        out.append("{")
+        for key in qdict_order(list(obj)):
+            out.append(sep)
+            if pretty:
+                out.append("\n" + " " * (4 * (indent + 1)))
+            out.append(quote(key))
+            out.append(": ")
+            yield obj[key]
+            sep = comma
+        close = "}"
+    else:
+        out.append("[")
+        for item in obj:
+            out.append(sep)
+            if pretty:
+                out.append("\n" + " " * (4 * (indent + 1)))
+            yield item
+            sep = comma
+        close = "]"
+    if pretty:
+        out.append("\n" + " " * (4 * indent))
+    out.append(close)
+
+
+def _write_deep(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
+    """``_write`` as a loop, for values nested deeper than Python recursion allows.
+
+    QEMU accepts 1024 levels of nesting and echoes such values (an ``id``);
+    the recursive writer stays for the common shallow case.
+    """
+    stack: list[tuple[Iterator[Any], int]] = []
+    value, level = obj, indent
+    while True:
+        if isinstance(value, dict | list | tuple):
+            stack.append((_members(value, out, pretty, level), level))
+        else:
+            _write(value, out, pretty, level)
+        while stack:
+            members, parent = stack[-1]
+            try:
+                value = next(members)
+            except StopIteration:
+                stack.pop()
+                continue
+            level = parent + 1
+            break
+        else:
+            return
+
+
+def _write_any(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
+    start = len(out)
+    try:
+        _write(obj, out, pretty, indent)
+    except RecursionError:
+        del out[start:]
+        _write_deep(obj, out, pretty, indent)
+
+
 def dumps(obj: Any, *, pretty: bool = False) -> str:
     """Serialize ``obj`` as QEMU's ``qobject_to_json_pretty(obj, pretty)`` would."""
     out: list[str] = []
-    _write(obj, out, pretty, 0)
+    _write_any(obj, out, pretty, 0)
     return "".join(out)
 
 
@@ -157,6 +224,6 @@ class RawJSON:
         cached = self._cache.get(key)
         if cached is None:
             out: list[str] = []
-            _write(self.value, out, pretty, key[1])
+            _write_any(self.value, out, pretty, key[1])
             cached = self._cache[key] = "".join(out)
         return cached
