@@ -1,4 +1,12 @@
-"""The daemon's state shared by every monitor and session: schema, events, quit.
+"""The daemon's state shared by every monitor and session: schema, block graph,
+transaction log, events, quit.
+
+``Daemon.graph_transaction(command, arguments)`` is how a command changes the
+block graph: one engine ``Transaction`` per command, committed when the block
+succeeds and aborted when it raises; with a transaction log configured
+(``Daemon(transaction_log=path)``) each one is appended to the log with its
+actions, outcome and the graph digest afterwards.  Without a log no digest is
+computed, so a command's cost does not grow with the graph.
 
 What does not live here: sockets and tasks (``qmpgraph.server``), the
 command-line parsing (``qmpgraph.cmdline``).
@@ -6,13 +14,21 @@ command-line parsing (``qmpgraph.cmdline``).
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from qmpgraph import QEMU_VERSION, __version__
+from qmpgraph.errors import QMPError
+from qmpgraph.graph.digest import graph_digest
+from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.schema import Schema
 from qmpgraph.schema import load as load_schema
+from qmpgraph.transactions.engine import Transaction
+from qmpgraph.transactions.log import Sink, TransactionLog
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -20,12 +36,50 @@ EventSink = Callable[[dict[str, Any]], None]
 class Daemon:
     """One qmpgraph daemon: what its commands act on."""
 
-    def __init__(self, schema: Schema | None = None) -> None:
+    def __init__(
+        self,
+        schema: Schema | None = None,
+        *,
+        name_seed: int | None = None,
+        transaction_log: str | Path | Sink | None = None,
+    ) -> None:
         self.schema = schema if schema is not None else load_schema()
+        # A seed is always chosen, so that a log can record it for replay.
+        self.name_seed = name_seed if name_seed is not None else secrets.randbits(32)
+        self.graph = BlockGraph(name_seed=self.name_seed)
+        self.transaction_log: TransactionLog | None = None
+        if transaction_log is not None:
+            self.transaction_log = TransactionLog(transaction_log, name_seed=self.name_seed)
         self.package = f"qmpgraph {__version__}"
         self.quit_requested = False
         self._quit_callbacks: list[Callable[[], None]] = []
         self._event_sinks: list[EventSink] = []
+
+    @contextmanager
+    def graph_transaction(self, command: str, arguments: dict[str, Any]) -> Iterator[Transaction]:
+        """One engine transaction for one QMP command, logged when a log is configured.
+
+        Commits when the block succeeds; aborts and re-raises when it raises.
+        Errors other than ``QMPError`` are logged with the class ``internal``.
+        """
+        tran = Transaction()
+        log = self.transaction_log
+        try:
+            yield tran
+        except BaseException as exc:
+            actions = tran.log() if log is not None else []
+            tran.abort()
+            if log is not None:
+                if isinstance(exc, QMPError):
+                    error = exc.to_wire()
+                else:
+                    error = {"class": "internal", "desc": f"{type(exc).__name__}: {exc}"}
+                log.record(command, arguments, actions, graph_digest(self.graph), error)
+            raise
+        actions = tran.log() if log is not None else []
+        tran.commit()
+        if log is not None:
+            log.record(command, arguments, actions, graph_digest(self.graph))
 
     def version_info(self) -> dict[str, Any]:
         """The ``query-version`` reply (and the greeting's ``version``)."""
@@ -44,9 +98,11 @@ class Daemon:
         self.quit_requested = True
 
     def stop(self) -> None:
-        """Stop the daemon now: runs every ``on_stop`` callback."""
+        """Stop the daemon now: runs every ``on_stop`` callback, closes the log."""
         for cb in self._quit_callbacks:
             cb()
+        if self.transaction_log is not None:
+            self.transaction_log.close()
 
     def subscribe(self, sink: EventSink) -> Callable[[], None]:
         """Deliver every event to ``sink``; returns the unsubscribe function."""
