@@ -7,6 +7,7 @@ so a client that stops reading never blocks the dispatcher or other clients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -19,16 +20,28 @@ from qmpgraph.protocol.session import Mode, QMPSession
 _RECV_SIZE = 65536
 
 
-async def _writer(stream: trio.abc.Stream, outgoing: trio.MemoryReceiveChannel[bytes]) -> None:
-    """Send queued messages, coalescing whatever is queued into one write."""
-    async for first in outgoing:
-        chunks = [first]
-        while True:
-            try:
-                chunks.append(outgoing.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        await stream.send_all(b"".join(chunks))
+async def _writer(
+    stream: trio.abc.Stream,
+    outgoing: trio.MemoryReceiveChannel[bytes],
+    scope: trio.CancelScope,
+) -> None:
+    """Send queued messages, coalescing whatever is queued into one write.
+
+    A client that went away ends the whole connection (``scope``) quietly:
+    its failure must never reach the listener and stop other clients.
+    """
+    try:
+        async for first in outgoing:
+            chunks = [first]
+            while True:
+                try:
+                    chunks.append(outgoing.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await stream.send_all(b"".join(chunks))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        outgoing.close()
+        scope.cancel()
 
 
 async def serve_qmp_client(
@@ -38,30 +51,34 @@ async def serve_qmp_client(
     session = QMPSession(daemon.greeting(), pretty=pretty)
     send, recv = trio.open_memory_channel[bytes](math.inf)
 
+    def queue(message: dict[str, Any]) -> None:
+        # The writer closes its end when the client is gone; what is still
+        # produced for it (events from other clients' commands) is dropped.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            send.send_nowait(session.encode(message))
+
     def deliver(event: dict[str, Any]) -> None:
         if session.mode is Mode.COMMAND:
-            send.send_nowait(session.encode(event))
+            queue(event)
 
     unsubscribe = daemon.subscribe(deliver)
     try:
         async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(_writer, stream, recv)
+            nursery.start_soon(_writer, stream, recv, nursery.cancel_scope)
             send.send_nowait(session.greeting_bytes())
-            while True:
+            while not daemon.quit_requested:
                 try:
                     data = await stream.receive_some(_RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     break
                 if not data:
                     break
-                for request in session.receive_data(data):
+                for request in session.receive_data(bytes(data)):
                     reply = dispatcher.dispatch(session, request)
                     if reply is not None:
-                        send.send_nowait(session.encode(reply))
+                        queue(reply)
                     if daemon.quit_requested:
                         break
-                if daemon.quit_requested:
-                    break
             send.close()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
@@ -78,7 +95,7 @@ async def serve_monitor(
     daemon: Daemon,
     *,
     pretty: bool = False,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept QMP clients on ``listeners`` forever; ready once listening."""
     dispatcher = Dispatcher(daemon)

@@ -1,20 +1,36 @@
-"""Run a whole daemon: open every monitor's listener, serve, and stop cleanly."""
+"""Run a whole daemon: serve every monitor, stop cleanly on quit or a signal.
+
+``serve_prepared`` serves monitors whose sockets start-up already created
+(``qmpgraph.server.startup``); ``run_daemon`` is the in-process convenience
+for tests and embedders: it binds ``MonitorConfig`` addresses itself.
+SIGINT, SIGTERM and SIGHUP stop the daemon as QMP ``quit`` does.
+
+What does not live here: option parsing (``qmpgraph.cmdline``), the pidfile
+and daemonizing (``qmpgraph.server.startup``).
+"""
 
 from __future__ import annotations
 
-import os
-from functools import partial
+import signal
+import socket
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
+from qmpgraph.commands.dispatcher import Dispatcher
 from qmpgraph.daemon import Daemon
-from qmpgraph.server.monitor import serve_monitor
+from qmpgraph.server.monitor import serve_monitor, serve_qmp_client
+from qmpgraph.server.startup import PreparedMonitor, bind_unix, remove_socket
+
+__all__ = ["DaemonConfig", "MonitorConfig", "run_daemon", "serve_prepared"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True, slots=True)
 class MonitorConfig:
-    """One ``--monitor``: where it listens and how it prints."""
+    """One monitor for ``run_daemon``: a Unix ``path`` or a TCP ``host``/``port``."""
 
     path: str | None = None
     host: str | None = None
@@ -24,21 +40,53 @@ class MonitorConfig:
 
 @dataclass(slots=True)
 class DaemonConfig:
-    """Everything the command line configured, in the order it was given."""
+    """The monitors ``run_daemon`` opens, in order."""
 
     monitors: list[MonitorConfig] = field(default_factory=list)
 
 
-async def _open_listeners(mon: MonitorConfig) -> list[trio.SocketListener]:
+async def _stop_on_signals(daemon: Daemon, task_status: trio.TaskStatus[None]) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
+        async for _ in signals:
+            daemon.stop()
+
+
+async def _serve_connection(
+    sock: socket.socket, daemon: Daemon, dispatcher: Dispatcher, pretty: bool
+) -> None:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await serve_qmp_client(stream, daemon, dispatcher, pretty=pretty)
+
+
+async def serve_prepared(
+    monitors: list[PreparedMonitor],
+    daemon: Daemon,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``monitors`` until the daemon stops; ready once all listen."""
+    async with trio.open_nursery() as nursery:
+        daemon.on_stop(nursery.cancel_scope.cancel)
+        if handle_signals:
+            await nursery.start(_stop_on_signals, daemon)
+        dispatcher = Dispatcher(daemon)
+        for mon in monitors:
+            for conn in mon.connections:
+                nursery.start_soon(_serve_connection, conn, daemon, dispatcher, mon.pretty)
+            if mon.listener is not None:
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(mon.listener))
+                await nursery.start(partial(serve_monitor, [listener], daemon, pretty=mon.pretty))
+        task_status.started(daemon)
+
+
+def _prepare(mon: MonitorConfig) -> tuple[PreparedMonitor, tuple[str, int] | None]:
     if mon.path is not None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        if os.path.exists(mon.path):
-            os.unlink(mon.path)
-        await sock.bind(mon.path)
-        sock.listen(128)
-        return [trio.SocketListener(sock)]
-    assert mon.port is not None
-    return await trio.open_tcp_listeners(mon.port, host=mon.host or "127.0.0.1")
+        sock, created = bind_unix(mon.path)
+        return PreparedMonitor(sock, [], mon.pretty, mon.path), created
+    sock = socket.create_server((mon.host or "127.0.0.1", mon.port or 0))
+    return PreparedMonitor(sock, [], mon.pretty, f"{mon.host}:{mon.port}"), None
 
 
 async def run_daemon(
@@ -49,17 +97,11 @@ async def run_daemon(
 ) -> None:
     """Serve every configured monitor until ``quit``; ready once all listen."""
     daemon = daemon if daemon is not None else Daemon()
-    paths = [m.path for m in config.monitors if m.path is not None]
+    prepared = [_prepare(m) for m in config.monitors]
     try:
-        async with trio.open_nursery() as nursery:
-            daemon.on_stop(nursery.cancel_scope.cancel)
-            for mon in config.monitors:
-                listeners = await _open_listeners(mon)
-                await nursery.start(partial(serve_monitor, listeners, daemon, pretty=mon.pretty))
-            task_status.started(daemon)
+        await serve_prepared([p for p, _ in prepared], daemon, task_status=task_status)
     finally:
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        for mon, created in prepared:
+            if mon.listener is not None:
+                mon.listener.close()
+            remove_socket(created)

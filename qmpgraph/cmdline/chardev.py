@@ -1,0 +1,220 @@
+"""``--chardev`` and ``--monitor``: from option text to validated specs.
+
+The checks run in QEMU 7.2's order (``qemu_chr_new_from_opts``,
+``qemu_chr_parse_socket``, ``qmp_chardev_validate_socket``,
+``monitor_init``) with its messages. qmpgraph serves QMP over ``socket``
+(Unix or TCP; listening, or connecting out with ``server=off``) and
+``null`` chardevs; QEMU's other backends are recognised and refused.
+
+What does not live here: binding, connecting and serving
+(``qmpgraph.server.startup``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qmpgraph.cmdline.errors import CmdlineError
+from qmpgraph.cmdline.keyval import option_dict
+from qmpgraph.cmdline.qemuopts import CHARDEV_OPTS, QemuOpts, opts_help, parse_bool, parse_opts
+from qmpgraph.protocol.qjson import qdict_order
+
+__all__ = ["BACKENDS", "ChardevSpec", "MonitorSpec", "parse_chardev", "parse_monitor"]
+
+#: QEMU 7.2's chardev backends, in the order ``--chardev help`` lists them.
+BACKENDS = (
+    "pty",
+    "udp",
+    "memory",
+    "file",
+    "socket",
+    "stdio",
+    "ringbuf",
+    "null",
+    "parallel",
+    "pipe",
+    "mux",
+    "serial",
+)
+# Names QEMU also accepts for a backend.
+_ALIASES = {"tty": "serial", "parport": "parallel"}
+SUPPORTED_BACKENDS = ("socket", "null")
+
+
+@dataclass(frozen=True, slots=True)
+class ChardevSpec:
+    """A validated chardev. ``backend`` is "socket" or "null".
+
+    For a socket exactly one of ``path``, ``host`` (with ``port``) and ``fd``
+    is set; ``server`` means listen, ``wait`` means block start-up until the
+    first client connects.
+    """
+
+    id: str
+    backend: str
+    path: str | None = None
+    host: str | None = None
+    port: str | None = None
+    fd: str | None = None
+    server: bool = False
+    wait: bool = False
+    ipv4: bool = False
+    ipv6: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSpec:
+    """A validated ``--monitor``: QMP on chardev ``chardev``."""
+
+    chardev: str
+    pretty: bool = False
+    id: str | None = None
+    mode: str = "control"
+
+
+class ChardevHelp(Exception):
+    """``--chardev help`` (list backends, exit 0) or ``<backend>,help``
+    (list options, exit 1): ``text`` goes to stdout."""
+
+    def __init__(self, text: str, status: int) -> None:
+        super().__init__(text)
+        self.text = text
+        self.status = status
+
+
+def parse_chardev(text: str) -> tuple[ChardevSpec, list[str]]:
+    """The chardev ``text`` describes, and QEMU's warnings about its syntax."""
+    opts = parse_opts(CHARDEV_OPTS, text)
+    if opts.help:
+        raise ChardevHelp(opts_help(CHARDEV_OPTS), 1)
+    backend = opts.get("backend")
+    if backend in ("help", "?"):
+        names = "".join(f"\n  {b}" for b in BACKENDS)
+        raise ChardevHelp(f"Available chardev backend types: {names}\n", 0)
+    try:
+        return _validate(opts, backend), opts.warnings
+    except CmdlineError as exc:
+        exc.warnings = opts.warnings + exc.warnings
+        raise
+
+
+def _validate(opts: QemuOpts, backend: str | None) -> ChardevSpec:
+    if opts.id is None:
+        raise CmdlineError("chardev: no id specified")
+    if backend is None:
+        raise CmdlineError(f'chardev: "{opts.id}" missing backend')
+    backend = _ALIASES.get(backend, backend)
+    if backend not in BACKENDS:
+        raise CmdlineError(f"'{backend}' is not a valid char driver name")
+    if backend not in SUPPORTED_BACKENDS:
+        raise CmdlineError(
+            f"qmpgraph supports only the socket and null chardev backends, not '{backend}'"
+        )
+    if opts.get_bool("mux", False):
+        raise CmdlineError("qmpgraph does not support mux=on")
+    if backend == "null":
+        return ChardevSpec(opts.id, "null")
+    return _socket(opts, opts.id)
+
+
+def _socket(opts: QemuOpts, cid: str) -> ChardevSpec:
+    path, host, port, fd = (opts.get(k) for k in ("path", "host", "port", "fd"))
+    if (path is not None) + (fd is not None) + (host is not None) > 1:
+        raise CmdlineError("None or one of 'path', 'fd' or 'host' option required.")
+    if host is not None and port is None:
+        raise CmdlineError("chardev: socket: no port given")
+    server = opts.get_bool("server", False)
+    tls_creds = opts.get("tls-creds")
+    if path is None and host is None:
+        if opts.get("reconnect") is not None:
+            raise CmdlineError("'reconnect' option is incompatible with 'fd' address type")
+        if tls_creds is not None and not server:
+            raise CmdlineError(
+                "'tls_creds' option is incompatible with 'fd' address type as client"
+            )
+    elif path is not None and tls_creds is not None:
+        raise CmdlineError("'tls_creds' option is incompatible with 'unix' address type")
+    if opts.get("tls-authz") is not None and tls_creds is None:
+        raise CmdlineError("'tls_authz' option requires 'tls_creds' option")
+    if server:
+        if opts.get("reconnect") is not None:
+            raise CmdlineError(
+                "'reconnect' option is incompatible with socket in server listen mode"
+            )
+    else:
+        if opts.get_bool("websocket", False):
+            raise CmdlineError("Websocket client is not implemented")
+        if opts.get("wait") is not None:
+            raise CmdlineError("'wait' option is incompatible with socket in client connect mode")
+    for unsupported in ("telnet", "tn3270", "websocket"):
+        if opts.get_bool(unsupported, False):
+            raise CmdlineError(f"qmpgraph does not support {unsupported}=on")
+    if tls_creds is not None:
+        raise CmdlineError("qmpgraph does not support tls-creds")
+    if path is not None and opts.get_bool("abstract", False):
+        raise CmdlineError("qmpgraph does not support abstract=on")
+    if path is None and host is None and fd is None:
+        # No address at all: QEMU reads it as an empty file descriptor number.
+        raise CmdlineError("Unable to parse FD number ")
+    return ChardevSpec(
+        cid,
+        "socket",
+        path=path,
+        host=host,
+        port=port,
+        fd=fd,
+        server=server,
+        wait=server and opts.get_bool("wait", True),
+        ipv4=opts.get_bool("ipv4", False),
+        ipv6=opts.get_bool("ipv6", False),
+    )
+
+
+def _bad_type(name: str, expected: str) -> CmdlineError:
+    return CmdlineError(f"Invalid parameter type for '{name}', expected: {expected}")
+
+
+def parse_monitor(text: str) -> MonitorSpec:
+    """Visit ``text`` as QEMU's ``MonitorOptions`` (keyval or JSON).
+
+    Only the visit: whether the chardev exists is checked by the caller.
+    """
+    d, keyval = option_dict(text, "chardev")
+    values: dict[str, Any] = {}
+    # QAPI member order of MonitorOptions: id, mode, pretty, chardev.
+    for name, kind in (("id", "str"), ("mode", "enum"), ("pretty", "bool"), ("chardev", "str")):
+        if name not in d:
+            if name == "chardev":
+                raise CmdlineError("Parameter 'chardev' is missing")
+            continue
+        v = d[name]
+        if kind == "bool":
+            if keyval:
+                if not isinstance(v, str):
+                    raise _bad_type(name, "string")
+                v = _keyval_bool(name, v)
+            elif not isinstance(v, bool):
+                raise _bad_type(name, "boolean")
+        elif not isinstance(v, str):
+            raise _bad_type(name, "string")
+        elif kind == "enum" and v not in ("readline", "control"):
+            raise CmdlineError(f"Parameter '{name}' does not accept value '{v}'")
+        values[name] = v
+    leftover = [k for k in d if k not in values]
+    if leftover:
+        first = next(k for k in qdict_order(list(d)) if k not in values)
+        raise CmdlineError(f"Parameter '{first}' is unexpected")
+    return MonitorSpec(
+        values["chardev"],
+        values.get("pretty", False),
+        values.get("id"),
+        values.get("mode", "control"),
+    )
+
+
+def _keyval_bool(name: str, value: str) -> bool:
+    try:
+        return parse_bool(name, value)
+    except CmdlineError:
+        raise CmdlineError(f"Parameter '{name}' expects 'on' or 'off'") from None
