@@ -52,6 +52,8 @@ _CLEAN_PREFIX = re.compile(
     rb'(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\/bfnrt])*\\?|-?(?:0|[1-9][0-9]*)?|[a-z]*)'
 )
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# An integer part of just 0 followed by an exponent.
+_ZERO_EXPONENT = re.compile(rb"(?<![0-9.])0[eE]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
 
 
@@ -93,6 +95,8 @@ def _checked(text: bytes, value: Any) -> Any:
         return _NO
     if (not text.isascii() or b"\\u" in text) and not _strings_valid(value):
         return _NO
+    if (b"0e" in text or b"0E" in text) and _ZERO_EXPONENT.search(_STRING.sub(b"", text)):
+        return _NO  # QEMU lexes "0e3" as 0 then the keyword "e3", orjson as 0.0
     if type(value) in _CONTAINERS:
         if text.count(b"{") + text.count(b"[") > _FAST_NESTING:
             return _NO
