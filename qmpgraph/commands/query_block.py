@@ -462,7 +462,52 @@ def block_device_info(node: Node, flat: bool, query: _Query) -> dict[str, Any]:
         "no-flush": bool(node.open_flags & OpenFlag.NO_FLUSH),
     }
     info["write_threshold"] = 0
+    bitmaps = _dirty_bitmaps(node)
+    if bitmaps:
+        info["dirty-bitmaps"] = bitmaps
     return info
+
+
+def _bitmap(count: int, granularity: int) -> dict[str, Any]:
+    """BlockDirtyInfo of an anonymous, disabled internal bitmap."""
+    count = (count + granularity - 1) // granularity * granularity
+    return {
+        "count": count,
+        "granularity": granularity,
+        "recording": False,
+        "busy": False,
+        "persistent": False,
+    }
+
+
+def _cbw_granularity(cbw: Node) -> int:
+    """block_copy_calculate_cluster_size: at least 64 KiB, else the target's cluster."""
+    for edge in cbw.children:
+        if edge.name == "target" and edge.child is not None:
+            got = _get_info(edge.child)
+            if got is not None and got[0]:
+                return max(65536, got[0])
+    return 65536
+
+
+def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
+    """The internal bitmaps copy-before-write creates (newest first, as QEMU lists them).
+
+    A cbw node holds its access bitmap (all set) and its done bitmap (empty);
+    its source (``file``) holds block-copy's copy bitmap (all set).  Without a
+    data path the counts stay at their values after open.
+    """
+    out: list[dict[str, Any]] = []
+    if node.format_name == "copy-before-write":
+        gran = _cbw_granularity(node)
+        size = _length(node)
+        out += [_bitmap(size, gran), _bitmap(0, gran)]
+    for edge in node.parents:
+        parent = edge.parent
+        if isinstance(parent, Node) and parent.format_name == "copy-before-write":
+            if edge.name == "file":
+                out.append(_bitmap(_length(node), _cbw_granularity(parent)))
+    return out
 
 
 @command("query-named-block-nodes")
