@@ -56,9 +56,7 @@ def streamed(chunks: list[bytes]) -> list[Any]:
 
 # -- values ---------------------------------------------------------------------------
 
-_text = st.text(
-    st.characters(exclude_categories=["Cs"]).filter(lambda c: not has_noncharacter(c))
-)
+_text = st.text(st.characters(exclude_categories=["Cs"]).filter(lambda c: not has_noncharacter(c)))
 _scalars = (
     st.none()
     | st.booleans()
@@ -148,6 +146,12 @@ _fragments = st.sampled_from(
         b'"\\u0000"',
         b'{"execute": "x-a", "id": 1}\n',
         b'{"a": 1, "a": 2}\n',
+        b"0e1",
+        b"-0E",
+        b"1E+2",
+        b"1.5e-3",
+        b"0.0",
+        b"1e400",
     ]
 )
 byte_streams = st.lists(_fragments, max_size=40).map(b"".join)
