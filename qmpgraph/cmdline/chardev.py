@@ -189,16 +189,17 @@ def parse_monitor(text: str) -> MonitorSpec:
                 raise CmdlineError("Parameter 'chardev' is missing")
             continue
         v = d[name]
-        if kind == "bool":
-            if keyval:
-                if not isinstance(v, str):
-                    raise _bad_type(name, "string")
-                v = _keyval_bool(name, v)
-            elif not isinstance(v, bool):
+        if keyval:
+            if not isinstance(v, str):
+                raise CmdlineError(f"Parameters '{name}.*' are unexpected")
+            if kind == "bool":
+                v = parse_bool(name, v)
+        elif kind == "bool":
+            if not isinstance(v, bool):
                 raise _bad_type(name, "boolean")
         elif not isinstance(v, str):
             raise _bad_type(name, "string")
-        elif kind == "enum" and v not in ("readline", "control"):
+        if kind == "enum" and v not in ("readline", "control"):
             raise CmdlineError(f"Parameter '{name}' does not accept value '{v}'")
         values[name] = v
     leftover = [k for k in d if k not in values]
@@ -211,10 +212,3 @@ def parse_monitor(text: str) -> MonitorSpec:
         values.get("id"),
         values.get("mode", "control"),
     )
-
-
-def _keyval_bool(name: str, value: str) -> bool:
-    try:
-        return parse_bool(name, value)
-    except CmdlineError:
-        raise CmdlineError(f"Parameter '{name}' expects 'on' or 'off'") from None
