@@ -26,6 +26,7 @@ commands open transactions (``qmpgraph.commands``) and replay
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,22 @@ class LogRecord:
 
 Sink = Callable[[bytes], None]
 
+# Undo records hold plain references; a reference to the graph itself is
+# described by its repr, whose address would make logs differ run to run.
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-f]+>\Z")
+
+
+def _stable(value: Any) -> Any:
+    """``value`` with object reprs reduced to their class name."""
+    if isinstance(value, str):
+        m = _OBJECT_REPR.match(value)
+        return f"<{m.group(1)}>" if m else value
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
 
 class TransactionLog:
     """Appends one line per transaction to a file (or hands it to a sink).
@@ -123,7 +140,7 @@ class TransactionLog:
             self.seq,
             command,
             arguments,
-            actions,
+            _stable(actions),
             "committed" if error is None else "aborted",
             digest,
             error,
