@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="qmpgraph", description="A QEMU-exact stand-in for qemu-storage-daemon's QMP."
     )
     parser.add_argument("-V", "--version", action="version", version=f"qmpgraph {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
     _subcommands(sub)
     ns = parser.parse_args(args)
     handler: Subcommand | None = getattr(ns, "handler", None)
