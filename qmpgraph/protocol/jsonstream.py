@@ -43,6 +43,8 @@ _FAST_MAX = 1 << 20
 # Deeper values go the exact way: its parser is a loop, while the checks here
 # recurse and QEMU's 1024 levels would exceed Python's recursion limit.
 _FAST_NESTING = 200
+_LONG_SEGMENT = 4096
+_NEXT_OBJECT = re.compile(rb"\}[ \t\r]*\{")
 # A lexically clean prefix of a container: whole tokens QEMU lexes without
 # error, then at most one unfinished string, number or keyword.
 _CLEAN_PREFIX = re.compile(
@@ -127,10 +129,17 @@ def _fast(segment: bytes, complete: bool) -> tuple[Any, int]:
         # number or keyword would swallow what follows, as "truex" does).
         if err.msg not in _TRAILING or err.pos <= 0:
             return _NO, 0
-        head = segment[: err.pos]
+        used = err.pos  # counted in characters: bytes only for ASCII
+        if not segment.isascii():
+            used = len(segment.decode("utf-8")[:used].encode("utf-8"))
+        head = segment[:used]
         if head.rstrip(_WS)[-1] not in _SELF_TERMINATED:
             return _NO, 0
-        return _checked(head, orjson.loads(head)), err.pos
+        try:
+            value = orjson.loads(head)
+        except orjson.JSONDecodeError:
+            return _NO, 0
+        return _checked(head, value), used
     if not complete and segment[-1] not in _SELF_TERMINATED and segment[-1] not in _WS:
         return _NO, 0
     return _checked(segment, value), len(segment)
@@ -188,7 +197,20 @@ class JSONStreamer:
                 if pos >= n:
                     break
             nl = data.find(b"\n", pos)
-            segment = data[pos:nl] if nl >= 0 else data[pos:]
+            end = nl if nl >= 0 else n
+            if end - pos > _LONG_SEGMENT:
+                # Many requests without newlines: orjson would read all the
+                # rest for each one. If the text up to the first "} {" is one
+                # whole value, it is the first value (its end balances).
+                match = _NEXT_OBJECT.search(data, pos, end)
+                if match is not None:
+                    brace = match.start()
+                    value, used = _fast(data[pos : brace + 1], False)
+                    if value is not _NO and used == brace + 1 - pos:
+                        out.append(value)
+                        pos = brace + 1
+                        continue
+            segment = data[pos:end]
             value, used = _fast(segment, nl >= 0)
             if value is not _NO:
                 out.append(value)

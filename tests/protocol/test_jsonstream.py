@@ -20,7 +20,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmpgraph.protocol import qjson
+from qmpgraph.protocol import jsonstream, qjson
 from qmpgraph.protocol.jsonlex import JSONMachine, c_text, has_noncharacter
 from qmpgraph.protocol.jsonstream import JSONParseError, JSONStreamer
 
@@ -152,6 +152,10 @@ _fragments = st.sampled_from(
         b"1.5e-3",
         b"0.0",
         b"1e400",
+        b"} {",
+        b'["\xc3\xa9"]',
+        b'"\xef\xbf\xbe"',
+        b"}{",
     ]
 )
 byte_streams = st.lists(_fragments, max_size=40).map(b"".join)
@@ -174,6 +178,20 @@ def test_fast_path_agrees_with_exact_model(data: bytes, cuts: list[int]) -> None
     want = exact(data)
     assert streamed([data]) == want
     assert streamed(_split(data, cuts)) == want
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(data=byte_streams, cuts=st.lists(st.integers(min_value=0), max_size=6))
+def test_long_line_shortcut_agrees_with_exact_model(data: bytes, cuts: list[int]) -> None:
+    # The "} {" shortcut is taken only on long lines; make every line long.
+    saved = jsonstream._LONG_SEGMENT
+    jsonstream._LONG_SEGMENT = 0
+    try:
+        want = exact(data)
+        assert streamed([data]) == want
+        assert streamed(_split(data, cuts)) == want
+    finally:
+        jsonstream._LONG_SEGMENT = saved
 
 
 @settings(max_examples=300)
