@@ -7,6 +7,7 @@ started at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,9 +33,12 @@ class Procs:
         self.pids: list[int] = []
 
     def start(
-        self, argv: list[str], cmd: list[str] = QMPGRAPH, **kw: object
+        self, argv: list[str], cmd: list[str] = QMPGRAPH, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+        """Start ``cmd argv`` with stdout and stderr piped."""
+        proc = subprocess.Popen(
+            [*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
         self.procs.append(proc)
         return proc
 
@@ -50,10 +54,8 @@ def procs() -> Iterator[Procs]:
             if stream is not None:
                 stream.close()
     for pid in p.pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def monitor_args(tmp: Path, name: str = "qmp.sock") -> tuple[list[str], str]:
