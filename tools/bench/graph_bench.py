@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Block-graph benchmark: qemu-storage-daemon and qmpgraph as the graph grows.
 
-For each daemon, in one run (started here on a Unix socket in a temporary
-directory, one after the other so they do not compete for CPU, and stopped at
-the end; killed if anything fails or the ``--timeout`` watchdog fires):
+Both daemons are started here, each on a Unix socket in its own temporary
+directory, and stopped at the end (killed if anything fails or the
+``--timeout`` watchdog fires). The workload runs on one daemon at a time (they
+never compete for CPU) but alternates between them in blocks of samples, so load
+from other processes drifts over both alike. For each daemon:
 
 * the graph is grown to each of ``--sizes`` null-co nodes (default 1,000,
   4,000, 8,000) by pipelining ``blockdev-add`` commands (a writer thread sends
@@ -46,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # of the median at the smallest: 200 samples of ~100 us commands scatter by
 # about 10% between runs, a linear scan over 8x more nodes costs far more.
 FLAT_LIMIT = 1.3
+# Pairs run on one daemon before switching to the other. Switching after
+# every pair made both daemons 10-30% slower (each evicts the other's caches,
+# and qsd finishes some work after replying), so blocks keep each warm.
+BLOCK = 20
 ADD_GOAL = 3.0
 QUERY_GOAL = 5.0
 MEMORY_GOAL = 5.0
@@ -211,54 +217,78 @@ def started(command: Sequence[str], timeout: float) -> Iterator[tuple[GraphClien
         shutil.rmtree(base, ignore_errors=True)
 
 
-def measure_pairs(client: GraphClient, tag: str, samples: int, warmup: int) -> tuple[Stat, Stat]:
-    """Time ``blockdev-add`` + ``blockdev-del`` pairs of fresh nodes."""
-    adds: list[int] = []
-    dels: list[int] = []
-    for i in range(warmup + samples):
-        name = f"p{tag}x{i}"
-        add_ns = client.command(add_cmd(name))
-        del_ns = client.command(del_cmd(name))
-        if i >= warmup:
-            adds.append(add_ns)
-            dels.append(del_ns)
-    return Stat.of(adds), Stat.of(dels)
+@dataclass(slots=True)
+class Running:
+    """One started daemon under measurement."""
+
+    client: GraphClient
+    pid: int
+    figures: Figures = field(default_factory=Figures)
 
 
-def run_one(command: Sequence[str], args: argparse.Namespace) -> Figures:
-    """Start one daemon, grow its graph, measure at each size, stop it."""
-    figures = Figures()
-    with started(command, args.timeout) as (client, pid):
+def time_pair(client: GraphClient, name: str) -> tuple[int, int]:
+    """Round trips (ns) of ``blockdev-add`` then ``blockdev-del`` of a fresh node."""
+    return client.command(add_cmd(name)), client.command(del_cmd(name))
+
+
+def measure(daemons: Sequence[Running], args: argparse.Namespace) -> None:
+    """Run the workload on every daemon, interleaved phase by phase.
+
+    Only one daemon works at a time (no competition for CPU), but the pairs
+    alternate between the daemons in blocks of ``BLOCK`` and the queries one
+    by one, so that load from other processes on the machine drifts over
+    both alike and the ratios stay fair even when absolute figures move.
+    """
+    for d in daemons:
         # One untimed pair first so that code loaded on first use (Python
         # imports, QEMU's lazily initialised driver state) is not counted
         # as per-node memory.
-        measure_pairs(client, "w", 1, 0)
-        figures.rss_kib[0] = vm_rss_kib(pid)
-        have = 0
-        for size in args.sizes:
-            payload = b"".join(add_cmd(f"n{i}") for i in range(have, size))
+        time_pair(d.client, "w")
+        d.figures.rss_kib[0] = vm_rss_kib(d.pid)
+    have = 0
+    for size in args.sizes:
+        payload = b"".join(add_cmd(f"n{i}") for i in range(have, size))
+        for d in daemons:
             start = time.perf_counter()
-            client.pipeline(payload, size - have)
-            figures.build_ms[size] = (time.perf_counter() - start) * 1000.0
-            have = size
-            figures.rss_kib[size] = vm_rss_kib(pid)
-            add, delete = measure_pairs(client, str(size), args.samples, args.warmup)
-            figures.add[size] = add
-            figures.delete[size] = delete
-        times: list[int] = []
-        reply = b""
-        for _ in range(args.queries):
+            d.client.pipeline(payload, size - have)
+            d.figures.build_ms[size] = (time.perf_counter() - start) * 1000.0
+            d.figures.rss_kib[size] = vm_rss_kib(d.pid)
+        have = size
+        adds: list[list[int]] = [[] for _ in daemons]
+        dels: list[list[int]] = [[] for _ in daemons]
+        total = args.warmup + args.samples
+        for first in range(0, total, BLOCK):
+            for j, d in enumerate(daemons):
+                for i in range(first, min(first + BLOCK, total)):
+                    add_ns, del_ns = time_pair(d.client, f"p{size}x{i}")
+                    if i >= args.warmup:
+                        adds[j].append(add_ns)
+                        dels[j].append(del_ns)
+        for j, d in enumerate(daemons):
+            d.figures.add[size] = Stat.of(adds[j])
+            d.figures.delete[size] = Stat.of(dels[j])
+    times: list[list[int]] = [[] for _ in daemons]
+    for _ in range(args.queries):
+        for j, d in enumerate(daemons):
             start_ns = time.perf_counter_ns()
-            client.sock.sendall(QUERY_NODES)
-            reply = client.returns(1)
-            times.append(time.perf_counter_ns() - start_ns)
-        if args.queries:
-            figures.query_ms = statistics.median(times) / 1e6
-            figures.query_bytes = len(reply)
+            d.client.sock.sendall(QUERY_NODES)
+            reply = d.client.returns(1)
+            times[j].append(time.perf_counter_ns() - start_ns)
+            d.figures.query_bytes = len(reply)
             listed = reply.count(b'"node-name": "n')
             if listed != have:
                 raise RuntimeError(f"query-named-block-nodes listed {listed} of {have} nodes")
-    return figures
+    for j, d in enumerate(daemons):
+        if times[j]:
+            d.figures.query_ms = statistics.median(times[j]) / 1e6
+
+
+def run(commands: Sequence[Sequence[str]], args: argparse.Namespace) -> list[Figures]:
+    """Start the daemons, measure them side by side, stop them; their figures."""
+    with ExitStack() as stack:
+        daemons = [Running(*stack.enter_context(started(c, args.timeout))) for c in commands]
+        measure(daemons, args)
+        return [d.figures for d in daemons]
 
 
 def print_table(ref: Figures | None, cand: Figures | None, args: argparse.Namespace) -> None:
@@ -358,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         qmpgraph = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "qmpgraph"]
         qmpgraph.append("daemon")
-    ref = run_one([args.qsd], args) if args.only != "qmpgraph" else None
-    cand = run_one(qmpgraph, args) if args.only != "qsd" else None
+    commands = {"qsd": [args.qsd], "qmpgraph": qmpgraph}
+    chosen = [name for name in commands if args.only in (None, name)]
+    results = dict(zip(chosen, run([commands[n] for n in chosen], args), strict=True))
+    ref, cand = results.get("qsd"), results.get("qmpgraph")
 
     print_table(ref, cand, args)
     all_met = check_goals(ref, cand, args)
