@@ -107,21 +107,21 @@ class TransactionLog:
     """
 
     def __init__(self, target: str | Path | Sink, *, name_seed: int) -> None:
-        self._file: BinaryIO | None = None
+        self._out: BinaryIO | None = None
         if callable(target):
             self._sink: Sink = target
         else:
-            self._file = open(target, "ab")  # noqa: SIM115 (lives as long as the daemon)
+            self._out = open(target, "ab")  # noqa: SIM115 (lives as long as the daemon)
             self._sink = self._write_file
         self.seq = 0
         self._emit({HEADER_KEY: FORMAT_VERSION, "name-seed": name_seed})
 
     def _write_file(self, line: bytes) -> None:
-        if self._file is None:
+        if self._out is None:
             return  # closed at daemon stop; a straggling command is not logged
-        self._file.write(line)
+        self._out.write(line)
         # One flush per line: a crash loses at most the transaction in flight.
-        self._file.flush()
+        self._out.flush()
 
     def _emit(self, obj: dict[str, Any]) -> None:
         self._sink(orjson.dumps(obj, default=repr) + b"\n")
@@ -150,9 +150,9 @@ class TransactionLog:
 
     def close(self) -> None:
         """Close the file (a sink needs no closing)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
 @dataclass(frozen=True, slots=True)
