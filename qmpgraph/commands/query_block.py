@@ -38,7 +38,7 @@ from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_child, filter_or_cow_child
 from qmpgraph.graph.model import BlockBackend, Edge, Job, Node
 from qmpgraph.graph.perms import OpenFlag, Role, perm_qapi_names
-from qmpgraph.protocol.qjson import dumps
+from qmpgraph.protocol.qjson import RawJSON, dumps
 
 _PATH_MAX = 4096  # sizeof(bs->filename): QEMU truncates longer names
 _SECTOR = 512
@@ -58,6 +58,12 @@ _STRONG = {
 # Drivers whose .bdrv_refresh_filename copies the file child's exact filename.
 _COPY_CHILD_FILENAME = frozenset({"copy-before-write", "snapshot-access"})
 # Drivers whose .bdrv_get_info succeeds on their own (others delegate or fail).
+# Plain ints: IntFlag arithmetic costs microseconds per use, times every node.
+_NOCACHE = int(OpenFlag.NOCACHE)
+_NO_FLUSH = int(OpenFlag.NO_FLUSH)
+_NO_IO = int(OpenFlag.NO_IO)
+_PRIMARY = int(Role.PRIMARY)
+_ALLOCATED_ROLES = int(Role.DATA | Role.METADATA | Role.FILTERED)
 _QCOW2_COMPAT_LAZY = 1
 _QCOW2_INCOMPAT_DIRTY = 1
 _QCOW2_INCOMPAT_CORRUPT = 2
@@ -99,12 +105,20 @@ def _cached(node: Node, compute: Any) -> Any:
     return value
 
 
+# The serialized BlockDeviceInfo of each node (per ``flat``), reused while the
+# freshly built info compares equal: a dict comparison is far cheaper than
+# writing QEMU's JSON again for thousands of unchanged nodes.
+_texts: dict[tuple[int, bool], RawJSON] = {}
+
+
 def _prune_static(graph: BlockGraph) -> None:
-    """Forget facts of deleted nodes once the cache outgrows the graph."""
-    if len(_static) > 2 * len(graph) + 64:
+    """Forget facts and texts of deleted nodes once the caches outgrow the graph."""
+    if len(_static) > 2 * len(graph) + 64 or len(_texts) > 4 * len(graph) + 64:
         live = {n.id for n in graph.named_nodes_oldest_first()}
         for key in [k for k in _static if k not in live]:
             del _static[key]
+        for tkey in [k for k in _texts if k[0] not in live]:
+            del _texts[tkey]
 
 
 def _file_facts(node: Node) -> _FileFacts:
@@ -219,7 +233,7 @@ class _Query:
             assert child is not None
             return self.names[child.id]
         overridden = self._backing_overridden(node)
-        if node.open_flags & OpenFlag.NO_IO:
+        if int(node.open_flags) & _NO_IO:
             overridden = False
         opts: dict[str, Any] = {"driver": drv}
         if "filename" in node.options:
@@ -326,7 +340,7 @@ def _with_backing_image(info: dict[str, Any], below: dict[str, Any]) -> dict[str
 def _primary_child(node: Node) -> Node | None:
     """bdrv_primary_bs: the child of the PRIMARY edge."""
     for edge in node.children:
-        if edge.role & Role.PRIMARY:
+        if int(edge.role) & _PRIMARY:
             return edge.child
     return None
 
@@ -364,8 +378,9 @@ def _allocated(node: Node) -> int | None:
             if edge is not None and edge.child is not None:
                 stack.append(edge.child)
         else:
-            mask = Role.DATA | Role.METADATA | Role.FILTERED
-            stack.extend(e.child for e in cur.children if e.child is not None and e.role & mask)
+            stack.extend(
+                e.child for e in cur.children if e.child is not None and e.role & _ALLOCATED_ROLES
+            )
     return total
 
 
@@ -453,13 +468,14 @@ def block_device_info(node: Node, flat: bool, query: _Query) -> dict[str, Any]:
     info["backing_file_depth"] = depth
     info["encrypted"] = False
     info["detect_zeroes"] = node.detect_zeroes
-    for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):
-        info[key] = 0
+    info["bps"] = info["bps_rd"] = info["bps_wr"] = 0
+    info["iops"] = info["iops_rd"] = info["iops_wr"] = 0
     info["image"] = query.image(node, flat)
+    flags = int(node.open_flags)
     info["cache"] = {
         "writeback": True,
-        "direct": bool(node.open_flags & OpenFlag.NOCACHE),
-        "no-flush": bool(node.open_flags & OpenFlag.NO_FLUSH),
+        "direct": bool(flags & _NOCACHE),
+        "no-flush": bool(flags & _NO_FLUSH),
     }
     info["write_threshold"] = 0
     bitmaps = _dirty_bitmaps(node)
@@ -504,19 +520,27 @@ def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
         out += [_bitmap(size, gran), _bitmap(0, gran)]
     for edge in node.parents:
         parent = edge.parent
-        if isinstance(parent, Node) and parent.format_name == "copy-before-write":
-            if edge.name == "file":
-                out.append(_bitmap(_length(node), _cbw_granularity(parent)))
+        is_cbw = isinstance(parent, Node) and parent.format_name == "copy-before-write"
+        if is_cbw and edge.name == "file":
+            assert isinstance(parent, Node)
+            out.append(_bitmap(_length(node), _cbw_granularity(parent)))
     return out
 
 
 @command("query-named-block-nodes")
-def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    """One BlockDeviceInfo per named node, newest first."""
+def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[RawJSON]:
+    """One BlockDeviceInfo per named node, newest first (each as cached ``RawJSON``)."""
     graph = ctx.daemon.graph
     flat = bool(args.get("flat", False))
     query = _Query()
-    out = [block_device_info(n, flat, query) for n in graph.named_nodes_newest_first()]
+    out: list[RawJSON] = []
+    for node in graph.named_nodes_newest_first():
+        info = block_device_info(node, flat, query)
+        key = (node.id, flat)
+        raw = _texts.get(key)
+        if raw is None or raw.value != info:
+            raw = _texts[key] = RawJSON(info)
+        out.append(raw)
     _prune_static(graph)
     return out
 

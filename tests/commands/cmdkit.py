@@ -12,7 +12,19 @@ from qmpgraph.commands.dispatcher import Dispatcher
 from qmpgraph.daemon import Daemon
 from qmpgraph.graph.digest import graph_digest
 from qmpgraph.graph.invariants import check_invariants
+from qmpgraph.protocol.qjson import RawJSON
 from qmpgraph.protocol.session import QMPSession
+
+
+def plain(value: Any) -> Any:
+    """``value`` with cached ``RawJSON`` parts replaced by the values they hold."""
+    if isinstance(value, RawJSON):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 class Client:
@@ -48,7 +60,7 @@ class Client:
         """Run a command that must succeed; its return value."""
         reply = self.run(command, arguments)
         assert "return" in reply, reply
-        return reply["return"]
+        return plain(reply["return"])
 
     def fails(self, command: str, arguments: dict[str, Any], desc: str) -> None:
         """Run a command that must fail with ``desc`` and leave the graph unchanged."""
