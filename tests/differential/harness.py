@@ -41,12 +41,14 @@ How replies are collected
 =========================
 
 Each step's bytes go to both daemons at once. For qemu-storage-daemon the
-step ends when the connection has been quiet for a short window; when the
-step is a complete ``{"execute": ...}`` object on a clean stream, the harness
-first waits for the first reply (so a slow command is not cut short) and then
-only for a shorter settle window. qmpgraph is then read until it has sent as
-many messages as QEMU did (and closed the connection if QEMU did), with a
-timeout, and watched briefly for anything extra.
+step ends once the connection, after a first message, has been quiet for a
+settle window (``QMPGRAPH_DIFF_SETTLE_MS``, 100); a step with no reply ends
+after the quiet window. When the step is a complete ``{"execute": ...}``
+object on a clean stream, a reply is certain, so the harness waits for it as
+long as it takes (up to 10 s), and a slow command is not cut short.
+qmpgraph is then read until it has sent as many messages as QEMU did (and
+closed the connection if QEMU did), with a timeout, and watched briefly for
+anything extra.
 
 A transcript is the greeting plus each step's messages (raw bytes split after
 each CRLF, so framing and formatting differences show), whether the daemon
@@ -319,6 +321,10 @@ class _Connection:
             if not data:
                 return
 
+    def pending(self) -> bytes:
+        """The bytes received since the last ``take`` (call under the lock)."""
+        return self._buf
+
     def complete_messages(self) -> int:
         """How many CRLF-terminated messages are buffered."""
         return self._buf.count(b"\r\n")
@@ -456,8 +462,8 @@ class DaemonRun:
             if expects_reply:
                 conn.wait(lambda: conn.complete_messages() > 0 or conn.closed, REPLY_TIMEOUT)
                 conn.wait_quiet(SETTLE, REPLY_TIMEOUT)
-            else:
-                conn.wait_quiet(quiet, REPLY_TIMEOUT)
+            elif conn.wait(lambda: bool(conn.pending()) or conn.closed, quiet):
+                conn.wait_quiet(SETTLE, REPLY_TIMEOUT)
             record.messages, record.closed = conn.take()
         self.transcript.records.append(record)
         return record

@@ -4,7 +4,7 @@ The harness and the script format are described in ``harness.py``.
 
 Runs spend most of their time waiting for quiet windows, so the selected
 scripts all start at once on a small thread pool (``QMPGRAPH_DIFF_JOBS``,
-default 4); each test then reports its own script's result.
+default 8); each test then reports its own script's result.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from harness import Result, load_script, run_differential, script_paths
 
 SCRIPTS = script_paths()
-JOBS = int(os.environ.get("QMPGRAPH_DIFF_JOBS", "4"))
+JOBS = int(os.environ.get("QMPGRAPH_DIFF_JOBS", "8"))
 
 
 @pytest.fixture(scope="module")
