@@ -73,7 +73,59 @@ def _escape_char(match: re.Match[str]) -> str:
 
 def quote(text: str) -> str:
     """A JSON string literal as QEMU writes it."""
+    # Fast path: printable ASCII without quote or backslash needs no escaping
+    # (isprintable() is False for control characters and DEL).
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
     return '"' + _NEEDS_ESCAPE.sub(_escape_char, text) + '"'
+
+
+@lru_cache(maxsize=4096)
+def _compact_layout(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """For one key set: each key in output order with the text written before its value."""
+    ordered = qdict_order(list(keys))
+    return tuple(
+        (key, ("{" if i == 0 else ", ") + quote(key) + ": ") for i, key in enumerate(ordered)
+    )
+
+
+def _write_compact(obj: Any, out: list[str]) -> None:
+    """``_write`` for compact output, dispatching on exact types (the hot path).
+
+    Key order is cached per key set, so replies built from the same shapes
+    (node infos, edges) pay for hashing and sorting once.
+    """
+    t = type(obj)
+    if t is str:
+        out.append(quote(obj))
+    elif t is dict:
+        if not obj:
+            out.append("{}")
+            return
+        for key, prefix in _compact_layout(tuple(obj)):
+            out.append(prefix)
+            _write_compact(obj[key], out)
+        out.append("}")
+    elif t is int:
+        out.append(str(obj))
+    elif t is bool:
+        out.append("true" if obj else "false")
+    elif obj is None:
+        out.append("null")
+    elif t is list:
+        if not obj:
+            out.append("[]")
+            return
+        out.append("[")
+        first = True
+        for item in obj:
+            if not first:
+                out.append(", ")
+            first = False
+            _write_compact(item, out)
+        out.append("]")
+    else:
+        _write(obj, out, False, 0)
 
 
 def format_float(value: float) -> str:
@@ -192,7 +244,10 @@ def _write_deep(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
 def _write_any(obj: Any, out: list[str], pretty: bool, indent: int) -> None:
     start = len(out)
     try:
-        _write(obj, out, pretty, indent)
+        if pretty:
+            _write(obj, out, pretty, indent)
+        else:
+            _write_compact(obj, out)
     except RecursionError:
         del out[start:]
         _write_deep(obj, out, pretty, indent)
