@@ -26,7 +26,7 @@ picks it up automatically. One step per line::
 * ``#! monitor:`` options appended to the harness's ``--monitor qmp``
   (e.g. ``pretty=on``).
 * ``#! xfail:`` the reason qmpgraph is known not to match yet; the test is
-  then reported as xfail (XPASS once it matches: remove the line then).
+  then reported as xfail, and fails once it matches (remove the line then).
 * ``#! quiet:`` milliseconds of silence that end a step which is not a plain
   command (default ``QMPGRAPH_DIFF_QUIET_MS`` or 200).
 * ``> text`` sends ``text`` plus ``"\\n"``.
