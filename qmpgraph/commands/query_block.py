@@ -39,6 +39,7 @@ from qmpgraph.graph.graph import BlockGraph, cow_child, filter_child, filter_or_
 from qmpgraph.graph.model import BlockBackend, Edge, Job, Node
 from qmpgraph.graph.perms import OpenFlag, Role, perm_qapi_names
 from qmpgraph.protocol.qjson import RawJSON, dumps
+from qmpgraph.transactions.engine import mutation_epoch
 
 _PATH_MAX = 4096  # sizeof(bs->filename): QEMU truncates longer names
 _SECTOR = 512
@@ -93,6 +94,23 @@ class _Qcow2Facts:
 
 
 _static: dict[int, tuple[object, Any]] = {}
+
+
+# A file's size and allocation are read again by every query (QEMU stats the
+# file each time; another process may have written to it). Within one query
+# they are read once per file node, and remembered so that a repeated query on
+# an unchanged graph can check, file by file, that its cached reply still holds.
+_stats_this_query: dict[int, tuple[Node, _FileFacts]] = {}
+
+
+def _file_facts_now(node: Node) -> _FileFacts:
+    """The file node's stat facts, read once per query."""
+    hit = _stats_this_query.get(node.id)
+    if hit is not None and hit[0] is node:
+        return hit[1]
+    facts = _file_facts(node)
+    _stats_this_query[node.id] = (node, facts)
+    return facts
 
 
 def _cached(node: Node, compute: Any) -> Any:
@@ -348,8 +366,7 @@ def _primary_child(node: Node) -> Node | None:
 def _length(node: Node) -> int:
     """bdrv_getlength: the size rounded up to whole sectors."""
     if node.format_name == "file":
-        facts: _FileFacts = _cached(node, _file_facts)
-        size = facts.size
+        size = _file_facts_now(node).size
     elif node.state is None and node.file is not None and node.file.child is not None:
         size = _length(node.file.child)
     elif node.driver is not None:
@@ -367,8 +384,7 @@ def _allocated(node: Node) -> int | None:
         cur = stack.pop()
         drv = cur.format_name
         if drv == "file":
-            facts: _FileFacts = _cached(cur, _file_facts)
-            total += facts.allocated
+            total += _file_facts_now(cur).allocated
         elif drv in ("null-co", "null-aio"):
             continue
         elif drv in _PROTOCOLS or cur.driver is None:
@@ -532,6 +548,17 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
     """One BlockDeviceInfo per named node, newest first (each as cached ``RawJSON``)."""
     graph = ctx.daemon.graph
     flat = bool(args.get("flat", False))
+    reply_key = (id(graph), flat)
+    cached = _replies.get(reply_key)
+    if (
+        cached is not None
+        and cached.graph is graph
+        and cached.epoch == mutation_epoch()
+        and all(_file_facts(node) == facts for node, facts in cached.files)
+    ):
+        # Nothing that the reply is made of changed since it was built.
+        return cached.reply
+    _stats_this_query.clear()
     query = _Query()
     out: list[RawJSON] = []
     for node in graph.named_nodes_newest_first():
@@ -542,7 +569,26 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
             raw = _texts[key] = RawJSON(info)
         out.append(raw)
     _prune_static(graph)
+    files = tuple(_stats_this_query.values())
+    _stats_this_query.clear()
+    _replies[reply_key] = _Reply(graph, mutation_epoch(), files, out)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """A built query-named-block-nodes reply and what it depends on."""
+
+    graph: BlockGraph
+    #: ``mutation_epoch()`` when it was built: any graph change since
+    #: invalidates it.
+    epoch: int
+    #: Every file node read while building it, with the facts read then.
+    files: tuple[tuple[Node, _FileFacts], ...]
+    reply: list[RawJSON]
+
+
+_replies: dict[tuple[int, bool], _Reply] = {}
 
 
 # -- x-debug-query-block-graph ----------------------------------------------------

@@ -28,6 +28,18 @@ from typing import Any, ClassVar
 
 from qmpgraph.graph.model import BlockBackend, Edge, Job, Node
 
+_epoch = 0
+
+
+def mutation_epoch() -> int:
+    """A process-wide counter that moves whenever any graph change is registered.
+
+    Every change to a graph is registered with ``Transaction.add``, so a value
+    computed from a graph (a cached query reply) is still valid while this
+    counter has not moved.
+    """
+    return _epoch
+
 
 class InjectedFault(Exception):
     """Raised by a transaction's fault-injection hook (tests only)."""
@@ -114,6 +126,8 @@ class Transaction:
         """Register an undo record for a change already made."""
         if self.state is not TxnState.OPEN:
             raise RuntimeError(f"transaction is {self.state.value}")
+        global _epoch  # noqa: PLW0603 (one process-wide counter, read via mutation_epoch)
+        _epoch += 1
         self._actions.append(action)
         index = self.added
         self.added += 1

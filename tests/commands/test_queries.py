@@ -13,8 +13,8 @@ from cmdkit import Client
 from test_blockdev import qcow2
 
 from qmpgraph.graph.model import BlockBackend, Job
-from qmpgraph.graph.perms import Perm, Role
-from qmpgraph.transactions.actions import add_root_parent
+from qmpgraph.graph.perms import OpenFlag, Perm, Role
+from qmpgraph.transactions.actions import add_root_parent, set_open_flags
 from qmpgraph.transactions.composite import root_attach
 from qmpgraph.transactions.engine import Transaction
 
@@ -137,3 +137,25 @@ def test_file_facts_follow_the_node_state(tmp_path: Path) -> None:
     img.write_bytes(bytes(5000))
     c.ok("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
     assert c.ok("query-named-block-nodes")[0]["image"]["virtual-size"] == 5120
+
+
+def test_repeated_query_sees_graph_and_file_changes(tmp_path: Path) -> None:
+    """The cached reply is reused only while neither the graph nor a file changed."""
+    c = Client()
+    img = tmp_path / "disk.raw"
+    img.write_bytes(b"\0" * 512)
+    c.ok("blockdev-add", {"driver": "file", "node-name": "f0", "filename": str(img)})
+    first = c.ok("query-named-block-nodes")
+    assert c.ok("query-named-block-nodes") == first
+    # Another process writes to the image: QEMU stats the file on every query.
+    with img.open("ab") as f:
+        f.write(b"x" * 65536)
+    grown = c.ok("query-named-block-nodes")
+    assert grown[0]["image"]["virtual-size"] == 512 + 65536
+    # A graph change made directly through the engine, not through a command.
+    node = c.daemon.graph.lookup("f0")
+    assert node is not None
+    with Transaction() as tran:
+        set_open_flags(tran, node, int(node.open_flags) & ~int(OpenFlag.RDWR))
+    after = c.ok("query-named-block-nodes")
+    assert [grown[0]["ro"], after[0]["ro"]] == [False, True]
