@@ -1,10 +1,12 @@
 """``qmpgraph``: the command line. Thin: it parses and calls the library.
 
 ``qmpgraph daemon [qemu-storage-daemon options]`` runs the daemon and takes
-qsd 7.2's own syntax (see ``qmpgraph.cmdline``); with no options at all it
-listens on the default QMP socket (``default_socket_path()``). Every other
-subcommand is an ``argparse`` subparser: add one in ``_subcommands`` with a
-function taking the parsed namespace and returning the exit status.
+qsd 7.2's own syntax (see ``qmpgraph.cmdline``), plus qmpgraph's
+``--transaction-log PATH``; with no qsd options at all it listens on the
+default QMP socket (``default_socket_path()``). ``qmpgraph replay PATH``
+hands its arguments to ``qmpgraph.replay.main``. Every other subcommand is
+an ``argparse`` subparser: add one in ``_subcommands`` with a function
+taking the parsed namespace and returning the exit status.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TextIO
 
 import trio
 
-from qmpgraph import __version__
+from qmpgraph import __version__, replay
 from qmpgraph.cmdline.errors import CmdlineError
 from qmpgraph.cmdline.qsd import PROG, Exit, pre_pass, process_options
 from qmpgraph.daemon import Daemon
@@ -42,11 +44,17 @@ def run_daemon_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     daemonizer = Daemonizer()
     if pre.daemonize:
         daemonizer.start()
-    startup = Startup()
+    try:
+        daemon = Daemon(transaction_log=pre.transaction_log)
+    except OSError as e:
+        err.write(f"{PROG}: --transaction-log {pre.transaction_log}: {e.strerror}\n")
+        err.flush()
+        return 1
+    startup = Startup(daemon)
     pidfile: PidFile | None = None
     try:
         process_options(argv, startup, out, err)
-        if not argv:
+        if not pre.qsd_options:
             path = default_socket_path()
             try:
                 startup.add_default_monitor(path)
@@ -66,12 +74,18 @@ def run_daemon_command(argv: list[str], out: TextIO, err: TextIO) -> int:
                 raise Exit(1) from None
     except Exit as e:
         startup.close()
+        daemon.stop()
         return e.status
     except KeyboardInterrupt:
         startup.close()
+        daemon.stop()
         return 1
+    except BaseException:
+        # A bug: still, no socket file or open log may outlive start-up.
+        startup.close()
+        daemon.stop()
+        raise
     daemonizer.done()
-    daemon = Daemon()
     try:
         trio.run(partial_serve, startup, daemon)
     except KeyboardInterrupt:
@@ -79,6 +93,8 @@ def run_daemon_command(argv: list[str], out: TextIO, err: TextIO) -> int:
         pass
     finally:
         startup.close()
+        if daemon.transaction_log is not None:
+            daemon.transaction_log.close()
         if pidfile is not None:
             pidfile.remove()
     return 0
@@ -96,6 +112,11 @@ def _subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="run the daemon; takes qemu-storage-daemon's options (see `qmpgraph daemon -h`)",
         add_help=False,
     )
+    sub.add_parser(
+        "replay",
+        help="replay a transaction log against a fresh engine (see `qmpgraph replay -h`)",
+        add_help=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "daemon":
         # qsd's syntax, not argparse's: handed over verbatim.
         return run_daemon_command(args[1:], sys.stdout, sys.stderr)
+    if args and args[0] == "replay":
+        return replay.main(args[1:])
     parser = argparse.ArgumentParser(
         prog="qmpgraph", description="A QEMU-exact stand-in for qemu-storage-daemon's QMP."
     )

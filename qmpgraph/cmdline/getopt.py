@@ -24,11 +24,17 @@ NONOPTION = ""
 
 @dataclass(frozen=True, slots=True)
 class OptSpec:
-    """One option: its long name, its short letter (if any), whether it takes an argument."""
+    """One option: its long name, its short letter (if any), whether it takes an argument.
+
+    ``exact`` options match only when spelled in full: qmpgraph's own
+    options use it so that they never make an abbreviation qsd accepts
+    ambiguous (``--tr`` stays ``--trace``).
+    """
 
     name: str
     short: str | None
     has_arg: bool
+    exact: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +57,7 @@ def _long(specs: Sequence[OptSpec], argv: Sequence[str], i: int) -> tuple[Opt | 
     body = word[2:]
     name, eq, value = body.partition("=")
     exact = [s for s in specs if s.name == name]
-    found = exact or [s for s in specs if s.name.startswith(name)]
+    found = exact or [s for s in specs if s.name.startswith(name) and not s.exact]
     if not found:
         return CmdlineError(f"unrecognized option '{word}'"), i + 1
     if len(found) > 1:

@@ -8,6 +8,11 @@ else in order, each option fully (parsed *and* acted on) before the next is
 read: an option can refer only to what an earlier one created, and the
 first failure, whatever its kind, is the one reported.
 
+qmpgraph adds one option of its own, ``--transaction-log PATH``: matched
+only when spelled in full (so no qsd abbreviation becomes ambiguous) and
+taken in the first pass, since the daemon's log must exist before the first
+``--blockdev`` runs.
+
 ``process_options`` does the parsing and the bookkeeping QEMU does in its
 registries (chardev ids, which chardev a monitor uses); it hands every
 accepted option to an ``Applier`` (the server's start-up), which does the
@@ -63,8 +68,10 @@ OPTIONS = (
     OptSpec("pidfile", None, True),
     OptSpec("trace", "T", True),
     OptSpec("version", "V", False),
+    # qmpgraph's own: matched only in full, handled in the pre-pass.
+    OptSpec("transaction-log", None, True, exact=True),
 )
-_PRE_PASS = frozenset({"help", "version", "daemonize", "pidfile"})
+_PRE_PASS = frozenset({"help", "version", "daemonize", "pidfile", "transaction-log"})
 
 
 class Exit(Exception):
@@ -161,6 +168,13 @@ qmpgraph: the QMP block-graph control plane of the QEMU storage daemon
 
   --pidfile <path>       write process ID to a file after startup
 
+qmpgraph extensions (spelled in full, never abbreviated):
+
+  --transaction-log <path>
+                         append every block-graph transaction (including
+                         those of --blockdev) to <path> as JSON Lines, for
+                         audit and `qmpgraph replay <path>`
+
 With no options at all, a QMP monitor listens on $XDG_RUNTIME_DIR/qmpgraph.sock
 (or /tmp/qmpgraph.sock).
 """
@@ -172,6 +186,10 @@ class PrePass:
 
     daemonize: bool = False
     pidfile: str | None = None
+    #: ``--transaction-log PATH`` (qmpgraph's extension; the last one wins).
+    transaction_log: str | None = None
+    #: Whether any qsd option (anything but qmpgraph's own) was given.
+    qsd_options: bool = False
 
 
 def _error(err: TextIO, msg: str, location: str | None = None) -> None:
@@ -190,6 +208,8 @@ def pre_pass(argv: list[str], out: TextIO, err: TextIO) -> PrePass:
         if isinstance(opt, CmdlineError):
             _error(err, opt.msg)
             raise Exit(1)
+        if opt.name != "transaction-log":
+            result.qsd_options = True
         if opt.name not in _PRE_PASS:
             continue
         if opt.name == "help":
@@ -204,6 +224,8 @@ def pre_pass(argv: list[str], out: TextIO, err: TextIO) -> PrePass:
             result.daemonize = True
         elif opt.name == "pidfile":
             result.pidfile = opt.arg
+        elif opt.name == "transaction-log":
+            result.transaction_log = opt.arg
     return result
 
 

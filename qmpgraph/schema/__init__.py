@@ -7,7 +7,9 @@ returns holds:
 
 * the replay of QEMU's input visitor (``visitor``): every command's
   arguments go through it; it decides exactly as QEMU and words QEMU's first
-  error (and costs well under 10 microseconds for typical arguments);
+  error (and costs well under 10 microseconds for typical arguments); its
+  keyval flavour (``keyval_visitor``) types command-line options such as
+  ``--blockdev`` written in keyval syntax;
 * one compiled JSON Schema validator per command (``jsonschemas``), built at
   start-up: an independent, stricter cross-check (tests) and an export;
 * the ``query-qmp-schema`` reply for the implemented commands (``introspect``),
@@ -28,6 +30,7 @@ from typing import Any
 from qmpgraph.protocol.qjson import RawJSON
 from qmpgraph.schema.introspect import qemu_key_order, restrict
 from qmpgraph.schema.jsonschemas import compile_validators
+from qmpgraph.schema.keyval_visitor import visit_keyval
 from qmpgraph.schema.types import ObjectType, build_types
 from qmpgraph.schema.visitor import visit_arguments
 
@@ -68,6 +71,11 @@ class Schema:
             # checks its own arguments (and is absent from introspection).
             return args
         return visit_arguments(arg_type, args)
+
+    def validate_keyval_arguments(self, command: str, tree: dict[str, Any]) -> dict[str, Any]:
+        """Keyval ``tree`` (string leaves, e.g. ``--blockdev``'s) as typed arguments
+        of ``command``, by QEMU's keyval input visitor (``keyval_visitor``)."""
+        return visit_keyval(self._arg_types[command], tree)
 
     def json_schema(self, command: str) -> Any:
         """The compiled JSON Schema validator of ``command``'s arguments

@@ -1,4 +1,5 @@
-"""Start-up I/O, before the event loop: chardev sockets, pidfile, daemonizing.
+"""Start-up I/O, before the event loop: chardev sockets, block nodes, pidfile,
+daemonizing.
 
 This is the ``Applier`` that ``qmpgraph.cmdline.qsd.process_options`` hands
 each accepted option to. It runs synchronously (plain ``socket``), so that
@@ -13,6 +14,9 @@ connects out; the pidfile is created and ``fcntl``-locked after all options
 succeeded, holds ``PID\\n``, and is removed on exit; ``--daemonize`` forks
 twice and the parent's exit status says whether start-up succeeded.
 Unlike QEMU, sockets created by a start-up that then fails are removed.
+``--blockdev`` adds its node to the ``Daemon`` at once, through the same
+``blockdev-add`` handler QMP uses (``add_blockdev``), so a later option can
+refer to it and an earlier one cannot.
 """
 
 from __future__ import annotations
@@ -27,14 +31,21 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
+import qmpgraph.commands  # noqa: F401 (registers blockdev-add for --blockdev)
 from qmpgraph.cmdline.chardev import ChardevSpec, MonitorSpec
 from qmpgraph.cmdline.errors import CmdlineError
 from qmpgraph.cmdline.qsd import OptionArgs, ReportFn
+from qmpgraph.commands.context import CommandContext
+from qmpgraph.commands.registry import REGISTRY
+from qmpgraph.daemon import Daemon
+from qmpgraph.errors import QMPError
+from qmpgraph.protocol.session import QMPSession
 
 __all__ = [
     "Daemonizer",
     "PreparedMonitor",
     "Startup",
+    "add_blockdev",
     "bind_unix",
     "remove_socket",
     "write_pidfile",
@@ -164,14 +175,38 @@ def _waiting_for(spec: ChardevSpec) -> str:
     return f"info: QEMU waiting for connection on: disconnected:{where},server=on"
 
 
-class Startup:
-    """The ``Applier``: creates chardevs and collects monitors and options."""
+def add_blockdev(daemon: Daemon, args: OptionArgs) -> None:
+    """``--blockdev``: QMP ``blockdev-add`` on ``daemon``, as qsd runs it.
 
-    def __init__(self) -> None:
+    The option's tree goes through QEMU's keyval input visitor (keyval form)
+    or the QMP one (JSON form), then through the registered ``blockdev-add``
+    handler: one graph transaction, the top node monitor-owned, logged like
+    a QMP command. Raises ``CmdlineError`` with QEMU's message.
+    """
+    schema = daemon.schema
+    try:
+        if args.keyval:
+            typed = schema.validate_keyval_arguments("blockdev-add", args.options)
+        else:
+            typed = schema.validate_arguments("blockdev-add", args.options)
+        # The handler needs a session; no client is involved at start-up.
+        session = QMPSession(daemon.greeting())
+        session.accept_capabilities([])
+        REGISTRY["blockdev-add"].handler(CommandContext(daemon, session), typed)
+    except QMPError as exc:
+        raise CmdlineError(exc.desc) from None
+
+
+class Startup:
+    """The ``Applier``: creates chardevs, block nodes (on ``daemon``), and
+    collects monitors and options."""
+
+    def __init__(self, daemon: Daemon | None = None) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.monitors: list[PreparedMonitor] = []
-        #: --blockdev/--export/--nbd-server/--object, in order, for the
-        #: start-up hook (see ``option``).
+        #: The daemon ``--blockdev`` adds nodes to (None: refused).
+        self.daemon = daemon
+        #: --blockdev/--export/--nbd-server/--object, in order.
         self.options: list[OptionArgs] = []
         # Sockets of a chardev whose id turned out to be a duplicate.
         self._orphans: list[Endpoint] = []
@@ -212,13 +247,12 @@ class Startup:
         self.monitors.append(PreparedMonitor(ep.listener, ep.connections, spec.pretty, desc))
 
     def option(self, args: OptionArgs) -> None:
-        """--blockdev, --export, --nbd-server, --object: parsed, not yet run.
-
-        HOOK: when blockdev-add and friends exist, run them here, in order,
-        with ``args.options`` (``args.keyval`` says its leaves are keyval
-        strings still to be converted by QEMU's keyval input visitor rules).
-        """
+        """--blockdev runs now (``add_blockdev``); --export, --nbd-server and
+        --object are refused (not implemented yet)."""
         self.options.append(args)
+        if args.option == "blockdev" and self.daemon is not None:
+            add_blockdev(self.daemon, args)
+            return
         raise CmdlineError(f"--{args.option} is not supported yet by qmpgraph")
 
     def add_default_monitor(self, path: str) -> PreparedMonitor:
