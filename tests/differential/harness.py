@@ -56,7 +56,9 @@ closed the connection, and at the end whether the process is still alive or
 its exit status. A daemon that exits before accepting the connection (a
 command-line error) is compared by exit status and stderr, with the leading
 program name normalized. Normalized, and nothing else: event timestamps, the
-``package`` string, auto node-name digits (``#block123`` -> ``#blockN``) and
+``package`` string, the two random digits that end an auto node name
+(``#block123`` -> ``#block1RR``: the counter before them is deterministic
+and stays compared) and
 the temporary directory (``$TMP``).
 """
 
@@ -254,7 +256,8 @@ class Transcript:
 _TIMESTAMP = re.compile(rb'"timestamp":\s*\{[^{}]*\}')
 _DIGITS = re.compile(rb"-?\d+")
 _PACKAGE = re.compile(rb'("package":\s*)"(?:[^"\\]|\\.)*"')
-_AUTO_NODE = re.compile(rb"#block\d+")
+# '#block' + the process-wide counter + two random digits (QEMU's id_generate).
+_AUTO_NODE = re.compile(rb"#block(\d*)\d\d")
 _PROG = re.compile(r"^\S*(?:qemu-storage-daemon|qmpgraph): ")
 
 
@@ -263,7 +266,7 @@ def normalize(message: bytes, tmp: str) -> bytes:
     message = message.replace(tmp.encode(), b"$TMP")
     message = _TIMESTAMP.sub(lambda m: _DIGITS.sub(b"N", m.group(0)), message)
     message = _PACKAGE.sub(rb'\1"<package>"', message)
-    return _AUTO_NODE.sub(b"#blockN", message)
+    return _AUTO_NODE.sub(rb"#block\1RR", message)
 
 
 def _render_message(message: bytes) -> str:

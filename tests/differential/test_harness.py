@@ -71,8 +71,11 @@ def test_normalize_only_random_parts() -> None:
     )
     assert normalize(event, TMP) == (
         b'{"timestamp": {"seconds": N, "microseconds": N}, '
-        b'"event": "X", "data": {"node": "#blockN", "file": "$TMP/a"}}\r\n'
+        b'"event": "X", "data": {"node": "#block1RR", "file": "$TMP/a"}}\r\n'
     )
+    # The counter stays compared: only the last two digits are random.
+    assert normalize(b'"#block080"', TMP) == b'"#block0RR"'
+    assert normalize(b'"#block1299"', TMP) == b'"#block12RR"'
     version = b'{"return": {"package": "Debian 1:7.2 \\"x\\""}, "id": 5}\r\n'
     assert normalize(version, TMP) == b'{"return": {"package": "<package>"}, "id": 5}\r\n'
     other = b'{"return": {"seconds": 1, "name": "block1"}}\r\n'
