@@ -5,15 +5,23 @@ The data in ``data/`` is generated from the installed qemu-storage-daemon by
 integer widths are recovered). ``load()`` reads it once; the ``Schema`` it
 returns holds:
 
-* the replay of QEMU's input visitor (``visitor``): every command's
-  arguments go through it; it decides exactly as QEMU and words QEMU's first
-  error (and costs well under 10 microseconds for typical arguments); its
-  keyval flavour (``keyval_visitor``) types command-line options such as
+* one ``jsonschema`` validator per command (``jsonschemas``), compiled at
+  start-up: the gate every command's arguments pass before any handler runs
+  (2-12 microseconds for typical arguments);
+* the replay of QEMU's input visitor (``visitor``), consulted only when the
+  gate refuses: it words QEMU's first error in QEMU's order, or returns the
+  arguments as QEMU would in fact take them (negative unsigned values wrapped);
+  its keyval flavour (``keyval_visitor``) types command-line options such as
   ``--blockdev`` written in keyval syntax;
-* one compiled JSON Schema validator per command (``jsonschemas``), built at
-  start-up: an independent, stricter cross-check (tests) and an export;
 * the ``query-qmp-schema`` reply for the implemented commands (``introspect``),
   serialized once.
+
+The flow of ``validate_arguments``: validator accepts -> the arguments are
+passed on as they are (the JSON Schema is never looser than QEMU, so QEMU
+would pass them unchanged); validator refuses -> the visitor decides. The
+result is QEMU's decision either way: a refusal the visitor overrules costs
+time, never correctness. ``{}`` for a command whose validator accepted ``{}``
+at start-up skips the call (a flag derived from the compiled validator).
 
 What does not live here: the command table (``qmpgraph.commands.registry``);
 the dispatcher that calls ``validate_arguments`` before any handler runs.
@@ -52,25 +60,29 @@ class Schema:
             self._arg_types[cmd["name"]] = t
         #: Commands in QEMU's definition (= registration) order.
         self.command_names: list[str] = [c["name"] for c in commands]
-        # Commands that take no arguments at all: ``{}`` is the whole check.
-        self._no_args = {name for name, t in self._arg_types.items() if not t.members}
         self._validators = compile_validators(self._arg_types)
+        # Asked once: the verdict on ``{}`` never changes.
+        self._accepts_empty = {n for n, v in self._validators.items() if v.is_valid({})}
         self._introspection: dict[frozenset[str], RawJSON] = {}
 
     def validate_arguments(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         """``args`` as QEMU's input visitor would pass them to ``command``.
 
-        Raises ``GenericError`` with QEMU's message for the first problem, in
-        QEMU's visit order.
+        The command's compiled JSON Schema validator is the gate; what it
+        refuses goes to the visitor replay, which raises ``GenericError`` with
+        QEMU's message for the first problem, in QEMU's visit order, or
+        returns the arguments QEMU would in fact take.
         """
-        if not args and command in self._no_args:
+        if not args and command in self._accepts_empty:
             return args
-        arg_type = self._arg_types.get(command)
-        if arg_type is None:
+        validator = self._validators.get(command)
+        if validator is None:
             # Not a QEMU command: nothing to check it against; such a command
             # checks its own arguments (and is absent from introspection).
             return args
-        return visit_arguments(arg_type, args)
+        if validator.is_valid(args):
+            return args
+        return visit_arguments(self._arg_types[command], args)
 
     def validate_keyval_arguments(self, command: str, tree: dict[str, Any]) -> dict[str, Any]:
         """Keyval ``tree`` (string leaves, e.g. ``--blockdev``'s) as typed arguments
@@ -79,7 +91,7 @@ class Schema:
 
     def json_schema(self, command: str) -> Any:
         """The compiled JSON Schema validator of ``command``'s arguments
-        (stricter than QEMU, see ``qmpgraph.schema.jsonschemas``)."""
+        (never looser than QEMU, see ``qmpgraph.schema.jsonschemas``)."""
         return self._validators[command]
 
     def ordered_commands(self, implemented: Iterable[str]) -> list[str]:
