@@ -94,13 +94,13 @@ def _fail(message: str) -> list[ValidationError]:
 class _Keywords:
     """The keyword implementations of one validator class, with their tables.
 
-    ``plans`` maps ``id(subschema)`` to (subschema, keyword plan); holding the
-    subschema keeps the id from being reused.
+    ``plans`` maps ``id(subschema)`` to (subschema, the schema whose keywords
+    run, keyword plan); holding the subschema keeps the id from being reused.
     """
 
     def __init__(self, defs: dict[str, Any]) -> None:
         self.refs = {f"#/$defs/{name}": schema for name, schema in defs.items()}
-        self.plans: dict[int, tuple[Any, Plan]] = {}
+        self.plans: dict[int, tuple[Any, Any, Plan]] = {}
         self.enums: dict[int, tuple[list[Any], frozenset[str]]] = {}
         self.table: dict[str, Keyword] = {
             "$ref": self.ref,
@@ -116,33 +116,36 @@ class _Keywords:
             "qmpAlternate": self.alternate,
         }
 
-    def plan(self, schema: Any) -> Plan:
-        """The keywords of ``schema`` to run, in document order."""
+    def plan(self, schema: Any) -> tuple[Any, Plan]:
+        """The schema whose keywords run for ``schema`` (a bare ``$ref``'s
+        target, else itself) and those keywords, in document order."""
         entry = self.plans.get(id(schema))
         if entry is not None:
-            return entry[1]
+            return entry[1], entry[2]
         if isinstance(schema, dict) and len(schema) == 1 and "$ref" in schema:
             # A bare reference: run its target's keywords directly.
-            plan = self.plan(self.refs[schema["$ref"]])
+            target, plan = self.plan(self.refs[schema["$ref"]])
         elif isinstance(schema, dict):
+            target = schema
             plan = tuple((self.table[k], k, v) for k, v in schema.items() if k in self.table)
         else:
             raise TypeError(f"unsupported schema {schema!r}")
-        self.plans[id(schema)] = (schema, plan)
-        return plan
+        self.plans[id(schema)] = (schema, target, plan)
+        return target, plan
 
     def descend(self, validator: Any, instance: Any, schema: Any) -> Errors:
         """Errors of ``instance`` against a subschema (the first one only)."""
         entry = self.plans.get(id(schema))
-        for fn, k, v in entry[1] if entry is not None else self.plan(schema):
-            errors = fn(validator, v, instance, schema)
+        target, plan = (entry[1], entry[2]) if entry is not None else self.plan(schema)
+        for fn, k, v in plan:
+            errors = fn(validator, v, instance, target)
             if errors:
                 for error in errors:
                     error._set(  # private, but what jsonschema's own descend calls
                         validator=k,
                         validator_value=v,
                         instance=instance,
-                        schema=schema,
+                        schema=target,
                         type_checker=validator.TYPE_CHECKER,
                     )
                     if k != "$ref":
