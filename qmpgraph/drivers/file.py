@@ -1,8 +1,15 @@
-"""The ``file`` protocol driver over real files (control plane: open checks and size).
+"""The ``file`` protocol driver over real files: open checks, size, image locking.
 
 Open mirrors file-posix: a read-write open first (falling back to read-only
 with ``auto-read-only``), then the regular-file check, with QEMU's messages.
-The file is not kept open; the data path will own descriptors later.
+The descriptor stays open for the node's lifetime because it carries the
+node's image locks (``qmpgraph.drivers.filelock``): the permission refresh
+drives them through ``check_perm``/``set_perm``/``abort_perm_update``, and
+they go away when the node is closed (deleted, or its blockdev-add aborted).
+``locking`` is ``auto`` (lock when OFD locks exist), ``on`` or ``off``.
+
+What does not live here: the data path (header probes read through the
+descriptor, nothing else does I/O).
 """
 
 from __future__ import annotations
@@ -13,18 +20,49 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmpgraph.drivers.base import Driver, OpenContext
+from qmpgraph.drivers.filelock import ImageLock, ofd_supported
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
 from qmpgraph.transactions.actions import set_open_flags
+from qmpgraph.transactions.engine import Action
 
 
 @dataclass(frozen=True, slots=True)
 class FileState:
-    """Per-node state of a file node."""
+    """Per-node state of a file node: the path, its size at open, its locks."""
 
     filename: str
     size: int
+    lock: ImageLock
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOnAbort(Action):
+    """A freshly opened descriptor: closed (its locks released) if the open is undone."""
+
+    name = "file-open"
+    lock: ImageLock
+
+    def abort(self) -> None:
+        self.lock.close()
+
+
+def _use_lock(value: Any) -> bool:
+    """The ``locking`` option (OnOffAuto) as file-posix reads it."""
+    if value is None or value == "auto":
+        return ofd_supported()
+    if value in ("on", "off"):
+        # 'on' without OFD locks falls back to process-wide POSIX locks, as QEMU does.
+        return bool(value == "on")
+    raise GenericError(f"invalid parameter value: {value}")
+
+
+def _open_fd(filename: str, flags: int) -> int:
+    try:
+        return os.open(filename, flags | os.O_CLOEXEC)
+    except OSError as err:
+        raise GenericError(f"Could not open '{filename}': {os.strerror(err.errno or 0)}") from err
 
 
 class File(Driver):
@@ -46,46 +84,74 @@ class File(Driver):
     mutable_options = frozenset({"locking", "drop-cache", "x-check-cache-dropped"})
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
-        """Open the file with the node's flags; record its size."""
+        """Open the file with the node's flags and keep it open; record its size."""
         self.reject_unknown(options)
         filename = options.get("filename")
         if not filename:
             raise GenericError("The 'file' block driver requires a file name")
+        use_lock = _use_lock(options.get("locking"))
         want_rw = bool(node.open_flags & OpenFlag.RDWR)
         try:
-            fd = os.open(filename, os.O_RDWR if want_rw else os.O_RDONLY)
-        except OSError as err:
+            fd = _open_fd(filename, os.O_RDWR if want_rw else os.O_RDONLY)
+        except GenericError:
             if not (want_rw and node.open_flags & OpenFlag.AUTO_RDONLY):
-                raise GenericError(
-                    f"Could not open '{filename}': {os.strerror(err.errno or 0)}"
-                ) from err
-            try:
-                fd = os.open(filename, os.O_RDONLY)
-            except OSError as err2:
-                raise GenericError(
-                    f"Could not open '{filename}': {os.strerror(err2.errno or 0)}"
-                ) from err2
+                raise
+            fd = _open_fd(filename, os.O_RDONLY)
             set_open_flags(ctx.tran, node, node.open_flags & ~OpenFlag.RDWR)
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
+        lock = ImageLock(fd, filename, use_lock=use_lock)
+        ctx.tran.add(CloseOnAbort(lock))
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise GenericError(f"'file' driver requires '{filename}' to be a regular file")
-        node.state = FileState(filename, st.st_size)
+        node.state = FileState(filename, st.st_size, lock)
+
+    @staticmethod
+    def _lock(node: Node) -> ImageLock | None:
+        state = node.state
+        if not isinstance(state, FileState) or node.open_flags & OpenFlag.INACTIVE:
+            return None  # inactive images (incoming migration) take no locks
+        return state.lock
+
+    def check_perm(self, node: Node, perm: int, shared: int) -> None:
+        """Claim the lock bytes of ``(perm, shared)``; QEMU's lock errors on conflict."""
+        lock = self._lock(node)
+        if lock is not None:
+            lock.prepare(perm, shared)
+
+    def set_perm(self, node: Node, perm: int, shared: int) -> None:
+        """Keep exactly the lock bytes of the committed permissions."""
+        lock = self._lock(node)
+        if lock is not None:
+            lock.commit(perm, shared)
+        elif isinstance(node.state, FileState):
+            node.state.lock.perm, node.state.lock.shared = perm, shared
+
+    def abort_perm_update(self, node: Node) -> None:
+        """Back to the lock bytes held before ``check_perm``."""
+        lock = self._lock(node)
+        if lock is not None:
+            lock.abort()
 
     def read(self, node: Node, offset: int, length: int) -> bytes:
         """Read bytes for header probes of formats stacked on this node."""
         state = node.state
         assert isinstance(state, FileState)
-        with open(state.filename, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
+        if state.lock.closed:  # a deleted node: its descriptor number may be reused
+            with open(state.filename, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        return os.pread(state.lock.fd, length, offset)
 
     def filename(self, node: Node) -> str:
         """The host path."""
         state = node.state
         return state.filename if isinstance(state, FileState) else ""
+
+    def close(self, node: Node) -> None:
+        """Close the descriptor: every lock of the node goes with it."""
+        state = node.state
+        if isinstance(state, FileState):
+            state.lock.close()
 
 
 DRIVERS = (File(),)
