@@ -31,7 +31,9 @@ class NullCo(Driver):
         self.reject_unknown(options)
         size = int(options.get("size", 1 << 30))
         latency = int(options.get("latency-ns", 0))
-        if latency < 0:
+        # QEMU keeps latency-ns (a uint64 in the schema) in an int64: values
+        # from 2^63 up, and negative ones wrapped by the visitor, read as < 0.
+        if latency < 0 or latency >= 1 << 63:
             raise GenericError("latency-ns is invalid")
         node.state = NullState(size, latency, bool(options.get("read-zeroes", False)))
 

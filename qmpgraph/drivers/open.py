@@ -7,9 +7,9 @@ given inline, by reference or implied by an image header, the way QEMU 7.2's
 * the top level needs ``node-name`` ("'node-name' must be specified for the
   root node"), checked before anything is opened;
 * children opened by a parent inherit flags and options (section 1.3);
-* file-first rule: a non-protocol driver whose options contain ``file`` opens
-  that child (and names it) before its own name is assigned; the driver then
-  attaches it by reference;
+* file-first rule: a non-protocol driver whose options contain ``file`` (inline
+  or a reference) opens that child (and names it) before its own name is
+  assigned; the driver then attaches it by reference;
 * checks in bdrv_open_common's order: force-share, discard, detect-zeroes,
   node name (validity, BB clash, duplicate, length), then the driver's open;
 * backing (drivers that support it): ``null`` sets NO_BACKING, a string is a
@@ -198,6 +198,19 @@ def _open_backing(ctx: _OpenContext, node: Node, options: dict[str, Any]) -> Non
     unref_node(ctx.tran, ctx.graph, child)
 
 
+# BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB.
+_MAX_LENGTH = ((1 << 63) - 1) // (1 << 30) * (1 << 30)
+
+
+def _check_length(node: Node) -> None:
+    """bdrv_open_driver's refresh of the sector count: sizes past QEMU's limit fail."""
+    drv = node.driver
+    assert drv is not None
+    size = drv.size(node)
+    if (size + 511) // 512 * 512 > _MAX_LENGTH:
+        raise GenericError("Could not refresh total sector count: File too large")
+
+
 def open_one(ctx: _OpenContext, options: dict[str, Any], inh: _Inherit | None) -> Node:
     """Open one node (and, through its driver, its children); refcount 1 on return."""
     tran, graph = ctx.tran, ctx.graph
@@ -216,7 +229,7 @@ def open_one(ctx: _OpenContext, options: dict[str, Any], inh: _Inherit | None) -
     # File-first: a format's inline ``file`` is opened (and named) before the parent.
     driver_opts = {k: v for k, v in opts.items() if k not in _GENERIC}
     probe: Node | None = None
-    if not drv.protocol and isinstance(driver_opts.get("file"), dict):
+    if not drv.protocol and isinstance(driver_opts.get("file"), (dict, str)):
         probe = ctx.resolve(node, driver_opts["file"], Role.IMAGE)
         driver_opts["file"] = probe.node_name
     force_share = bool(opts.get("force-share", False))
@@ -252,6 +265,7 @@ def open_one(ctx: _OpenContext, options: dict[str, Any], inh: _Inherit | None) -
         set_inherits_from(tran, node, inh.parent)
     set_runtime(tran, node, force_share=force_share, detect_zeroes=detect_zeroes)
     drv.open(ctx, node, driver_opts)
+    _check_length(node)
     if probe is not None:
         unref_node(tran, graph, probe)  # the driver's edge holds it now
     if drv.supports_backing and not node.open_flags & OpenFlag.NO_BACKING:

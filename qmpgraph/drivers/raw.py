@@ -15,6 +15,7 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms
 from qmpgraph.graph.perms import Perm, Role
+from qmpgraph.protocol.qjson import qdict_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +38,18 @@ class Raw(Driver):
 
     @staticmethod
     def file_role(options: dict[str, Any]) -> Role:
-        """FILTERED|PRIMARY without offset and size, DATA|PRIMARY with either."""
-        if "offset" in options or "size" in options:
+        """FILTERED|PRIMARY without a size and a non-zero offset, else DATA|PRIMARY."""
+        if options.get("offset") or "size" in options:
             return Role.DATA | Role.PRIMARY
         return Role.FILTERED | Role.PRIMARY
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Open ``file``, then check offset and size against its size."""
         self.reject_unknown(options)
+        # QemuOpts size parsing, in the QDict's iteration order.
+        for key in qdict_order([k for k in options if k in self.options]):
+            if int(options[key]) < 0:
+                raise GenericError(f"Parameter '{key}' expects a non-negative number below 2^64")
         edge = ctx.open_child(node, options, "file", self.file_role(options))
         assert edge is not None and edge.child is not None
         child = edge.child
