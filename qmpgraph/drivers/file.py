@@ -90,6 +90,11 @@ class File(Driver):
         if not filename:
             raise GenericError("The 'file' block driver requires a file name")
         use_lock = _use_lock(options.get("locking"))
+        if options.get("pr-manager") is not None:
+            # No pr-manager objects exist in qmpgraph, so every lookup fails.
+            raise GenericError(
+                f"No persistent reservation manager with id '{options['pr-manager']}'"
+            )
         want_rw = bool(node.open_flags & OpenFlag.RDWR)
         try:
             fd = _open_fd(filename, os.O_RDWR if want_rw else os.O_RDONLY)
@@ -100,6 +105,11 @@ class File(Driver):
             set_open_flags(ctx.tran, node, node.open_flags & ~OpenFlag.RDWR)
         lock = ImageLock(fd, filename, use_lock=use_lock)
         ctx.tran.add(CloseOnAbort(lock))
+        if options.get("aio") == "native" and not node.open_flags & OpenFlag.NOCACHE:
+            raise GenericError(
+                "aio=native was specified, but it requires cache.direct=on, "
+                "which was not specified."
+            )
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise GenericError(f"'file' driver requires '{filename}' to be a regular file")
