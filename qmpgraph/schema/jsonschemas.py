@@ -70,6 +70,9 @@ _JSON_TYPE: dict[type, str] = {
     list: "array",
 }
 
+# JSON Schema types that exactly one Python type of a parsed value has.
+_EXACT: dict[str, type] = {"string": str, "boolean": bool, "null": type(None)}
+
 # The JSON kind that selects an alternate's branch (QEMU's QType).
 _ALTERNATE_KIND: dict[type, str] = {**_JSON_TYPE, int: "number"}
 
@@ -102,6 +105,9 @@ class _Keywords:
         self.refs = {f"#/$defs/{name}": schema for name, schema in defs.items()}
         self.plans: dict[int, tuple[Any, Any, Plan]] = {}
         self.enums: dict[int, tuple[list[Any], frozenset[str]]] = {}
+        # Subschemas that are just {"type": T} with T one Python type: a
+        # member whose value has that exact type is valid without a descend.
+        self.exact: dict[int, type] = {}
         self.table: dict[str, Keyword] = {
             "$ref": self.ref,
             "type": self.type,
@@ -131,6 +137,8 @@ class _Keywords:
         else:
             raise TypeError(f"unsupported schema {schema!r}")
         self.plans[id(schema)] = (schema, target, plan)
+        if target.keys() == {"type"} and target["type"] in _EXACT:
+            self.exact[id(schema)] = _EXACT[target["type"]]
         return target, plan
 
     def descend(self, validator: Any, instance: Any, schema: Any) -> Errors:
@@ -196,9 +204,10 @@ class _Keywords:
     def properties(self, validator: Any, props: Any, instance: Any, _schema: Any) -> Errors:
         if type(instance) is not dict:
             return None
+        exact = self.exact
         for key, value in instance.items():
             sub = props.get(key)
-            if sub is not None:
+            if sub is not None and exact.get(id(sub)) is not type(value):
                 errors = self.descend(validator, value, sub)
                 if errors:
                     for error in errors:
@@ -233,6 +242,9 @@ class _Keywords:
 
     def items(self, validator: Any, element: Any, instance: Any, _schema: Any) -> Errors:
         if type(instance) is not list:
+            return None
+        exact = self.exact.get(id(element))
+        if exact is not None and all(type(item) is exact for item in instance):
             return None
         for index, item in enumerate(instance):
             errors = self.descend(validator, item, element)
