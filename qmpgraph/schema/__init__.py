@@ -7,7 +7,7 @@ returns holds:
 
 * one ``jsonschema`` validator per command (``jsonschemas``), compiled at
   start-up: the gate every command's arguments pass before any handler runs
-  (2-12 microseconds for typical arguments);
+  (1-5 microseconds for typical arguments);
 * the replay of QEMU's input visitor (``visitor``), consulted only when the
   gate refuses: it words QEMU's first error in QEMU's order, or returns the
   arguments as QEMU would in fact take them (negative unsigned values wrapped);

@@ -21,8 +21,9 @@ dispatching types, so that nothing is tried variant by variant:
   the value's JSON kind ("object", "string", "number", ...).
 
 Speed: stock ``descend`` builds a new validator and a resolver scope for
-every subschema (~5 microseconds each, ~130 for a ``blockdev-add`` with an
-inline file). These documents have no ``$id``, so the scope never changes:
+every subschema (measured with the stock keywords: 62 microseconds for a
+null-co ``blockdev-add``, 154 for a qcow2 one with an inline file; here 2
+and 5). These documents have no ``$id``, so the scope never changes:
 the keyword implementations here evaluate subschemas with the same validator
 through a keyword plan computed once per subschema (``$ref`` pre-resolved),
 return ``None`` instead of an empty generator when there is nothing to report,
