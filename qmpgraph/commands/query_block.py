@@ -27,7 +27,6 @@ What does not live here: graph-changing commands (``block.py``).
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,27 +152,16 @@ def _qcow2_facts(node: Node) -> _Qcow2Facts:
     state = node.state
     assert isinstance(state, Qcow2State)
     header = state.header
-    raw = b""
-    edge = node.file
-    if edge is not None and edge.child is not None and edge.child.driver is not None:
-        raw = edge.child.driver.read(edge.child, 0, 112)
     incompat = header.incompatible_features
-    compat_bits = autoclear = 0
-    refcount_order = 4
-    compression = "zlib"
-    if header.version >= 3 and len(raw) >= 104:
-        compat_bits, autoclear, refcount_order, header_len = struct.unpack_from(">QQII", raw, 80)
-        if header_len > 104 and len(raw) > 104 and raw[104] == 1:
-            compression = "zstd"
     return _Qcow2Facts(
         "1.1" if header.version >= 3 else "0.10",
-        bool(compat_bits & _QCOW2_COMPAT_LAZY),
+        bool(header.compatible_features & _QCOW2_COMPAT_LAZY),
         bool(incompat & _QCOW2_INCOMPAT_CORRUPT),
         bool(incompat & _QCOW2_INCOMPAT_DIRTY),
         bool(incompat & _QCOW2_INCOMPAT_EXTL2),
-        1 << refcount_order,
-        compression,
-        bool(autoclear & _QCOW2_AUTOCLEAR_RAW),
+        1 << header.refcount_order,
+        header.compression,
+        bool(header.autoclear_features & _QCOW2_AUTOCLEAR_RAW),
     )
 
 

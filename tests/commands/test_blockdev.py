@@ -25,9 +25,12 @@ def qcow2(path: Path, backing: str | None = None, size: int = 1 << 20) -> Path:
     """A header-only qcow2 v3 image (all the control plane reads)."""
     name = backing.encode() if backing else b""
     off = 112 + 8 if backing else 0
+    # QEMU refuses images without a refcount table or with a too small L1 table.
+    l1_size = max(1, -(-size // (1 << 29)))
     head = struct.pack(
-        ">IIQIIQIIQQIIQ", 0x514649FB, 3, off, len(name), 16, size, 0, 0, 0, 0, 0, 0, 0
-    )
+        ">IIQIIQIIQQIIQ", 0x514649FB, 3, off, len(name), 16, size, 0, l1_size, 3 << 16,
+        1 << 16, 1, 0, 0,
+    )  # fmt: skip
     head += struct.pack(">QQQII", 0, 0, 0, 4, 112) + bytes(8)
     path.write_bytes((head + bytes(8) + name).ljust(65536, b"\0"))
     return path
