@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qmpgraph.errors import GenericError
 from qmpgraph.graph import attach as _cb
 from qmpgraph.graph.graph import BlockGraph, _Link
 from qmpgraph.graph.model import BlockBackend, Edge, Job, Node
@@ -110,9 +111,28 @@ def _delete_node(tran: Transaction, graph: BlockGraph, node: Node) -> None:
     assert not node.parents, "a node with parents has references"
     # Children go first, newest first, as bdrv_close() drops them.
     for edge in list(node.children):
+        old = edge.child
         remove_child(tran, graph, edge)
+        if old is not None and old.refcnt > 0:
+            _loosen(tran, graph, old)
     link = graph._unlink(node)
     tran.add(DeleteNodeUndo(graph, node, link))
+
+
+def _loosen(tran: Transaction, graph: BlockGraph, node: Node) -> None:
+    """bdrv_detach_child's refresh of a surviving old child: loosening, errors ignored.
+
+    It matters beyond the edge values: file nodes release their image lock bytes.
+    """
+    from qmpgraph.transactions.refresh import (  # noqa: PLC0415 (refresh imports this module)
+        refresh_subtrees,
+    )
+
+    mark = tran.mark()
+    try:
+        refresh_subtrees(tran, graph, [node])
+    except GenericError:
+        tran.rollback_to(mark)
 
 
 # -- edges --------------------------------------------------------------------
