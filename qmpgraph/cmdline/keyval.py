@@ -205,18 +205,41 @@ def _json_object(text: str) -> dict[str, Any]:
     text = text.split("\0", 1)[0]
     streamer = JSONStreamer()
     results = streamer.feed(text.encode())
-    results += streamer.feed(b"\n") if not results else []
-    values: list[Any] = []
-    for r in results:
-        if isinstance(r, JSONParseError):
-            raise CmdlineError(r.desc)
-        values.append(r)
-    if not values:
+    results += streamer.feed(b"\n")
+    if not results:
         raise CmdlineError("JSON parse error, premature EOI")
-    if len(values) > 1:
+    first = results[0]
+    if isinstance(first, JSONParseError):
+        raise CmdlineError(first.desc)
+    # QEMU parses the whole string: anything but white space after the
+    # first value (another value, an error, an unfinished value) is refused.
+    if len(results) > 1 or text[_object_end(text) :].strip(" \t\n\r"):
         raise CmdlineError("Expecting at most one JSON value")
-    value = values[0]
-    if not isinstance(value, dict):
+    if not isinstance(first, dict):
         # QEMU asserts here; text starting with '{' cannot be anything else.
         raise CmdlineError("JSON parse error, premature EOI")
-    return value
+    return first
+
+
+def _object_end(text: str) -> int:
+    """Where the object that starts ``text`` ends (it parsed, so it is balanced)."""
+    depth = 0
+    quote = ""
+    escaped = False
+    for i, c in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)

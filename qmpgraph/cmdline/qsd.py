@@ -104,8 +104,9 @@ class Applier(Protocol):
     def monitor(self, spec: MonitorSpec) -> None:
         """Attach a QMP monitor to an existing, unused chardev."""
 
-    def option(self, args: OptionArgs) -> None:
-        """Act on a --blockdev, --export, --nbd-server or --object."""
+    def option(self, args: OptionArgs, report: ReportFn) -> None:
+        """Act on a --blockdev, --export, --nbd-server or --object
+        (``report`` prints a warning located at it)."""
 
 
 class ReportFn(Protocol):
@@ -306,4 +307,4 @@ def _one(opt: Opt, reg: _Registry, applier: Applier, out: TextIO, err: TextIO) -
         applier.monitor(mon)
     else:
         options, keyval = option_dict(arg, _IMPLIED[opt.name])
-        applier.option(OptionArgs(opt.name, options, keyval))
+        applier.option(OptionArgs(opt.name, options, keyval), report)

@@ -175,7 +175,10 @@ def _waiting_for(spec: ChardevSpec) -> str:
     return f"info: QEMU waiting for connection on: disconnected:{where},server=on"
 
 
-def add_blockdev(daemon: Daemon, args: OptionArgs) -> None:
+_BACKING_EMPTY = 'warning: Use of "backing": "" is deprecated; use "backing": null instead'
+
+
+def add_blockdev(daemon: Daemon, args: OptionArgs, report: ReportFn) -> None:
     """``--blockdev``: QMP ``blockdev-add`` on ``daemon``, as qsd runs it.
 
     The option's tree goes through QEMU's keyval input visitor (keyval form)
@@ -189,6 +192,11 @@ def add_blockdev(daemon: Daemon, args: OptionArgs) -> None:
             typed = schema.validate_keyval_arguments("blockdev-add", args.options)
         else:
             typed = schema.validate_arguments("blockdev-add", args.options)
+        # QEMU warns when it opens the top node, after blockdev-add's own
+        # node-name check and before any open error. (The open path has no
+        # warning channel, so a nested ``backing=""`` is not warned about.)
+        if isinstance(typed.get("node-name"), str) and typed.get("backing") == "":
+            report(_BACKING_EMPTY)
         # The handler needs a session; no client is involved at start-up.
         session = QMPSession(daemon.greeting())
         session.accept_capabilities([])
@@ -246,12 +254,12 @@ class Startup:
             return
         self.monitors.append(PreparedMonitor(ep.listener, ep.connections, spec.pretty, desc))
 
-    def option(self, args: OptionArgs) -> None:
+    def option(self, args: OptionArgs, report: ReportFn) -> None:
         """--blockdev runs now (``add_blockdev``); --export, --nbd-server and
         --object are refused (not implemented yet)."""
         self.options.append(args)
         if args.option == "blockdev" and self.daemon is not None:
-            add_blockdev(self.daemon, args)
+            add_blockdev(self.daemon, args, report)
             return
         raise CmdlineError(f"--{args.option} is not supported yet by qmpgraph")
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 QMPGRAPH = [sys.executable, "-m", "qmpgraph", "daemon"]
@@ -45,3 +46,26 @@ def run_cli(
         proc.kill()
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def normalize_stderr(text: str, tmp: Path) -> str:
+    """``text`` with the per-run directory as ``$D`` and the program name as ``<prog>``."""
+    text = text.replace(str(tmp), "$D")
+    return re.sub(r"^\S*(?:qemu-storage-daemon|qmpgraph): ", "<prog>: ", text, flags=re.M)
+
+
+def run_in_dir(
+    argv: Sequence[str],
+    tmp: Path,
+    cmd: Sequence[str] | None,
+    prepare: Callable[[Path], None],
+) -> tuple[int, str, str]:
+    """Run a daemon with ``$D`` in ``argv`` meaning ``tmp`` (made and filled by
+    ``prepare`` first): exit status, normalized stderr, and stdout unless it
+    is the help or version text."""
+    tmp.mkdir()
+    prepare(tmp)
+    args = [a.replace("$D", str(tmp)) for a in argv]
+    done = run_cli(args, cmd) if cmd is not None else run_cli(args)
+    out = done.stdout if not done.stdout.startswith(("Usage", "qemu-storage", "qmpgraph")) else ""
+    return done.returncode, normalize_stderr(done.stderr, tmp), out

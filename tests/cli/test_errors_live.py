@@ -8,13 +8,12 @@ never qmpgraph's.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 from conftest import require_qemu
 
-from cli.helpers import run_cli
+from cli.helpers import run_in_dir
 
 S = "socket,id=c0,path=$D/s0,server=on,wait=off"
 
@@ -116,19 +115,13 @@ CASES = [
 ]
 
 
-def _normalize(text: str, tmp: Path) -> str:
-    text = text.replace(str(tmp), "$D")
-    return re.sub(r"^\S*(?:qemu-storage-daemon|qmpgraph): ", "<prog>: ", text, flags=re.M)
+def _prepare(tmp: Path) -> None:
+    (tmp / "dir").mkdir()
+    (tmp / "file").write_text("")
 
 
 def _run(argv: list[str], tmp: Path, cmd: list[str] | None) -> tuple[int, str, str]:
-    tmp.mkdir()
-    (tmp / "dir").mkdir()
-    (tmp / "file").write_text("")
-    args = [a.replace("$D", str(tmp)) for a in argv]
-    done = run_cli(args, cmd) if cmd is not None else run_cli(args)
-    out = done.stdout if not done.stdout.startswith(("Usage", "qemu-storage", "qmpgraph")) else ""
-    return done.returncode, _normalize(done.stderr, tmp), out
+    return run_in_dir(argv, tmp, cmd, _prepare)
 
 
 @pytest.mark.qemu
