@@ -26,7 +26,6 @@ Any error propagates; the caller aborts the transaction and nothing survives
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +169,59 @@ def _probe_format(path: str) -> str:
     return "qcow2" if head == _QCOW2_MAGIC else "raw"
 
 
+def _protocol_prefix(filename: str) -> str | None:
+    """path_has_protocol: the ``proto`` of ``proto:...`` when ':' comes before any '/'."""
+    cut = len(filename)
+    for sep in ":/":
+        at = filename.find(sep)
+        if at >= 0:
+            cut = min(cut, at)
+    return filename[:cut] if cut < len(filename) and filename[cut] == ":" else None
+
+
+def _exact_filename(node: Node) -> str:
+    """A protocol node's exact filename (what bdrv_dirname falls back to)."""
+    drv = node.driver
+    if drv is None:
+        return ""
+    if drv.format_name in ("null-co", "null-aio"):
+        strong = any(k in node.options for k in ("size", "read-zeroes"))
+        return "" if strong else drv.filename(node)
+    return drv.filename(node) if drv.protocol else ""
+
+
+def _dirname(node: Node) -> str:
+    """bdrv_dirname: the directory (with its '/') of the primary chain's protocol node."""
+    cur = node
+    while True:
+        primary = next((e.child for e in cur.children if e.role & Role.PRIMARY), None)
+        if primary is None:
+            break
+        cur = primary
+    exact = _exact_filename(cur)
+    if not exact:
+        assert cur.driver is not None
+        raise GenericError(f"Cannot generate a base directory for {cur.driver.format_name} nodes")
+    # path_combine(exact, ""): keep everything up to the last '/', or the protocol prefix.
+    proto = _protocol_prefix(exact)
+    keep = len(proto) + 1 if proto is not None else 0
+    return exact[: max(keep, exact.rfind("/") + 1)]
+
+
+def _protocol_options(filename: str) -> dict[str, Any]:
+    """The protocol node that bdrv_find_protocol picks for ``filename``."""
+    proto = _protocol_prefix(filename)
+    if proto is None:
+        return {"driver": "file", "filename": filename}
+    if proto == "file":
+        return {"driver": "file", "filename": filename[len("file:") :]}
+    if proto in ("null-co", "null-aio"):
+        if filename != f"{proto}://":
+            raise GenericError(f"The only allowed filename for this driver is '{proto}://'")
+        return {"driver": proto}
+    raise GenericError(f"Unknown protocol '{proto}'")
+
+
 def _open_backing(ctx: _OpenContext, node: Node, options: dict[str, Any]) -> None:
     drv = node.driver
     assert drv is not None
@@ -183,14 +235,16 @@ def _open_backing(ctx: _OpenContext, node: Node, options: dict[str, Any]) -> Non
         if found is None:
             return
         filename, fmt = found
-        if not os.path.isabs(filename):
-            base = drv.filename(node)
-            filename = os.path.join(os.path.dirname(base), filename)
-        value = {
-            "driver": fmt or _probe_format(filename),
-            "file": {"driver": "file", "filename": filename},
-        }
+        if not filename.startswith("/") and _protocol_prefix(filename) is None:
+            # bdrv_get_full_backing_filename: relative to the image's directory.
+            filename = _dirname(node) + filename
+        value = None
     try:
+        if value is None:
+            file_opts = _protocol_options(filename)
+            if fmt is None:
+                fmt = _probe_format(filename) if file_opts["driver"] == "file" else "raw"
+            value = {"driver": fmt, "file": file_opts}
         child = ctx.resolve(node, value, Role.COW)
         set_backing(ctx.tran, ctx.graph, node, child)
     except GenericError as err:

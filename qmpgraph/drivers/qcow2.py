@@ -419,6 +419,11 @@ class Qcow2(Driver):
             header = replace(header, incompatible_features=header.incompatible_features & ~1)
         node.state = Qcow2State(header)
 
+    def read(self, node: Node, offset: int, length: int) -> bytes:
+        """Guest data for format probes: zeros (clusters are not mapped here)."""
+        del node, offset
+        return bytes(length)
+
     def header_backing(self, node: Node) -> tuple[str, str | None] | None:
         """(backing file name, format) from the header, for the implicit backing open."""
         state = node.state
