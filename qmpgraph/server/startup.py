@@ -38,7 +38,8 @@ from qmpgraph.cmdline.qsd import OptionArgs, ReportFn
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import REGISTRY
 from qmpgraph.daemon import Daemon
-from qmpgraph.errors import QMPError
+from qmpgraph.errors import GenericError, QMPError
+from qmpgraph.graph.names import is_well_formed
 from qmpgraph.protocol.session import QMPSession
 
 __all__ = [
@@ -205,6 +206,35 @@ def add_blockdev(daemon: Daemon, args: OptionArgs, report: ReportFn) -> None:
         raise CmdlineError(exc.desc) from None
 
 
+def check_export(daemon: Daemon, args: OptionArgs) -> None:
+    """``--export``'s checks that come before QEMU needs an export driver.
+
+    qmpgraph has no exports yet; this gives QEMU's exact message for what
+    QEMU refuses first: the option's types (``block-export-add``'s
+    arguments), the id, the node, a read-only node exported writable, an
+    iothread (none can exist: ``--object`` is not supported). Raises
+    ``CmdlineError``; returns when QEMU would go on to create the export.
+    """
+    schema = daemon.schema
+    try:
+        if args.keyval:
+            typed = schema.validate_keyval_arguments("block-export-add", args.options)
+        else:
+            typed = schema.validate_arguments("block-export-add", args.options)
+        if not is_well_formed(typed["id"]):
+            raise GenericError("Invalid block export id")
+        name = typed["node-name"]
+        node = daemon.graph.lookup(name)
+        if node is None:
+            raise GenericError(f"Cannot find device='' nor node-name='{name}'")
+        if node.read_only and typed.get("writable", False):
+            raise GenericError("Cannot export read-only node as writable")
+        if typed.get("iothread") is not None:
+            raise GenericError(f'iothread "{typed["iothread"]}" not found')
+    except QMPError as exc:
+        raise CmdlineError(exc.desc) from None
+
+
 class Startup:
     """The ``Applier``: creates chardevs, block nodes (on ``daemon``), and
     collects monitors and options."""
@@ -256,11 +286,14 @@ class Startup:
 
     def option(self, args: OptionArgs, report: ReportFn) -> None:
         """--blockdev runs now (``add_blockdev``); --export, --nbd-server and
-        --object are refused (not implemented yet)."""
+        --object are refused (not implemented yet), --export after QEMU's
+        own first checks (``check_export``)."""
         self.options.append(args)
         if args.option == "blockdev" and self.daemon is not None:
             add_blockdev(self.daemon, args, report)
             return
+        if args.option == "export" and self.daemon is not None:
+            check_export(self.daemon, args)
         raise CmdlineError(f"--{args.option} is not supported yet by qmpgraph")
 
     def add_default_monitor(self, path: str) -> PreparedMonitor:

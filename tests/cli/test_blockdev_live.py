@@ -146,6 +146,28 @@ CASES = [
     ["--blockdev", "null-co,node-name=n", "--blockdev", "null-co"],
     ["--blockdev", "null-co,node-name=n", "--bogus"],
     ["--blockdev", "null-co,node-name=n", "--chardev", "bogus,id=c"],
+    # --export: QEMU's checks before an export driver is needed
+    ["--export", "nbd,id=e,node-name=n"],
+    ["--export", "nbd,id=e"],
+    ["--export", "id=e"],
+    ["--export", ""],
+    ["--export", "help"],
+    ["--export", "nbd,id=1e,node-name=n"],
+    ["--export", "bogus,id=e,node-name=n"],
+    ["--export", "nbd,id=e,node-name=n,writethrough=x"],
+    ["--export", "nbd,id=e,node-name=n,bitmaps=b"],
+    ["--export", "vduse-blk,id=1,node-name=n,name=x"],
+    ["--export", "fuse,id=e,node-name=n"],
+    ["--export", '{"type":"nbd","id":"e","node-name":"n","writable":"on"}'],
+    ["--export", '{"type":"nbd","id":"e.x_-1","node-name":"n"}'],
+    [
+        "--blockdev",
+        "null-co,node-name=n,read-only=on",
+        "--export",
+        "nbd,id=e,node-name=n,writable=on",
+    ],
+    [*bd("null-co,node-name=n,read-only=on"), "--export", "nbd,id=e,node-name=n,iothread=x"],
+    ["--blockdev", "null-co,node-name=n", "--export", "nbd,id=e,node-name=n,bitmap=b"],
     [*bd("file,node-name=f,filename=$D/a.img", "raw,node-name=r1,file=f"), *NOMON],
     [
         *bd(
