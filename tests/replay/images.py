@@ -1,8 +1,8 @@
 """Tiny image files for replay tests, written without QEMU.
 
-The control plane reads only image headers, so a qcow2 "image" here is a
-version-3 header (with the backing-format extension and the backing file
-name when it has a backing file), padded to one cluster.  ``make_images(dir)``
+A qcow2 image here is a valid empty version-3 image (with the backing-format
+extension and the backing file name when it has a backing file) that
+``qemu-img check`` accepts.  ``make_images(dir)``
 writes the fixed set the recorded logs in ``logs/`` refer to, by paths
 relative to ``dir`` (replay runs with ``--base-dir dir``).
 """
@@ -19,7 +19,12 @@ _EXT_BACKING_FORMAT = 0xE2792ACA
 
 
 def qcow2_header(size: int, backing: str | None = None, backing_fmt: str = "qcow2") -> bytes:
-    """A qcow2 v3 header for an image of ``size`` bytes, optionally with a backing file."""
+    """A valid, empty qcow2 v3 image of ``size`` bytes, optionally with a backing file.
+
+    Layout (one 64 KiB cluster each): header, refcount table, refcount block,
+    L1 table; the four clusters have refcount 1, as ``qemu-img check`` expects.
+    """
+    cluster = 1 << _CLUSTER_BITS
     ext = b""
     if backing is not None:
         fmt = backing_fmt.encode()
@@ -29,6 +34,8 @@ def qcow2_header(size: int, backing: str | None = None, backing_fmt: str = "qcow
     ext += struct.pack(">II", 0, 0)
     name = backing.encode() if backing is not None else b""
     name_off = _HEADER_LEN + len(ext) if backing is not None else 0
+    # One L1 entry maps 2^(2 * cluster_bits - 3) bytes of guest data.
+    l1_size = max(1, -(-size // (1 << (2 * _CLUSTER_BITS - 3))))
     head = struct.pack(
         ">IIQIIQIIQQIIQ",
         _MAGIC,
@@ -38,10 +45,10 @@ def qcow2_header(size: int, backing: str | None = None, backing_fmt: str = "qcow
         _CLUSTER_BITS,
         size,
         0,  # crypt method
-        0,  # l1 size
-        0,  # l1 table offset
-        0,  # refcount table offset
-        0,  # refcount table clusters
+        l1_size,
+        3 * cluster,  # l1 table offset
+        1 * cluster,  # refcount table offset
+        1,  # refcount table clusters
         0,  # snapshots
         0,  # snapshots offset
     )
@@ -49,7 +56,11 @@ def qcow2_header(size: int, backing: str | None = None, backing_fmt: str = "qcow
     head += struct.pack(">QQQII", 0, 0, 0, 4, _HEADER_LEN)
     head += bytes([0]) + bytes(7)  # compression type zlib, padding
     assert len(head) == _HEADER_LEN
-    return (head + ext + name).ljust(1 << _CLUSTER_BITS, b"\0")
+    header = (head + ext + name).ljust(cluster, b"\0")
+    refcount_table = struct.pack(">Q", 2 * cluster).ljust(cluster, b"\0")
+    refcount_block = struct.pack(">4H", 1, 1, 1, 1).ljust(cluster, b"\0")
+    l1_table = bytes(cluster)
+    return header + refcount_table + refcount_block + l1_table
 
 
 IMAGES: dict[str, tuple[int, str | None]] = {
