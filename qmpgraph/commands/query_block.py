@@ -33,7 +33,7 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
 from qmpgraph.drivers.file import FileState
-from qmpgraph.drivers.qcow2 import Qcow2State
+from qmpgraph.drivers.qcow2 import Qcow2State, Snapshot
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_child, filter_or_cow_child
 from qmpgraph.graph.model import BlockBackend, Edge, Job, Node
 from qmpgraph.graph.perms import OpenFlag, Role, perm_qapi_names
@@ -327,9 +327,43 @@ class _Query:
                 info["full-backing-filename"] = full
             if state.header.backing_format:
                 info["backing-filename-format"] = state.header.backing_format
+        snapshots = _snapshots(node)
+        if snapshots:
+            info["snapshots"] = [_snapshot_info(sn) for sn in snapshots]
         if isinstance(state, Qcow2State):
             info["format-specific"] = _qcow2_specific(node, state)
         return info
+
+
+def _snapshots(node: Node) -> tuple[Snapshot, ...]:
+    """bdrv_snapshot_list: qcow2's table, else through the only storage child (the primary)."""
+    cur: Node | None = node
+    while cur is not None:
+        if isinstance(cur.state, Qcow2State):
+            return cur.state.snapshots
+        primary = next((e for e in cur.children if int(e.role) & _PRIMARY), None)
+        if primary is None or any(
+            e is not primary and int(e.role) & _ALLOCATED_ROLES for e in cur.children
+        ):
+            return ()
+        cur = primary.child
+    return ()
+
+
+def _snapshot_info(sn: Snapshot) -> dict[str, Any]:
+    """SnapshotInfo, in QAPI member order."""
+    info: dict[str, Any] = {
+        "id": sn.id,
+        "name": sn.name,
+        "vm-state-size": sn.vm_state_size,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+    }
+    if sn.icount is not None:
+        info["icount"] = sn.icount
+    return info
 
 
 def _with_backing_image(info: dict[str, Any], below: dict[str, Any]) -> dict[str, Any]:

@@ -344,10 +344,49 @@ def _check_options(header: Qcow2Header, options: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An internal snapshot as SnapshotInfo reports it."""
+
+    id: str
+    name: str
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int | None
+
+
+def read_snapshots(read: Any, offset: int, count: int) -> tuple[Snapshot, ...]:
+    """The snapshot table: ``count`` entries from ``offset``, via ``read(offset, length)``."""
+    out: list[Snapshot] = []
+    for _ in range(count):
+        head = read(offset, _SNAPSHOT_HEADER).ljust(_SNAPSHOT_HEADER, b"\0")
+        _, _, id_len, name_len, date_sec, date_nsec, clock, vm_state, extra_len = struct.unpack(
+            ">QIHHIIQII", head
+        )
+        offset += _SNAPSHOT_HEADER
+        extra = read(offset, extra_len).ljust(extra_len, b"\0")
+        offset += extra_len
+        if extra_len >= 8:
+            vm_state = _be64(extra, 0)
+        # icount is -1 when unknown (and absent in older extra data).
+        icount = _be64(extra, 16) if extra_len >= 24 else None
+        if icount == (1 << 64) - 1:
+            icount = None
+        text = read(offset, id_len + name_len).ljust(id_len + name_len, b"\0")
+        offset = (offset + id_len + name_len + 7) & ~7
+        ident = text[:id_len].decode("utf-8", "replace")
+        name = text[id_len:].decode("utf-8", "replace")
+        out.append(Snapshot(ident, name, vm_state, date_sec, date_nsec, clock, icount))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class Qcow2State:
     """Per-node state of a qcow2 node."""
 
     header: Qcow2Header
+    snapshots: tuple[Snapshot, ...] = ()
 
     @property
     def size(self) -> int:
@@ -417,7 +456,12 @@ class Qcow2(Driver):
         if header.incompatible_features & INCOMPAT_DIRTY and writable:
             # A writable open repairs a dirty image and clears the bit.
             header = replace(header, incompatible_features=header.incompatible_features & ~1)
-        node.state = Qcow2State(header)
+        snapshots = read_snapshots(
+            lambda off, n: child.driver.read(child, off, n) if n else b"",
+            header.snapshots_offset,
+            header.nb_snapshots,
+        )
+        node.state = Qcow2State(header, snapshots)
 
     def read(self, node: Node, offset: int, length: int) -> bytes:
         """Guest data for format probes: zeros (clusters are not mapped here)."""
