@@ -95,6 +95,15 @@ class StrSet:
         self._nnodes -= 1
         self._maybe_resize()
 
+    def keys(self) -> list[str]:
+        """Every key in ``g_hash_table_iter_next`` order (bucket order)."""
+        return [
+            k for h, k in zip(self._hashes, self._keys, strict=True) if h >= 2 and k is not None
+        ]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._hashes[self._lookup(key, g_str_hash(key))] >= 2
+
     def first(self) -> str | None:
         """The key ``g_hash_table_iter_next`` returns first, if any."""
         for i, h in enumerate(self._hashes):
