@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from qmpgraph.drivers import file, filters, null, qcow2, raw
+from qmpgraph.drivers import file, filters, null, qcow2, raw, throttle
 from qmpgraph.drivers.base import Driver
 from qmpgraph.errors import GenericError
 
-_MODULES = (null, raw, file, qcow2, filters)
+# ``throttle`` comes after ``filters``: its driver replaces the plain filter there.
+_MODULES = (null, raw, file, qcow2, filters, throttle)
 
 REGISTRY: Mapping[str, Driver] = MappingProxyType(
     {d.format_name: d for m in _MODULES for d in m.DRIVERS}
