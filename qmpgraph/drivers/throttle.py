@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qmpgraph.drivers.base import OpenContext
 from qmpgraph.drivers import filters
+from qmpgraph.drivers.base import OpenContext
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import Role
