@@ -92,6 +92,17 @@ class Driver:
                     f"Block {kind} '{self.format_name}' {verb} support the option '{key}'"
                 )
 
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """blockdev-reopen's driver check of the new (flattened) ``options``.
+
+        Remove the keys the driver takes over (as QEMU's QemuOpts absorb does);
+        keys left in ``options`` must equal the old ones.  Return the new
+        ``node.state`` to install on commit, or None to keep it; raise
+        GenericError to refuse.  The default takes nothing (null-co's rule).
+        """
+        del graph, node, options
+        return None
+
     def child_perm(
         self,
         node: Node,

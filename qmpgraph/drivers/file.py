@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpgraph.drivers.base import Driver, OpenContext
 from qmpgraph.drivers.filelock import ImageLock, ofd_supported
@@ -26,6 +26,9 @@ from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
 from qmpgraph.transactions.actions import set_open_flags
 from qmpgraph.transactions.engine import Action
+
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,21 @@ class File(Driver):
             "x-check-cache-dropped",
         }
     )
-    mutable_options = frozenset({"locking", "drop-cache", "x-check-cache-dropped"})
+    # file-posix's mutable_opts (verified on 7.2: drop-cache and locking are not).
+    mutable_options = frozenset({"x-check-cache-dropped"})
+
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """raw_reopen_prepare: takes the cache-drop keys; the rest come back as strings."""
+        del graph, node
+        options.pop("drop-cache", None)
+        options.pop("x-check-cache-dropped", None)
+        for key in self.options & options.keys():
+            value = options[key]
+            if isinstance(value, bool):
+                options[key] = "on" if value else "off"
+            elif isinstance(value, int):
+                options[key] = str(value)
+        return None
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Open the file with the node's flags and keep it open; record its size."""

@@ -10,12 +10,16 @@ offered to blockdev-add.  No data path lives here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms, filter_default_perms
 from qmpgraph.graph.perms import PERM_ALL, OpenFlag, Perm, Role
+
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
 
 _FILTERED = Role.FILTERED | Role.PRIMARY
 
@@ -44,6 +48,7 @@ class CopyOnRead(_SimpleFilter):
 
     format_name = "copy-on-read"
     options = frozenset({"bottom"})
+    supports_reopen = False
 
     def child_perm(
         self,
@@ -66,6 +71,7 @@ class Compress(_SimpleFilter):
     """compress: compressed writes through the default filter rule."""
 
     format_name = "compress"
+    supports_reopen = False
 
 
 class Throttle(_SimpleFilter):
@@ -75,12 +81,29 @@ class Throttle(_SimpleFilter):
     options = frozenset({"throttle-group"})
     mutable_options = options
 
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """throttle_reopen_prepare takes the group name (the schema requires it)."""
+        del graph, node
+        options.pop("throttle-group", None)
+        return None
+
 
 class Preallocate(_SimpleFilter):
     """preallocate: takes WRITE|RESIZE and unshares them when its parents hold both."""
 
     format_name = "preallocate"
     options = frozenset({"prealloc-align", "prealloc-size"})
+
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """preallocate_reopen_prepare: re-reads both sizes (neither is mutable)."""
+        del graph, node
+        align = options.pop("prealloc-align", 1 << 20)
+        options.pop("prealloc-size", None)
+        if int(align) % 512:
+            raise GenericError(
+                "prealloc-align parameter of preallocate filter is not aligned to 512"
+            )
+        return None
 
     def child_perm(
         self,
@@ -106,6 +129,7 @@ class CopyBeforeWrite(Driver):
 
     format_name = "copy-before-write"
     is_filter = True
+    supports_reopen = False
     options = frozenset({"bitmap", "on-cbw-error", "cbw-timeout"})
     children = (ChildSpec("file", _FILTERED), ChildSpec("target", Role.DATA))
 
@@ -147,6 +171,7 @@ class SnapshotAccess(Driver):
     """snapshot-access: reads a cbw node's snapshot; not a filter."""
 
     format_name = "snapshot-access"
+    supports_reopen = False
     children = (ChildSpec("file", Role.DATA | Role.PRIMARY),)
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
 from qmpgraph.errors import GenericError
@@ -25,6 +25,9 @@ from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag, Role
 from qmpgraph.protocol.qjson import qdict_order
 from qmpgraph.transactions.actions import set_edge_role
+
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
 
 MAGIC = 0x514649FB
 EXT_END = 0
@@ -415,7 +418,16 @@ class Qcow2(Driver):
             "encrypt",
         }
     )
-    mutable_options = options
+    # qcow2_mutable_opts: everything but the encryption options.
+    mutable_options = options - {"encrypt"}
+
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """qcow2_reopen_prepare absorbs every qcow2 runtime option (encrypt.* too)."""
+        del graph, node
+        for key in [k for k in options if k.split(".", 1)[0] in self.options]:
+            del options[key]
+        return None
+
     children = (
         ChildSpec("file", Role.IMAGE),
         ChildSpec("data-file", Role.DATA, required=False),

@@ -8,7 +8,7 @@ rule takes WRITE and RESIZE on the file only when its own parents need them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
 from qmpgraph.errors import GenericError
@@ -16,6 +16,9 @@ from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms
 from qmpgraph.graph.perms import Perm, Role
 from qmpgraph.protocol.qjson import qdict_order
+
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,18 @@ class Raw(Driver):
                 raise GenericError(f"Parameter '{key}' expects a non-negative number below 2^64")
         edge = ctx.open_child(node, options, "file", self.file_role(options))
         assert edge is not None and edge.child is not None
-        child = edge.child
+        node.state = self._window(edge.child, options)
+
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """raw_reopen_prepare: offset and size again, against the current file."""
+        del graph
+        taken: dict[str, Any] = {k: options.pop(k) for k in ("offset", "size") if k in options}
+        assert node.file is not None and node.file.child is not None
+        return self._window(node.file.child, taken)
+
+    @staticmethod
+    def _window(child: Node, options: dict[str, Any]) -> RawState:
+        """raw_apply_options: the (offset, size) window checked against ``child``."""
         # bdrv_getlength() counts whole 512-byte sectors.
         real = child.driver.size(child) if child.driver is not None else 0
         real = (real + 511) // 512 * 512
@@ -70,7 +84,7 @@ class Raw(Driver):
             )
         if has_size and size % 512:
             raise GenericError("Specified size is not multiple of 512")
-        node.state = RawState(offset, size, has_size)
+        return RawState(offset, size, has_size)
 
     def child_perm(
         self,
