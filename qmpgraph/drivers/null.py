@@ -30,6 +30,10 @@ class NullCo(Driver):
         """Parse ``size`` (default 1 GiB), ``latency-ns`` and ``read-zeroes``."""
         self.reject_unknown(options)
         size = int(options.get("size", 1 << 30))
+        if size < 0:
+            # QEMU 7.2 aborts here (its size parser's error goes to
+            # error_abort); qmpgraph answers with that parser's words.
+            raise GenericError("Parameter 'size' expects a non-negative number below 2^64")
         latency = int(options.get("latency-ns", 0))
         # QEMU keeps latency-ns (a uint64 in the schema) in an int64: values
         # from 2^63 up, and negative ones wrapped by the visitor, read as < 0.
