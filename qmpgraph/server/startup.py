@@ -47,6 +47,7 @@ __all__ = [
     "PreparedMonitor",
     "Startup",
     "add_blockdev",
+    "add_object",
     "bind_unix",
     "remove_socket",
     "write_pidfile",
@@ -179,6 +180,22 @@ def _waiting_for(spec: ChardevSpec) -> str:
 _BACKING_EMPTY = 'warning: Use of "backing": "" is deprecated; use "backing": null instead'
 
 
+def add_object(daemon: Daemon, args: OptionArgs) -> None:
+    """``--object``: QMP ``object-add`` on ``daemon``, as qsd's
+    ``user_creatable_process_cmdline`` runs it (keyval or JSON form)."""
+    schema = daemon.schema
+    try:
+        if args.keyval:
+            typed = schema.validate_keyval_arguments("object-add", args.options)
+        else:
+            typed = schema.validate_arguments("object-add", args.options)
+        session = QMPSession(daemon.greeting())
+        session.accept_capabilities([])
+        REGISTRY["object-add"].handler(CommandContext(daemon, session), typed)
+    except QMPError as exc:
+        raise CmdlineError(exc.desc) from None
+
+
 def add_blockdev(daemon: Daemon, args: OptionArgs, report: ReportFn) -> None:
     """``--blockdev``: QMP ``blockdev-add`` on ``daemon``, as qsd runs it.
 
@@ -285,12 +302,15 @@ class Startup:
         self.monitors.append(PreparedMonitor(ep.listener, ep.connections, spec.pretty, desc))
 
     def option(self, args: OptionArgs, report: ReportFn) -> None:
-        """--blockdev runs now (``add_blockdev``); --export, --nbd-server and
-        --object are refused (not implemented yet), --export after QEMU's
-        own first checks (``check_export``)."""
+        """--blockdev and --object run now (``add_blockdev``, ``add_object``);
+        --export and --nbd-server are refused (not implemented yet), --export
+        after QEMU's own first checks (``check_export``)."""
         self.options.append(args)
         if args.option == "blockdev" and self.daemon is not None:
             add_blockdev(self.daemon, args, report)
+            return
+        if args.option == "object" and self.daemon is not None:
+            add_object(self.daemon, args)
             return
         if args.option == "export" and self.daemon is not None:
             check_export(self.daemon, args)
