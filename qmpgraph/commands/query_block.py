@@ -184,6 +184,8 @@ def _implicit_backing(node: Node, edge: Edge) -> bool:
     child = edge.child
     return (
         child is not None
+        # change-backing-file rewrote the name: QEMU's auto_backing_file is that name now.
+        and not getattr(node.state, "backing_changed", False)
         and child.node_name.startswith("#")
         and child.inherits_from is node
         and isinstance(node.state, Qcow2State)
