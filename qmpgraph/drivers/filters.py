@@ -82,9 +82,21 @@ class Throttle(_SimpleFilter):
     mutable_options = options
 
     def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
-        """throttle_reopen_prepare takes the group name (the schema requires it)."""
-        del graph, node
-        options.pop("throttle-group", None)
+        """throttle_reopen_prepare: the (required) group must exist.
+
+        Moving the node's group membership on commit is the throttle module's
+        business (``qmpgraph.drivers.throttle``); the node keeps its state here.
+        """
+        del node
+        # Imported here: the objects package imports the drivers.
+        from qmpgraph.objects import tree_for  # noqa: PLC0415
+        from qmpgraph.objects.throttle_group import ThrottleGroup  # noqa: PLC0415
+
+        name = options.pop("throttle-group", None)
+        if name is not None:
+            obj = tree_for(graph).lookup(str(name))
+            if not isinstance(obj, ThrottleGroup) or not obj.initialized:
+                raise GenericError(f"Throttle group '{name}' does not exist")
         return None
 
 
