@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
+from qmpgraph.commands.block import device_or_node_name
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.query_block import _length, _Query
 from qmpgraph.commands.registry import command
@@ -31,9 +31,8 @@ from qmpgraph.drivers import REGISTRY
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.open import _OpenContext, open_one
 from qmpgraph.drivers.qcow2 import Qcow2State
-from qmpgraph.drivers.qcow2_image import create_image, format_line, rewrite_backing
+from qmpgraph.drivers.qcow2_image import create_image, rewrite_backing
 from qmpgraph.errors import GenericError
-from qmpgraph.graph.attach import _device_or_node_name
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_or_cow_child
 from qmpgraph.graph.model import Node, ParentKind
 from qmpgraph.graph.perms import OpenFlag, Perm
@@ -63,7 +62,7 @@ def _blocked(node: Node, op: str) -> None:
     """bdrv_op_is_blocked: "Node '%s' is busy: <first reason>"."""
     reasons = node.op_blockers.get(op)
     if reasons:
-        raise GenericError(f"Node '{_device_or_node_name(node)}' is busy: {reasons[0]}")
+        raise GenericError(f"Node '{device_or_node_name(node)}' is busy: {reasons[0]}")
 
 
 def _not_supported(what: str) -> GenericError:
@@ -222,8 +221,6 @@ class ExternalSnapshot(BlkAction):
             backing_file = _Query().refresh(old).filename
             backing_fmt = old.format_name or ""
             img_create_checks(path, fmt, backing_file, backing_fmt)
-            # bdrv_img_create is not quiet here: qemu-storage-daemon prints this too.
-            print(format_line(path, size, backing_file, backing_fmt), file=sys.stdout, flush=True)
             create_image(
                 path.removeprefix("file:"),
                 size,
@@ -373,3 +370,9 @@ def change_backing_file(ctx: CommandContext, args: dict[str, Any]) -> None:
             reopen_read_only(tran, daemon.graph, image, True)
         if error is not None:
             raise error
+
+
+@command("blockdev-snapshot-internal-sync")
+def blockdev_snapshot_internal_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Internal qcow2 snapshots are not written yet: a clear error, as the action gives."""
+    single_action(ctx, "blockdev-snapshot-internal-sync", args)

@@ -220,18 +220,6 @@ def _write_all(fd: int, data: bytes) -> None:
         raise GenericError(f"Could not write qcow2 header: {os.strerror(err.errno or 0)}") from err
 
 
-def format_line(path: str, size: int, backing_file: str | None, backing_format: str | None) -> str:
-    """The "Formatting ..." line bdrv_img_create prints for a default qcow2 image."""
-    parts = [f"Formatting '{path}', fmt=qcow2 cluster_size={CLUSTER_SIZE} extended_l2=off",
-             f"compression_type=zlib size={size}"]  # fmt: skip
-    if backing_file is not None:
-        parts.append(f"backing_file={backing_file}")
-    if backing_format is not None:
-        parts.append(f"backing_fmt={backing_format}")
-    parts.append("lazy_refcounts=off refcount_bits=16")
-    return " ".join(parts)
-
-
 def _all_extensions(raw: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     pos = start
