@@ -6,7 +6,7 @@ with the valid-only mode and biases that make commands get past their
 first checks: strings are often the names of nodes that exist or of files
 in the working directory; integers are often edge values (0, sizes, the
 limits of their width); a ``driver`` is usually one qmpgraph implements;
-``blockdev-add`` usually names its node. Strings never contain ``/``: every filename stays
+block node options usually name their node. Strings never contain ``/``: every filename stays
 relative to the working directory, which the tests set to a temp dir.
 
 What does not live here: the daemon fixture and the assertions
@@ -43,8 +43,10 @@ NODE_NAMES = ["null0", "file0", "qcow0", "raw0"]
 FILE_NAMES = ["image.qcow2", "raw.img", "missing.img", "new.img"]
 
 _TEXT = st.text(alphabet=st.characters(blacklist_characters="/"), max_size=4)
+# Existing node names come up most: lookups are the first check of most commands.
 STRINGS = st.one_of(
-    st.sampled_from(NODE_NAMES + FILE_NAMES + ["", "#block123", "n1", "json:{}"]),
+    st.sampled_from(NODE_NAMES),
+    st.sampled_from(NODE_NAMES + FILE_NAMES + ["", "#block123", "n1", "obj0", "json:{}"]),
     _TEXT,
 )
 
@@ -116,7 +118,15 @@ def objects(t: ObjectType, depth: int) -> st.SearchStrategy[dict[str, Any]]:
             return base
         return st.tuples(base, objects(variant, depth)).map(lambda p: {**p[0], **p[1]})
 
-    return _tag_values(t.tag, sorted(tag.type.values)).flatmap(case)
+    made = _tag_values(t.tag, sorted(tag.type.values)).flatmap(case)
+    if t.tag != "driver":
+        return made
+    # Block node options (blockdev-add, blockdev-reopen's list, inline
+    # children): without a node-name the top level stops at its first check.
+    names = st.sampled_from(["n1", "n2", *NODE_NAMES])
+    return st.tuples(made, st.one_of(names, names, names, st.none())).map(
+        lambda p: p[0] if p[1] is None or "node-name" in p[0] else {**p[0], "node-name": p[1]}
+    )
 
 
 def _tag_values(tag: str, values: list[str]) -> st.SearchStrategy[str]:
@@ -148,14 +158,7 @@ def _members(
 
 def arguments(command: str) -> st.SearchStrategy[dict[str, Any]]:
     """Schema-valid arguments of ``command``."""
-    made = objects(SCHEMA._arg_types[command], 0)
-    if command != "blockdev-add":
-        return made
-    # Without a node-name blockdev-add stops at its first check.
-    names = st.sampled_from(["n1", "n2", *NODE_NAMES])
-    return st.tuples(made, st.one_of(names, names, names, st.none())).map(
-        lambda p: p[0] if p[1] is None else {**p[0], "node-name": p[1]}
-    )
+    return objects(SCHEMA._arg_types[command], 0)
 
 
 def requests(commands: list[str]) -> st.SearchStrategy[tuple[str, dict[str, Any]]]:

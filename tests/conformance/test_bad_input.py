@@ -16,7 +16,8 @@ with a GenericError and leaves the graph as it was. Here:
 * the known QEMU crashers are asserted to be clear GenericErrors.
 
 The working directory is a temp dir, so every filename a request names
-lands there.
+lands there; after each example its images are restored and any file a
+command created is removed, so examples stay independent.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ EXCLUDED = {
     "block-export-add": "exports bind sockets or mount FUSE",
     "chardev-add": "opens sockets, files and ptys",
     "chardev-change": "opens sockets, files and ptys",
-    "object-add": "iothreads and secrets read files and start threads",
 }
 COMMANDS = sorted(c for c in qmpgraph.commands.REGISTRY if c not in EXCLUDED)
 
@@ -66,16 +66,35 @@ def _image(directory: Path) -> bool:
     return True
 
 
+class Workdir:
+    """The fuzzed daemon's working directory: its images, restored after each run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.have_qcow2 = _image(path)
+        self._pristine = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def restore(self) -> None:
+        """Put the images back as made and remove every other file (commands such
+        as blockdev-snapshot-sync create some), so examples stay independent."""
+        for p in self.path.iterdir():
+            if p.name not in self._pristine:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        for name, data in self._pristine.items():
+            (self.path / name).write_bytes(data)
+
+
 @pytest.fixture(scope="module")
-def workdir() -> Iterator[tuple[Path, bool]]:
+def workdir() -> Iterator[Workdir]:
     """A temp dir with the images, made the working directory for the module."""
     old = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="qmpgraph-fuzz-") as tmp:
-        path = Path(tmp)
-        have_qcow2 = _image(path)
-        os.chdir(path)
+        os.chdir(tmp)
         try:
-            yield path, have_qcow2
+            yield Workdir(Path(tmp))
         finally:
             os.chdir(old)
 
@@ -83,7 +102,8 @@ def workdir() -> Iterator[tuple[Path, bool]]:
 class Fuzzed:
     """A daemon with a small graph and a negotiated, strict session."""
 
-    def __init__(self, have_qcow2: bool) -> None:
+    def __init__(self, workdir: Workdir) -> None:
+        self.workdir = workdir
         self.daemon = Daemon(name_seed=1)
         self.session = QMPSession(self.daemon.greeting())
         self.session.accept_capabilities([])
@@ -91,7 +111,7 @@ class Fuzzed:
         self.ok("blockdev-add", {"driver": "null-co", "node-name": "null0"})
         self.ok("blockdev-add", {"driver": "null-co", "node-name": "null1", "size": 1 << 20})
         self.ok("blockdev-add", {"driver": "raw", "node-name": "raw0", "file": "null1"})
-        if have_qcow2:
+        if workdir.have_qcow2:
             file = {"driver": "file", "node-name": "file0", "filename": "image.qcow2"}
             self.ok("blockdev-add", file)
             self.ok("blockdev-add", {"driver": "qcow2", "node-name": "qcow0", "file": "file0"})
@@ -119,7 +139,8 @@ class Fuzzed:
         return reply
 
     def close(self) -> None:
-        """Delete every monitor-owned node (closing image files and their locks)."""
+        """Delete every monitor-owned node (closing image files and their locks),
+        then restore the working directory."""
         progress = True
         while progress:
             progress = False
@@ -129,6 +150,7 @@ class Fuzzed:
                     {"execute": "blockdev-del", "arguments": {"node-name": node.node_name}},
                 )
                 progress = progress or (reply is not None and "return" in reply)
+        self.workdir.restore()
 
 
 FUZZ = settings(
@@ -141,9 +163,9 @@ FUZZ = settings(
 @FUZZ
 @given(st.lists(requests(COMMANDS), min_size=1, max_size=3))
 def test_every_valid_request_gets_an_answer(
-    workdir: tuple[Path, bool], sequence: list[tuple[str, dict[str, Any]]]
+    workdir: Workdir, sequence: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    daemon = Fuzzed(workdir[1])
+    daemon = Fuzzed(workdir)
     try:
         for command, args in sequence:
             daemon.send(command, args)
@@ -169,10 +191,8 @@ def _generic_error(daemon: Fuzzed, command: str, args: dict[str, Any]) -> str:
 # and an empty reopen list trips an assertion.
 @pytest.mark.parametrize("driver", ["null-co", "null-aio"])
 @pytest.mark.parametrize("size", [-1, -512, -(2**63)])
-def test_negative_null_size_is_a_generic_error(
-    workdir: tuple[Path, bool], driver: str, size: int
-) -> None:
-    daemon = Fuzzed(workdir[1])
+def test_negative_null_size_is_a_generic_error(workdir: Workdir, driver: str, size: int) -> None:
+    daemon = Fuzzed(workdir)
     try:
         args = {"driver": driver, "node-name": "neg", "size": size}
         desc = _generic_error(daemon, "blockdev-add", args)
@@ -181,19 +201,19 @@ def test_negative_null_size_is_a_generic_error(
         daemon.close()
 
 
-def test_empty_reopen_list_is_a_generic_error(workdir: tuple[Path, bool]) -> None:
-    daemon = Fuzzed(workdir[1])
+def test_empty_reopen_list_is_a_generic_error(workdir: Workdir) -> None:
+    daemon = Fuzzed(workdir)
     try:
         _generic_error(daemon, "blockdev-reopen", {"options": []})
     finally:
         daemon.close()
 
 
-def test_names_in_the_strategy_exist(workdir: tuple[Path, bool]) -> None:
-    daemon = Fuzzed(workdir[1])
+def test_names_in_the_strategy_exist(workdir: Workdir) -> None:
+    daemon = Fuzzed(workdir)
     try:
         names = {n.node_name for n in daemon.daemon.graph.named_nodes_newest_first()}
-        expected = set(NODE_NAMES) if workdir[1] else {"null0", "raw0"}
+        expected = set(NODE_NAMES) if workdir.have_qcow2 else {"null0", "raw0"}
         assert expected <= names
     finally:
         daemon.close()
