@@ -52,7 +52,6 @@ _STRONG = {
     "raw": ("offset", "size"),
     "throttle": ("throttle-group",),
     "copy-on-read": ("bottom",),
-    "preallocate": ("prealloc-align", "prealloc-size"),
     "copy-before-write": ("bitmap", "on-cbw-error", "cbw-timeout"),
 }
 # Drivers whose .bdrv_refresh_filename copies the file child's exact filename.
