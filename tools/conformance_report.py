@@ -110,12 +110,16 @@ def rows(passed: Mapping[str, bool] | None = None) -> list[Row]:
     """The report's rows: QEMU's commands in QEMU's order, then qmpgraph-only ones.
 
     ``passed`` maps script file names to whether they matched QEMU; without
-    it the pass column is left empty.
+    it the pass column is left empty. With it, exactly the scripts that ran
+    are counted (scripts may be added while the run goes on).
     """
     schema_names = load_schema().command_names
     implemented = set(qmpgraph.commands.REGISTRY)
     extra = sorted(implemented - set(schema_names))
-    covered = coverage()
+    paths = script_paths()
+    if passed is not None:
+        paths = [p for p in paths if p.name in passed]
+    covered = coverage(paths)
     out = []
     for name in [*schema_names, *extra]:
         scripts = tuple(sorted(covered.get(name, ())))
