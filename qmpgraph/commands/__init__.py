@@ -7,7 +7,9 @@ from qmpgraph.commands import block as block
 from qmpgraph.commands import core as core
 from qmpgraph.commands import qom as qom
 from qmpgraph.commands import query_block as query_block
+from qmpgraph.commands import quorum as quorum
 from qmpgraph.commands import reopen as reopen
+from qmpgraph.commands import resize as resize
 from qmpgraph.commands import snapshot as snapshot
 from qmpgraph.commands import transaction as transaction
 from qmpgraph.commands.registry import REGISTRY as REGISTRY

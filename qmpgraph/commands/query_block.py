@@ -32,6 +32,7 @@ from typing import Any
 
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
+from qmpgraph.commands.resize import write_threshold
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State, Snapshot
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_child, filter_or_cow_child
@@ -44,7 +45,7 @@ _PATH_MAX = 4096  # sizeof(bs->filename): QEMU truncates longer names
 _SECTOR = 512
 # Drivers whose node is a protocol (bdrv_file_open): their exact filename can
 # stand for a format node above them.
-_PROTOCOLS = frozenset({"file", "null-co", "null-aio"})
+_PROTOCOLS = frozenset({"file", "null-co", "null-aio", "blkdebug", "blkverify"})
 # BlockDriver.strong_runtime_opts in 7.2 (options that change what a filename means).
 _STRONG = {
     "null-co": ("size", "read-zeroes"),
@@ -246,20 +247,33 @@ class _Query:
         if "filename" in node.options:
             opts["filename"] = node.options["filename"]
         strong = False
+        driver_strong = getattr(node.driver, "strong_options", None)
+        if driver_strong is not None:
+            # Drivers with prefix options (blkdebug's ``inject-error.``) list their own.
+            found = driver_strong(node)
+            opts.update(found)
+            strong = bool(found)
         for key in _STRONG.get(drv, ()):
             if key in node.options:
                 opts[key] = node.options[key]
                 strong = True
         generate_json = strong or overridden
-        for edge in _child_edges(node):
+        gather = getattr(node.driver, "gather_child_options", None)
+        if gather is not None:
+            opts.update(gather(node, lambda child: self.names[child.id].full_options))
+        for edge in _child_edges(node) if gather is None else ():
             if edge is node.backing and not overridden:
                 continue
             assert edge.child is not None
             opts[edge.name] = self.names[edge.child.id].full_options
-        if overridden and node.backing is None:
+        if overridden and node.backing is None and gather is None:
             opts["backing"] = None
         exact = ""
-        if drv == "file":
+        own_exact = getattr(node.driver, "refresh_exact_filename", None)
+        if own_exact is not None:
+            # The driver's .bdrv_refresh_filename (blkdebug:, blkverify:).
+            exact = own_exact(node, lambda child: self.names[child.id].exact, opts)
+        elif drv == "file":
             state = node.state
             exact = state.filename if isinstance(state, FileState) else ""
         elif drv in ("null-co", "null-aio"):
@@ -516,7 +530,7 @@ def block_device_info(node: Node, flat: bool, query: _Query) -> dict[str, Any]:
         "direct": bool(flags & _NOCACHE),
         "no-flush": bool(flags & _NO_FLUSH),
     }
-    info["write_threshold"] = 0
+    info["write_threshold"] = write_threshold(node)
     bitmaps = _dirty_bitmaps(node)
     if bitmaps:
         info["dirty-bitmaps"] = bitmaps

@@ -5,7 +5,8 @@ API:
 * ``REGISTRY``: read-only mapping ``format_name -> Driver`` of the drivers
   blockdev-add may name (``null-co``, ``null-aio``, ``raw``, ``file``,
   ``qcow2``, ``copy-on-read``, ``compress``, ``throttle``, ``preallocate``,
-  ``copy-before-write``, ``snapshot-access``, ``luks``).
+  ``copy-before-write``, ``snapshot-access``, ``quorum``, ``blkdebug``,
+  ``blkverify``, ``blklogwrites``, ``luks``).
 * ``INTERNAL``: drivers only the daemon itself instantiates (``commit_top``,
   ``mirror_top``).
 * ``get_driver(name)``: the driver, or ``GenericError("Unknown driver: '%s'")``.
@@ -21,12 +22,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from qmpgraph.drivers import file, filters, luks, null, qcow2, raw, throttle
+from qmpgraph.drivers import (
+    blkdebug,
+    blklogwrites,
+    blkverify,
+    file,
+    filters,
+    luks,
+    null,
+    qcow2,
+    quorum,
+    raw,
+    throttle,
+)
 from qmpgraph.drivers.base import Driver
 from qmpgraph.errors import GenericError
 
 # ``throttle`` comes after ``filters``: its driver replaces the plain filter there.
-_MODULES = (null, raw, file, qcow2, luks, filters, throttle)
+_MODULES = (
+    null, raw, file, qcow2, luks, filters, throttle, quorum, blkdebug, blkverify, blklogwrites,
+)  # fmt: skip
 
 REGISTRY: Mapping[str, Driver] = MappingProxyType(
     {d.format_name: d for m in _MODULES for d in m.DRIVERS}

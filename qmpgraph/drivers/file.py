@@ -159,6 +159,18 @@ class File(Driver):
         if lock is not None:
             lock.abort()
 
+    def size(self, node: Node) -> int:
+        """The file's current length (file-posix has a variable length: resize, writers)."""
+        state = node.state
+        if not isinstance(state, FileState):
+            return 0
+        try:
+            if not state.lock.closed:
+                return os.fstat(state.lock.fd).st_size
+            return os.stat(state.filename).st_size
+        except OSError:
+            return state.size
+
     def read(self, node: Node, offset: int, length: int) -> bytes:
         """Read bytes for header probes of formats stacked on this node."""
         state = node.state

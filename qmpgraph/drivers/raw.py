@@ -109,9 +109,19 @@ class Raw(Driver):
         return super().read(node, base + offset, length)
 
     def size(self, node: Node) -> int:
-        """The window's size."""
+        """raw_co_getlength: the window, re-read from ``file`` (it may have been resized)."""
         state = node.state
-        return state.size if isinstance(state, RawState) else 0
+        if not isinstance(state, RawState):
+            return 0
+        child = node.file.child if node.file is not None else None
+        if child is None or child.driver is None:
+            return state.size
+        length = (child.driver.size(child) + 511) // 512 * 512
+        if length < state.offset:
+            return 0
+        if state.has_size:
+            return min(state.size, length - state.offset)
+        return length - state.offset
 
 
 DRIVERS = (Raw(),)
