@@ -6,9 +6,8 @@ it; ``keyid`` names another secret holding an AES-256-CBC key that decrypts
 it with ``iv``.  ``loaded`` is read-only.  ``lookup_secret`` is
 ``qcrypto_secret_lookup`` with its messages.
 
-Not reproduced: the AES-256-CBC decryption itself (no cipher is available
-to pure Python here); every check before it is QEMU's, and a secret whose
-checks pass is then refused with a clear message.
+The AES-256-CBC decryption uses the pure-Python AES of
+``qmpgraph.drivers.luks_crypto``.
 """
 
 from __future__ import annotations
@@ -70,6 +69,25 @@ def _read_file(path: str) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def _decrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
+    """AES-256-CBC with QEMU's padding check (its length check is the cipher's)."""
+    from qmpgraph.drivers.luks_crypto import AES  # noqa: PLC0415 (objects must not import drivers at load)
+
+    if len(data) % 16:
+        raise GenericError(f"Length {len(data)} must be a multiple of block size 16")
+    aes = AES(key)
+    out = bytearray()
+    prev = iv
+    for off in range(0, len(data), 16):
+        block = data[off : off + 16]
+        out += bytes(a ^ b for a, b in zip(aes.decrypt_block(block), prev, strict=True))
+        prev = block
+    pad = out[-1] if out else 0
+    if pad > 16 or pad > len(out):
+        raise GenericError(f"Incorrect number of padding bytes ({pad}) found on decrypted data")
+    return bytes(out[: len(out) - pad])
 
 
 class Secret(QomObject):
@@ -143,9 +161,9 @@ class Secret(QomObject):
             if len(iv) != 16:
                 raise GenericError(f"IV should be 16 bytes in length not {len(iv)}")
             if self.format == "base64":
-                qbase64_decode(raw)
-            raise GenericError("qmpgraph cannot decrypt secrets (AES-256-CBC is not available)")
-        if self.format == "base64":
+                raw = qbase64_decode(raw)
+            raw = _decrypt(key, iv, raw)
+        elif self.format == "base64":
             raw = qbase64_decode(raw)
         self.rawdata = raw
 
