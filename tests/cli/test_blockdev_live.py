@@ -17,13 +17,18 @@ The expected values are always QEMU's, never qmpgraph's.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import require_qemu
-from differential.harness import parse_script, run_differential
 
 from cli.helpers import run_in_dir
+
+# The harness is imported as the differential tests import it (top-level
+# ``harness``), so that it has one module name for pytest and mypy alike.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "differential"))
+from harness import parse_script, run_differential
 
 IMG = "file.driver=file,file.filename=$D/a.img"
 QCOW = "file.driver=file,file.filename=$D/b.qcow2"

@@ -17,7 +17,7 @@ from qmpgraph.objects import tree_for
 from qmpgraph.objects.throttle_group import ThrottleGroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "commands"))
-from cmdkit import Client  # type: ignore[import-not-found]  # (tests/commands helper, put on sys.path above)
+from cmdkit import Client  # tests/commands helper, put on sys.path above
 
 
 def _objects(c: Client) -> list[str]:
