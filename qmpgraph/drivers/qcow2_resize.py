@@ -32,7 +32,10 @@ _L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _MAX_L1_ENTRIES = (32 << 20) // 8  # QCOW_MAX_L1_SIZE / L1E_SIZE
 _INT_MAX = (1 << 31) - 1
 _HEADER_SIZE_OFFSET = 24
-_HEADER_L1_OFFSET = 36  # l1_size (be32) then l1_table_offset (be64)
+_HEADER_L1_OFFSET = 36
+# Zeros of short-lived L2 tables past the end of the file are written up to
+# this much (as QEMU writes them); beyond it only the file length is kept.
+_TEMP_WRITE_LIMIT = 16 << 20  # l1_size (be32) then l1_table_offset (be64)
 
 
 class Unsupported(Exception):
@@ -191,6 +194,13 @@ class Refcounts:
             self.set(cluster, 1)
         return start << self.geo.cluster_bits
 
+    def skip_free_cluster(self) -> int:
+        """The cluster ``alloc`` would take next, passed over without a reference."""
+        while self.get(self.free_hint) != 0:
+            self.free_hint += 1
+        self.free_hint += 1
+        return (self.free_hint - 1) << self.geo.cluster_bits
+
     def free(self, offset: int, size: int) -> None:
         """Drop one reference from every cluster of [offset, offset + size)."""
         if size <= 0:
@@ -253,9 +263,10 @@ def _discard(
 ) -> None:
     """qcow2_cluster_discard(full_discard) of whole clusters in [start, end).
 
-    An L2 table allocated for an L1 entry at or past ``keep_l1`` is freed
-    again by the L1 shrink; past the end of the file its zeros are not
-    written (the final truncation cuts them off in QEMU too).
+    An L2 table QEMU allocates for an empty L1 entry at or past ``keep_l1``
+    is freed again by the L1 shrink, so it only takes its place here: the
+    allocation hint, zeros inside the file, the file's length (the final
+    truncation cuts it off again).
     """
     if start >= end:
         return
@@ -265,18 +276,30 @@ def _discard(
     first = start >> geo.cluster_bits
     last = (end - 1) >> geo.cluster_bits
     cluster = first
+    temp_first: int | None = None
+    temp_bytes = 0
     while cluster <= last:
         index = cluster >> geo.l2_bits
         entry = l1[index]
+        if index >= keep_l1 and not entry & _L1_OFFSET_MASK:
+            # An empty table QEMU allocates here and frees again in the L1
+            # shrink: only its place (hint, file length, zeros) matters.
+            new = refs.skip_free_cluster()
+            temp_first = new if temp_first is None else temp_first
+            temp_bytes += geo.cluster_size
+            if new < io.length or temp_bytes <= _TEMP_WRITE_LIMIT:
+                # Written as QEMU writes it: the host file system keeps the
+                # traces (extent blocks) in the file's allocated size.
+                io.write(new, bytes(geo.cluster_size))
+            io.length = max(io.length, new + geo.cluster_size)
+            cluster = (index + 1) * per_l2
+            continue
         if not entry & _COPIED:
             # get_cluster_table: a fresh (or copied) L2 table before touching it.
             old = entry & _L1_OFFSET_MASK
             content = io.read(old, geo.cluster_size) if old else bytes(geo.cluster_size)
             new = refs.alloc(geo.cluster_size)
-            if index < keep_l1 or new < io.length or any(content):
-                io.write(new, content)
-            else:
-                io.length = max(io.length, new + geo.cluster_size)
+            io.write(new, content)
             l1[index] = new | _COPIED
             io.write(geo.l1_table_offset + index * 8, struct.pack(">Q", l1[index]))
             if old:
@@ -290,6 +313,8 @@ def _discard(
                 _free_l2_entry(geo, refs, old_entry)
                 io.write(pos, bytes(entry_size))
         cluster = stop + 1
+    if temp_first is not None:
+        refs.free_hint = min(refs.free_hint, temp_first)
 
 
 def _shrink_l1(io: ImageWriter, geo: Geometry, refs: Refcounts, new_l1: int) -> None:
