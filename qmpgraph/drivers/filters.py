@@ -17,11 +17,14 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms, filter_default_perms
 from qmpgraph.graph.perms import PERM_ALL, OpenFlag, Perm, Role
+from qmpgraph.protocol.qjson import qdict_order
 
 if TYPE_CHECKING:
     from qmpgraph.graph.graph import BlockGraph
 
 _FILTERED = Role.FILTERED | Role.PRIMARY
+# Drivers that write compressed clusters (block_driver_can_compress).
+_COMPRESSING = frozenset({"qcow2", "qcow", "vmdk"})
 
 
 class _SimpleFilter(Driver):
@@ -50,6 +53,17 @@ class CopyOnRead(_SimpleFilter):
     options = frozenset({"bottom"})
     supports_reopen = False
 
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """cor_open: ``file``, then the ``bottom`` node (which may not be a filter)."""
+        super().open(ctx, node, options)
+        bottom = options.get("bottom")
+        if bottom is not None:
+            found = ctx.graph.lookup(str(bottom))
+            if found is None:
+                raise GenericError(f"Bottom node '{bottom}' not found")
+            if found.driver is not None and found.driver.is_filter:
+                raise GenericError(f"Bottom node '{bottom}' is a filter")
+
     def child_perm(
         self,
         node: Node,
@@ -72,6 +86,16 @@ class Compress(_SimpleFilter):
 
     format_name = "compress"
     supports_reopen = False
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """compress_open: the child's driver must write compressed clusters."""
+        super().open(ctx, node, options)
+        child = node.file.child if node.file is not None else None
+        name = child.format_name if child is not None else None
+        if name not in _COMPRESSING:
+            raise GenericError(
+                f"Compression is not supported for underlying format: {name or '(no format)'}"
+            )
 
 
 class Throttle(_SimpleFilter):
@@ -105,6 +129,25 @@ class Preallocate(_SimpleFilter):
 
     format_name = "preallocate"
     options = frozenset({"prealloc-align", "prealloc-size"})
+
+    def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
+        """preallocate_open: ``file``, then the sizes (QemuOpts) and the alignment."""
+        super().open(ctx, node, options)
+        for key in qdict_order([k for k in sorted(self.options) if k in options]):
+            if int(options[key]) < 0:
+                raise GenericError(f"Parameter '{key}' expects a non-negative number below 2^64")
+        align = int(options.get("prealloc-align", 1 << 20))
+        if align % 512:
+            raise GenericError(
+                "prealloc-align parameter of preallocate filter is not aligned to 512"
+            )
+        child = node.file.child if node.file is not None else None
+        child_align = child.driver.request_alignment(child) if child and child.driver else 1
+        if align % child_align:
+            raise GenericError(
+                "prealloc-align parameter of preallocate filter is not aligned to request "
+                f"alignment of underlying node ({child_align})"
+            )
 
     def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
         """preallocate_reopen_prepare: re-reads both sizes (neither is mutable)."""
@@ -146,10 +189,21 @@ class CopyBeforeWrite(Driver):
     children = (ChildSpec("file", _FILTERED), ChildSpec("target", Role.DATA))
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
-        """Open the source (``file``), then ``target``."""
+        """Open the source (``file``), then ``target``, then look up ``bitmap``."""
         self.reject_unknown(options)
         ctx.open_child(node, options, "file", _FILTERED)
         ctx.open_child(node, options, "target", Role.DATA)
+        bitmap = options.get("bitmap")
+        if isinstance(bitmap, dict):
+            owner = str(bitmap.get("node"))
+            found = ctx.graph.lookup(owner)
+            if found is None:
+                bb = ctx.graph.backend_by_name(owner)
+                found = bb.root.child if bb is not None and bb.root is not None else None
+            if found is None:
+                raise GenericError(f"Node '{owner}' not found")
+            # qmpgraph has no dirty bitmaps (block-dirty-bitmap-add is not implemented).
+            raise GenericError(f"Dirty bitmap '{bitmap.get('name')}' not found")
 
     def child_perm(
         self,
