@@ -1,0 +1,695 @@
+"""The qcow2 data path: guest reads and writes on a qcow2 image (synchronous).
+
+``Qcow2Image(file, backing=..., data_file=...)`` opens an image over a
+``HostFile`` (see ``qcow2_storage``) and offers what a block node needs:
+
+* ``read(offset, length)`` / ``readinto(offset, buf)``: through the L1/L2
+  tables; unallocated clusters read from the backing image (zeros past its
+  end, or without one), zero clusters (v3 zero flag) as zeros, compressed
+  clusters inflated (zlib raw deflate; zstd when the ``zstandard`` module is
+  installed, else ``Qcow2Error``), data clusters from the image file or the
+  external data file.  Contiguous host runs are read with one ``pread``.
+* ``write(offset, data, fua=False)``: clusters with refcount 1 (the COPIED
+  flag) are written in place; others (unallocated, zero, compressed, shared
+  with a snapshot) get new clusters, one contiguous allocation per L2 table,
+  filled with the old guest data around the written part (copy-on-write
+  from the backing image, zeros, the inflated cluster, the shared cluster).
+* ``write_zeroes(offset, length, may_unmap=False)``: zero flags on whole
+  clusters (v3); explicit zeros for partial clusters and on v2 images.
+* ``discard(offset, length)``: whole clusters (and the partial last cluster
+  of the image), as QEMU's request discard: the entry becomes a zero
+  cluster on v3, unallocated on v2 (reads the backing image again); the
+  cluster is freed.  Discard is a no-op on images with a raw data file.
+* ``flush()``, ``block_status(offset, length)`` (``Extent`` list),
+  ``truncate(new_size)`` (see ``qcow2_truncate``), ``snapshots`` and
+  ``snapshot(id_or_name)`` (a read-only view of an internal snapshot at its
+  own virtual size, see ``qcow2_snapshot``).
+
+Metadata is write-through: every call leaves the file consistent for
+``qemu-img check`` when it returns, in QEMU's crash-safe order: refcounts
+of new clusters first, then guest data, then L2 entries, then L1 entries,
+then the refcounts of freed clusters.  Only ``flush`` (or ``fua``) syncs.
+The dirty bit is never set: QEMU sets it only with lazy refcounts, which
+this data path does not use (refcounts are always exact); a writable open
+refuses an image whose dirty bit is set (``qemu-img check -r all`` repairs
+it).  Unknown autoclear bits (e.g. ``bitmaps``) are cleared on a writable
+open, since their data would go stale.
+
+Thread safety: none; the caller serialises calls on one image.
+Not supported (refused at open with ``Qcow2Error``): extended L2 entries,
+encryption.  Compressed writes are not done (writes to a compressed cluster
+allocate a normal one).
+
+What does not live here: header validation (``qcow2``), image creation
+(``qcow2_image``), the block-resize command's own resize (``qcow2_resize``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from qmpgraph.drivers import qcow2_truncate
+from qmpgraph.drivers.qcow2 import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    INCOMPAT_DIRTY,
+    Qcow2Header,
+    header_read_length,
+    parse_header,
+)
+from qmpgraph.drivers.qcow2_refcount import Refcounts
+from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry, find_snapshot, read_snapshot_table
+from qmpgraph.drivers.qcow2_storage import (
+    BlockSource,
+    Extent,
+    FdFile,
+    HostFile,
+    Qcow2Error,
+    RawImage,
+    Status,
+    merge_extents,
+    pread_full,
+)
+from qmpgraph.errors import GenericError
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+_HEADER_L1 = 36  # l1_size (be32), l1_table_offset (be64)
+_HEADER_SIZE = 24
+_HEADER_AUTOCLEAR = 88
+_L2_CACHE_BYTES = 32 << 20
+_ZERO_CHUNK = 4 << 20
+
+# Cluster kinds, from an L2 entry.
+UNALLOCATED, ZERO, NORMAL, COMPRESSED = range(4)
+
+__all__ = [
+    "BlockSource",
+    "Extent",
+    "FdFile",
+    "HostFile",
+    "Qcow2Error",
+    "Qcow2Image",
+    "RawImage",
+    "Status",
+    "open_image",
+]
+
+
+class _Mapper:
+    """Guest-to-host mapping through one L1 table (the active one or a snapshot's)."""
+
+    image: Qcow2Image
+    l1: list[int]
+    size: int
+
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """Maximal runs ``(kind, guest_offset, length, host)`` over the range.
+
+        ``host`` is the byte offset of the guest offset for NORMAL runs
+        (contiguous on the host), the raw L2 entry for COMPRESSED runs (one
+        cluster each), 1 for ZERO runs with a host cluster, else 0.
+        """
+        img = self.image
+        cb, l2_bits = img.cluster_bits, img.l2_bits
+        in_cluster = img.cluster_size - 1
+        l2_mask = (1 << l2_bits) - 1
+        v3 = img.header.version >= 3
+        out: list[list[int]] = []
+        pos, end = offset, offset + length
+        cur: list[int] | None = None
+        while pos < end:
+            l1_index = pos >> (cb + l2_bits)
+            l2_offset = self.l1[l1_index] & OFFSET_MASK if l1_index < len(self.l1) else 0
+            slice_end = min(end, (l1_index + 1) << (cb + l2_bits))
+            if not l2_offset:
+                kind, host, n = UNALLOCATED, 0, slice_end - pos
+                if cur is not None and cur[0] == kind:
+                    cur[2] += n
+                else:
+                    cur = [kind, pos, n, 0]
+                    out.append(cur)
+                pos = slice_end
+                continue
+            table = img._l2(l2_offset)
+            index = (pos >> cb) & l2_mask
+            while pos < slice_end:
+                entry = table[index]
+                stop = min(slice_end, ((pos >> cb) + 1) << cb)
+                n = stop - pos
+                if entry & OFLAG_COMPRESSED:
+                    kind, host = COMPRESSED, entry
+                else:
+                    host = entry & OFFSET_MASK
+                    if v3 and entry & OFLAG_ZERO:
+                        kind, host = ZERO, 1 if host else 0
+                    elif host:
+                        kind, host = NORMAL, host + (pos & in_cluster)
+                    else:
+                        kind = UNALLOCATED
+                if (
+                    cur is not None
+                    and cur[0] == kind
+                    and kind != COMPRESSED
+                    and (kind != NORMAL or cur[3] + cur[2] == host)
+                    and (kind != ZERO or cur[3] == host)
+                ):
+                    cur[2] += n
+                else:
+                    cur = [kind, pos, n, host]
+                    out.append(cur)
+                pos = stop
+                index += 1
+        return [(r[0], r[1], r[2], r[3]) for r in out]
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                f"request [{offset}, {offset + length}) is outside the image (size {self.size})"
+            )
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` with the guest data at ``offset``."""
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        img = self.image
+        for kind, guest, n, host in self._runs(offset, len(view)):
+            dst = view[guest - offset : guest - offset + n]
+            if kind == NORMAL:
+                dst[:] = pread_full(img.data_host, host, n)
+            elif kind == UNALLOCATED:
+                img._read_backing(dst, guest)
+            elif kind == ZERO:
+                dst[:] = bytes(n)
+            else:
+                cluster = img._inflate(host)
+                start = guest & (img.cluster_size - 1)
+                dst[:] = cluster[start : start + n]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The guest data of [offset, offset + length)."""
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents of [offset, offset + length), merged; see ``Extent``."""
+        self._check_range(offset, length)
+        img = self.image
+        out: list[Extent] = []
+        here = Status.ALLOCATED
+        for kind, guest, n, _ in self._runs(offset, length):
+            if kind in (NORMAL, COMPRESSED):
+                out.append(Extent(guest, n, Status.DATA | here, 1))
+            elif kind == ZERO:
+                out.append(Extent(guest, n, Status.ZERO | here, 1))
+            else:
+                out.extend(img._backing_status(guest, n))
+        return merge_extents(out)
+
+
+class Qcow2Image(_Mapper):
+    """A qcow2 image's guest data, read and written through its metadata.
+
+    ``file`` holds the image (``HostFile``); ``backing`` is the backing image
+    (any ``BlockSource``: another ``Qcow2Image``, a ``RawImage``), or None;
+    ``data_file`` is the external data file, required when the header says
+    there is one.  ``read_only`` refuses writes (and skips the open-time
+    header updates).  Errors: ``qmpgraph.errors.GenericError`` with QEMU's
+    messages for a bad header, ``Qcow2Error`` for what the data path cannot
+    do, ``ValueError`` for requests past the end of the image.
+    """
+
+    def __init__(
+        self,
+        file: HostFile,
+        *,
+        backing: BlockSource | None = None,
+        data_file: HostFile | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.image = self
+        self.file = file
+        self.backing = backing
+        self.read_only = read_only
+        self._owned: list[Any] = []
+        raw = pread_full(file, 0, 4096)
+        need = header_read_length(raw)
+        if need > len(raw):
+            raw = pread_full(file, 0, need)
+        header = parse_header(raw, writable=not read_only)
+        self.header: Qcow2Header = header
+        if header.extended_l2:
+            raise Qcow2Error("qcow2 images with extended L2 entries are not supported")
+        if header.crypt_method:
+            raise Qcow2Error("encrypted qcow2 images are not supported")
+        if header.incompatible_features & INCOMPAT_DIRTY and not read_only:
+            raise Qcow2Error(
+                "qcow2 image is dirty (lazy refcounts); repair it with 'qemu-img check -r all'"
+            )
+        if header.has_data_file and data_file is None:
+            raise GenericError("'data-file' is required for this image")
+        self.data_host: HostFile = data_file if header.has_data_file and data_file else file
+        self.external_data = header.has_data_file
+        self.data_raw = bool(header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = 1 << header.cluster_bits
+        self.l2_bits = header.l2_bits
+        self.l2_entries = 1 << self.l2_bits
+        self.size = header.size // 512 * 512
+        self.l1_offset = header.l1_table_offset
+        self.l1 = list(struct.unpack(f">{header.l1_size}Q", pread_full(
+            file, header.l1_table_offset, header.l1_size * 8)))  # fmt: skip
+        rt_offset, rt_clusters = struct.unpack_from(">QI", raw.ljust(60, b"\0"), 48)
+        self.refcounts = Refcounts(
+            file,
+            cluster_bits=self.cluster_bits,
+            refcount_order=header.refcount_order,
+            table_offset=rt_offset,
+            table_clusters=rt_clusters,
+        )
+        self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._l2_cache_max = max(16, _L2_CACHE_BYTES // self.cluster_size)
+        self._inflated: tuple[int, bytes] = (-1, b"")
+        self.snapshots: tuple[SnapshotEntry, ...] = read_snapshot_table(
+            file, header.snapshots_offset, header.nb_snapshots
+        )
+        # Compressed entries: host offset bits, then (sectors - 1).
+        self._csize_shift = 62 - (self.cluster_bits - 8)
+        self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self._coffset_mask = (1 << self._csize_shift) - 1
+        unknown_autoclear = header.autoclear_features & ~AUTOCLEAR_DATA_FILE_RAW
+        if not read_only and header.version >= 3 and unknown_autoclear:
+            kept = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+            file.pwrite(_HEADER_AUTOCLEAR, struct.pack(">Q", kept))
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Close what ``open_image`` opened for this image (files, backing chain)."""
+        for obj in reversed(self._owned):
+            obj.close()
+        self._owned.clear()
+
+    def __enter__(self) -> Qcow2Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- metadata access ---------------------------------------------------
+
+    def _l2(self, offset: int) -> list[int]:
+        """The L2 table at host ``offset`` (cached; always equal to the file)."""
+        table = self._l2_cache.get(offset)
+        if table is not None:
+            self._l2_cache.move_to_end(offset)
+            return table
+        raw = pread_full(self.file, offset, self.cluster_size)
+        table = list(struct.unpack(f">{self.l2_entries}Q", raw))
+        self._l2_cache[offset] = table
+        if len(self._l2_cache) > self._l2_cache_max:
+            self._l2_cache.popitem(last=False)
+        return table
+
+    def _write_l2(self, offset: int, table: list[int], lo: int, hi: int) -> None:
+        """Write entries [lo, hi) of the L2 table at ``offset``."""
+        if hi > lo:
+            self.file.pwrite(offset + lo * 8, struct.pack(f">{hi - lo}Q", *table[lo:hi]))
+
+    def _set_l1(self, index: int, entry: int) -> None:
+        self.l1[index] = entry
+        self.file.pwrite(self.l1_offset + index * 8, struct.pack(">Q", entry))
+
+    def _l2_for_write(self, l1_index: int) -> tuple[int, list[int]]:
+        """The active L2 table for ``l1_index``, allocated or copied when shared."""
+        entry = self.l1[l1_index]
+        old = entry & OFFSET_MASK
+        if old and entry & OFLAG_COPIED:
+            return old, self._l2(old)
+        content = list(self._l2(old)) if old else [0] * self.l2_entries
+        new = self.refcounts.allocate(1)
+        self.file.pwrite(new, struct.pack(f">{self.l2_entries}Q", *content))
+        self._l2_cache[new] = content
+        self._set_l1(l1_index, new | OFLAG_COPIED)
+        if old:
+            self.refcounts.free_bytes(old, self.cluster_size)
+        return new, content
+
+    def _free_entry(self, entry: int) -> None:
+        """Drop the reference an L2 entry held on its host cluster (qcow2_free_any_cluster)."""
+        if entry & OFLAG_COMPRESSED:
+            offset = entry & self._coffset_mask & ~511
+            sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+            self.refcounts.free_bytes(offset, sectors * 512)
+        elif entry & OFFSET_MASK and not self.external_data:
+            self.refcounts.free_bytes(entry & OFFSET_MASK, self.cluster_size)
+
+    # -- reads -------------------------------------------------------------
+
+    def _read_backing(self, dst: memoryview, guest: int) -> None:
+        backing = self.backing
+        n = 0 if backing is None else max(0, min(len(dst), backing.size - guest))
+        if n and backing is not None:
+            dst[:n] = backing.read(guest, n)
+        if n < len(dst):
+            dst[n:] = bytes(len(dst) - n)
+
+    def _backing_status(self, guest: int, length: int) -> list[Extent]:
+        backing = self.backing
+        n = 0 if backing is None else max(0, min(length, backing.size - guest))
+        out: list[Extent] = []
+        if n and backing is not None:
+            for ext in backing.block_status(guest, n):
+                flags = ext.flags & ~Status.ALLOCATED
+                depth = ext.depth + 1 if ext.depth else 0
+                out.append(Extent(ext.offset, ext.length, Status(flags), depth))
+        if n < length:
+            out.append(Extent(guest + n, length - n, Status.ZERO, 0))
+        return out
+
+    def _inflate(self, entry: int) -> bytes:
+        """The guest cluster a compressed L2 entry holds."""
+        if self._inflated[0] == entry:
+            return self._inflated[1]
+        coffset = entry & self._coffset_mask
+        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        csize = sectors * 512 - (coffset & 511)
+        data = pread_full(self.file, coffset, csize)
+        if self.header.compression_type == 0:
+            try:
+                out = zlib.decompressobj(-12).decompress(data, self.cluster_size)
+            except zlib.error as err:
+                raise Qcow2Error(f"qcow2: bad compressed cluster: {err}") from None
+        else:
+            out = _zstd_decompress(data, self.cluster_size)
+        if len(out) != self.cluster_size:
+            raise Qcow2Error("qcow2: compressed cluster does not inflate to a whole cluster")
+        self._inflated = (entry, out)
+        return out
+
+    # -- writes ------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise Qcow2Error("qcow2 image is open read-only")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write ``data`` at guest ``offset`` (allocating, copying on write)."""
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        shift = self.cluster_bits + self.l2_bits
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            l1_index = pos >> shift
+            stop = min(end, (l1_index + 1) << shift)
+            self._write_slice(l1_index, pos, view[pos - offset : stop - offset])
+            pos = stop
+        if fua:
+            self.flush()
+
+    def _write_slice(self, l1_index: int, pos: int, data: memoryview) -> None:
+        """A write within one L2 table's range."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        end = pos + len(data)
+        first, last = pos >> cb, (end - 1) >> cb
+        table_offset, table = self._l2_for_write(l1_index)
+        base = first & (self.l2_entries - 1)
+        entries = table[base : base + last - first + 1]
+        v3 = self.header.version >= 3
+        # fresh: needs a new host cluster; filled: written whole (fresh, or
+        # an allocated zero cluster whose unwritten part must become zeros).
+        fresh = [
+            not (e & OFLAG_COPIED) or bool(e & OFLAG_COMPRESSED) or not e & OFFSET_MASK
+            for e in entries
+        ]
+        filled = [f or (v3 and bool(e & OFLAG_ZERO)) for f, e in zip(fresh, entries, strict=True)]
+        # Old guest data around the written part, read before the L2 changes.
+        head = tail = b""
+        if filled[0] and pos > first << cb:
+            head = self.read(first << cb, pos - (first << cb))
+        last_end = (last + 1) << cb
+        if filled[-1] and end < last_end:
+            tail = self.read(end, max(0, min(last_end, self.size) - end))
+            tail += bytes(last_end - end - len(tail))
+        count = sum(fresh)
+        next_host = 0
+        if count and not self.external_data:
+            next_host = self.refcounts.allocate(count)
+        # Gather the host writes, merging contiguous ones.
+        segments: list[tuple[int, list[Any]]] = []
+        seg_end = -1
+        for i, entry in enumerate(entries):
+            cluster = first + i
+            lo = max(pos, cluster << cb)
+            hi = min(end, (cluster + 1) << cb)
+            chunk = data[lo - pos : hi - pos]
+            if filled[i]:
+                if not fresh[i]:
+                    host = entry & OFFSET_MASK
+                elif self.external_data:
+                    host = cluster << cb
+                else:
+                    host, next_host = next_host, next_host + cs
+                before = head if i == 0 else b""
+                after = tail if cluster == last else b""
+                if not fresh[i]:
+                    before, after = bytes(len(before)), bytes(len(after))
+                bufs: list[Any] = [before, chunk, after]
+                start = host
+                table[base + i] = host | OFLAG_COPIED
+            else:
+                start = (entry & OFFSET_MASK) + (lo & (cs - 1))
+                bufs = [chunk]
+            if start == seg_end:
+                segments[-1][1].extend(bufs)
+            else:
+                segments.append((start, bufs))
+            seg_end = start + sum(len(b) for b in bufs)
+        for start, bufs in segments:
+            parts = [b for b in bufs if len(b)]
+            self.data_host.pwrite(start, parts[0] if len(parts) == 1 else b"".join(parts))
+        changed = [i for i, e in enumerate(entries) if table[base + i] != e]
+        if changed:
+            self._write_l2(table_offset, table, base + changed[0], base + changed[-1] + 1)
+        for i in changed:
+            if fresh[i]:
+                self._free_entry(entries[i])
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make [offset, offset + length) read as zeros.
+
+        Whole clusters of a v3 image get the zero flag (their host cluster is
+        kept when allocated, unless ``may_unmap``); partial clusters, v2
+        images and images with a raw data file get explicit zeros where the
+        range does not already read as zeros.
+        """
+        self._check_writable()
+        self._check_range(offset, length)
+        cs = self.cluster_size
+        end = offset + length
+        if self.header.version < 3 or self.data_raw:
+            self._write_zero_bytes(offset, end)
+            return
+        start = -(-offset // cs) * cs
+        stop = end if end == self.size else end // cs * cs
+        if stop <= start:
+            self._write_zero_bytes(offset, end)
+            return
+        self._write_zero_bytes(offset, start)
+        self._zero_clusters(start, stop, unmap=may_unmap)
+        self._write_zero_bytes(stop, end)
+
+    def _write_zero_bytes(self, start: int, stop: int) -> None:
+        """Write zeros where [start, stop) does not read as zeros already."""
+        if stop <= start:
+            return
+        for ext in self.block_status(start, stop - start):
+            if ext.flags & Status.ZERO:
+                continue
+            pos = ext.offset
+            while pos < ext.offset + ext.length:
+                n = min(_ZERO_CHUNK, ext.offset + ext.length - pos)
+                self.write(pos, bytes(n))
+                pos += n
+
+    def _zero_clusters(self, start: int, stop: int, *, unmap: bool) -> None:
+        """Zero flags on the clusters of [start, stop) (cluster aligned, v3)."""
+
+        has_backing = self.backing is not None
+
+        def new_entry(entry: int) -> int:
+            host = entry & OFFSET_MASK
+            if not has_backing and not host and not entry & OFLAG_COMPRESSED:
+                return entry  # unallocated without a backing file reads as zeros
+            keep = not unmap and host and entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED
+            return (entry | OFLAG_ZERO) if keep else OFLAG_ZERO
+
+        self._rewrite_entries(start, stop, new_entry, need_table=has_backing)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard the whole clusters of [offset, offset + length), as QEMU's discard."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if self.data_raw:
+            return
+        cs = self.cluster_size
+        end = offset + length
+        start = -(-offset // cs) * cs
+        stop = end if end == self.size else end // cs * cs
+        if stop <= start:
+            return
+        self._discard_clusters(start, stop, full=False)
+
+    def _discard_clusters(self, start: int, stop: int, *, full: bool) -> None:
+        v3 = self.header.version >= 3
+        has_backing = self.backing is not None
+
+        def new_entry(entry: int) -> int:
+            if full:
+                return 0
+            # Unallocated without a backing file, or already a zero cluster:
+            # it reads as zeros already.
+            if not entry & (OFFSET_MASK | OFLAG_COMPRESSED) and (
+                not has_backing or (v3 and entry & OFLAG_ZERO)
+            ):
+                return entry
+            return OFLAG_ZERO if v3 else 0
+
+        self._rewrite_entries(start, stop, new_entry, need_table=has_backing and v3 and not full)
+
+    def _rewrite_entries(self, start: int, stop: int, new_entry: Any, *, need_table: bool) -> None:
+        """Apply ``new_entry(old) -> new`` to the L2 entries of [start, stop), freeing
+        the host clusters of replaced entries after the L2 write."""
+        cb = self.cluster_bits
+        cluster, last = start >> cb, (stop - 1) >> cb
+        while cluster <= last:
+            l1_index = cluster >> self.l2_bits
+            table_stop = min(last, ((l1_index + 1) << self.l2_bits) - 1)
+            base = cluster & (self.l2_entries - 1)
+            count = table_stop - cluster + 1
+            l2_offset = self.l1[l1_index] & OFFSET_MASK
+            old_table = self._l2(l2_offset) if l2_offset else [0] * self.l2_entries
+            olds = old_table[base : base + count]
+            news = [new_entry(e) for e in olds]
+            if news != olds and (l2_offset or need_table):
+                table_offset, table = self._l2_for_write(l1_index)
+                olds = table[base : base + count]
+                news = [new_entry(e) for e in olds]
+                table[base : base + count] = news
+                changed = [i for i in range(count) if news[i] != olds[i]]
+                if changed:
+                    self._write_l2(table_offset, table, base + changed[0], base + changed[-1] + 1)
+                for i in changed:
+                    if olds[i] & (OFFSET_MASK | OFLAG_COMPRESSED) and (
+                        news[i] & OFFSET_MASK != olds[i] & OFFSET_MASK or olds[i] & OFLAG_COMPRESSED
+                    ):
+                        self._free_entry(olds[i])
+            cluster = table_stop + 1
+
+    def flush(self) -> None:
+        """Make every completed write durable (data file first, then the image)."""
+        if self.data_host is not self.file:
+            self.data_host.flush()
+        self.file.flush()
+
+    def truncate(self, new_size: int) -> None:
+        """Resize the image (see ``qcow2_truncate.truncate`` for the rules)."""
+        self._check_writable()
+        qcow2_truncate.truncate(self, new_size)
+
+    # -- snapshots ---------------------------------------------------------
+
+    def snapshot(self, id_or_name: str) -> Qcow2Snapshot:
+        """A read-only view of the internal snapshot with this id (or else name)."""
+        entry = find_snapshot(self.snapshots, id_or_name)
+        if entry is None:
+            raise Qcow2Error(f"Can't find snapshot '{id_or_name}'")
+        return Qcow2Snapshot(self, entry)
+
+
+class Qcow2Snapshot(_Mapper):
+    """An internal snapshot's guest data, read-only, at the snapshot's own size.
+
+    Unallocated clusters read through the image's backing file, as QEMU's
+    ``bdrv_snapshot_load_tmp`` does.  The view stays valid while the active
+    layer is written (writes never touch clusters a snapshot shares).
+    """
+
+    def __init__(self, image: Qcow2Image, entry: SnapshotEntry) -> None:
+        self.image = image
+        self.entry = entry
+        self.size = (entry.disk_size if entry.disk_size is not None else image.size) // 512 * 512
+        raw = pread_full(image.file, entry.l1_table_offset, entry.l1_size * 8)
+        self.l1 = list(struct.unpack(f">{entry.l1_size}Q", raw))
+
+    def close(self) -> None:
+        """Nothing to release (the image owns the files)."""
+
+
+def _zstd_decompress(data: bytes, size: int) -> bytes:
+    try:
+        zstandard = importlib.import_module("zstandard")
+    except ImportError:
+        raise Qcow2Error(
+            "qcow2: zstd-compressed clusters need the 'zstandard' Python module"
+        ) from None
+    # QEMU writes one zstd frame per cluster, possibly without a content size.
+    out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return bytes(out[:size])
+
+
+def _iter_chain(image: BlockSource) -> Iterator[BlockSource]:
+    current: BlockSource | None = image
+    while current is not None:
+        yield current
+        current = getattr(current, "backing", None)
+
+
+def open_image(
+    path: str | os.PathLike[str], *, read_only: bool = False, fmt: str | None = None
+) -> BlockSource:
+    """Open an image file and, from its header, its backing chain (read-only).
+
+    ``fmt`` is ``qcow2`` or ``raw`` (probed from the magic when None).  A
+    qcow2 image's backing file name is relative to its own directory, its
+    format the header's backing format (probed when absent); an external
+    data file is opened by its header name.  ``close()`` closes them all.
+    """
+    path = os.fspath(path)
+    if fmt not in (None, "raw", "qcow2"):
+        raise Qcow2Error(f"unsupported image format '{fmt}'")
+    host = FdFile.open(path, read_only=read_only)
+    try:
+        if fmt is None:
+            fmt = "qcow2" if pread_full(host, 0, 4) == b"QFI\xfb" else "raw"
+        if fmt == "raw":
+            return RawImage(host, owned=True)
+        probe = Qcow2Image(host, read_only=True, data_file=host)
+        header = probe.header
+        base = os.path.dirname(path)
+        owned: list[Any] = [host]
+        backing: BlockSource | None = None
+        if header.backing_file:
+            name = os.path.join(base, header.backing_file)
+            backing = open_image(name, read_only=True, fmt=header.backing_format)
+            owned.append(backing)
+        data_file: HostFile | None = None
+        if header.has_data_file and header.data_file:
+            data = FdFile.open(os.path.join(base, header.data_file), read_only=read_only)
+            owned.append(data)
+            data_file = data
+        image = Qcow2Image(host, backing=backing, data_file=data_file, read_only=read_only)
+        image._owned = owned
+        return image
+    except BaseException:
+        host.close()
+        raise
