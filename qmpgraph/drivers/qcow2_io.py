@@ -122,6 +122,9 @@ class _Mapper:
         in_cluster = img.cluster_size - 1
         l2_mask = (1 << l2_bits) - 1
         v3 = img.header.version >= 3
+        # With an external data file, 0 is a valid host offset: COPIED
+        # (always set there) tells allocated from not.
+        ext = OFLAG_COPIED if img.external_data else 0
         out: list[list[int]] = []
         pos, end = offset, offset + length
         cur: list[int] | None = None
@@ -149,8 +152,8 @@ class _Mapper:
                 else:
                     host = entry & OFFSET_MASK
                     if v3 and entry & OFLAG_ZERO:
-                        kind, host = ZERO, 1 if host else 0
-                    elif host:
+                        kind, host = ZERO, 1 if host or entry & ext else 0
+                    elif host or entry & ext:
                         kind, host = NORMAL, host + (pos & in_cluster)
                     else:
                         kind = UNALLOCATED
@@ -343,6 +346,12 @@ class Qcow2Image(_Mapper):
             self.refcounts.free_bytes(old, self.cluster_size)
         return new, content
 
+    def _has_host(self, entry: int) -> bool:
+        """Whether a (not compressed) L2 entry has a host cluster."""
+        if entry & OFFSET_MASK:
+            return True
+        return self.external_data and bool(entry & OFLAG_COPIED)
+
     def _free_entry(self, entry: int) -> None:
         """Drop the reference an L2 entry held on its host cluster (qcow2_free_any_cluster)."""
         if entry & OFLAG_COMPRESSED:
@@ -428,7 +437,7 @@ class Qcow2Image(_Mapper):
         # fresh: needs a new host cluster; filled: written whole (fresh, or
         # an allocated zero cluster whose unwritten part must become zeros).
         fresh = [
-            not (e & OFLAG_COPIED) or bool(e & OFLAG_COMPRESSED) or not e & OFFSET_MASK
+            not (e & OFLAG_COPIED) or bool(e & OFLAG_COMPRESSED) or not self._has_host(e)
             for e in entries
         ]
         filled = [f or (v3 and bool(e & OFLAG_ZERO)) for f, e in zip(fresh, entries, strict=True)]
@@ -527,7 +536,7 @@ class Qcow2Image(_Mapper):
         has_backing = self.backing is not None
 
         def new_entry(entry: int) -> int:
-            host = entry & OFFSET_MASK
+            host = self._has_host(entry)
             if not has_backing and not host and not entry & OFLAG_COMPRESSED:
                 return entry  # unallocated without a backing file reads as zeros
             keep = not unmap and host and entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED
@@ -558,8 +567,10 @@ class Qcow2Image(_Mapper):
                 return 0
             # Unallocated without a backing file, or already a zero cluster:
             # it reads as zeros already.
-            if not entry & (OFFSET_MASK | OFLAG_COMPRESSED) and (
-                not has_backing or (v3 and entry & OFLAG_ZERO)
+            if (
+                not self._has_host(entry)
+                and not entry & OFLAG_COMPRESSED
+                and (not has_backing or (v3 and entry & OFLAG_ZERO))
             ):
                 return entry
             return OFLAG_ZERO if v3 else 0
