@@ -51,7 +51,6 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 from qmpgraph.drivers import qcow2_truncate
@@ -658,40 +657,24 @@ def _zstd_decompress(data: bytes, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def _iter_chain(image: BlockSource) -> Iterator[BlockSource]:
-    current: BlockSource | None = image
-    while current is not None:
-        yield current
-        current = getattr(current, "backing", None)
+def open_image(path: str | os.PathLike[str], *, read_only: bool = False) -> Qcow2Image:
+    """Open a qcow2 image file and, from its header, its backing chain (read-only).
 
-
-def open_image(
-    path: str | os.PathLike[str], *, read_only: bool = False, fmt: str | None = None
-) -> BlockSource:
-    """Open an image file and, from its header, its backing chain (read-only).
-
-    ``fmt`` is ``qcow2`` or ``raw`` (probed from the magic when None).  A
-    qcow2 image's backing file name is relative to its own directory, its
-    format the header's backing format (probed when absent); an external
-    data file is opened by its header name.  ``close()`` closes them all.
+    A backing file name is relative to the image's directory; its format is
+    the header's backing format (probed from the magic when absent: qcow2
+    or raw).  An external data file is opened by its header name, relative
+    to the image's directory.  ``close()`` closes them all.
     """
     path = os.fspath(path)
-    if fmt not in (None, "raw", "qcow2"):
-        raise Qcow2Error(f"unsupported image format '{fmt}'")
     host = FdFile.open(path, read_only=read_only)
+    owned: list[Any] = [host]
     try:
-        if fmt is None:
-            fmt = "qcow2" if pread_full(host, 0, 4) == b"QFI\xfb" else "raw"
-        if fmt == "raw":
-            return RawImage(host, owned=True)
         probe = Qcow2Image(host, read_only=True, data_file=host)
         header = probe.header
         base = os.path.dirname(path)
-        owned: list[Any] = [host]
         backing: BlockSource | None = None
         if header.backing_file:
-            name = os.path.join(base, header.backing_file)
-            backing = open_image(name, read_only=True, fmt=header.backing_format)
+            backing = _open_backing(os.path.join(base, header.backing_file), header.backing_format)
             owned.append(backing)
         data_file: HostFile | None = None
         if header.has_data_file and header.data_file:
@@ -699,8 +682,21 @@ def open_image(
             owned.append(data)
             data_file = data
         image = Qcow2Image(host, backing=backing, data_file=data_file, read_only=read_only)
-        image._owned = owned
-        return image
     except BaseException:
-        host.close()
+        for obj in reversed(owned):
+            obj.close()
         raise
+    image._owned = owned
+    return image
+
+
+def _open_backing(path: str, fmt: str | None) -> BlockSource:
+    """A backing image, read-only: qcow2 (with its own chain) or raw."""
+    if fmt not in (None, "raw", "qcow2"):
+        raise Qcow2Error(f"unsupported backing format '{fmt}'")
+    if fmt is None:
+        with open(path, "rb") as f:
+            fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    if fmt == "raw":
+        return RawImage(FdFile.open(path, read_only=True), owned=True)
+    return open_image(path, read_only=True)
