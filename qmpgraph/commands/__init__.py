@@ -5,6 +5,7 @@ Importing this package registers every implemented command.
 
 from qmpgraph.commands import block as block
 from qmpgraph.commands import core as core
+from qmpgraph.commands import exports as exports
 from qmpgraph.commands import qom as qom
 from qmpgraph.commands import query_block as query_block
 from qmpgraph.commands import quorum as quorum

@@ -1,0 +1,441 @@
+"""Block exports and the NBD server: nbd-server-start/-stop, block-export-add/-del,
+the legacy nbd-server-add/-remove, and query-block-exports.
+
+An export is a BlockBackend root parent of its node (QEMU's ``blk_exp_add``):
+permissions ``consistent-read`` (plus ``write`` when writable), shared
+everything but ``resize``.  Graph changes run in one transaction per command;
+the export table changes through undoable actions, and the side effects that
+must not happen on abort (the BLOCK_EXPORT_DELETED event, disconnecting
+clients, closing the listener) are queued with ``tran.on_commit``.
+
+The listening socket is bound here, synchronously, so that bind errors are
+the command's errors; serving it is the job of a runtime
+(``qmpgraph.server.nbd``), started only when the command runs inside trio.
+
+What does not live here: the NBD protocol (``qmpgraph.nbd``), sockets'
+tasks and request execution (``qmpgraph.server.nbd``, ``qmpgraph.io``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from qmpgraph.commands.registry import command
+from qmpgraph.errors import GenericError
+from qmpgraph.graph.model import BlockBackend, Edge, Node
+from qmpgraph.graph.perms import PERM_ALL, Perm, Role
+from qmpgraph.nbd import constants as nbdc
+from qmpgraph.objects import id_wellformed
+from qmpgraph.transactions.actions import add_root_parent, remove_root_parent
+from qmpgraph.transactions.composite import detach_child, root_attach, set_edge_perms_checked
+from qmpgraph.transactions.engine import Action, Transaction
+
+if TYPE_CHECKING:
+    from qmpgraph.commands.context import CommandContext
+    from qmpgraph.daemon import Daemon
+    from qmpgraph.graph.graph import BlockGraph
+
+
+class NBDRuntime(Protocol):
+    """What the serving side offers the commands (``qmpgraph.server.nbd``)."""
+
+    def has_clients(self, export: NBDExport) -> bool:
+        """Whether a client is connected to ``export``."""
+        ...
+
+    def disconnect(self, export: NBDExport) -> None:
+        """Hang up every client of ``export``."""
+        ...
+
+    def stop(self) -> None:
+        """Stop accepting and hang up every client."""
+        ...
+
+
+@dataclass(eq=False)
+class NBDExport:
+    """One block export of type nbd (QEMU's ``NBDExport`` with its ``BlockExport``)."""
+
+    id: str
+    name: str
+    description: str | None
+    node: Node
+    backend: BlockBackend
+    writable: bool
+    allocation_depth: bool
+    size: int
+    nbdflags: int
+    request_alignment: int = 1
+    max_transfer: int = nbdc.MAX_BUFFER_SIZE
+
+    @property
+    def node_name(self) -> str:
+        """The exported node's name (as query-block-exports shows it)."""
+        return self.node.node_name
+
+
+@dataclass(eq=False)
+class NBDServer:
+    """The running NBD server: its listening socket and limits."""
+
+    sock: socket.socket
+    unix_path: str | None
+    max_connections: int
+    runtime: NBDRuntime | None = None
+
+    def close(self) -> None:
+        """Stop serving and release the socket (a Unix socket's file is removed)."""
+        if self.runtime is not None:
+            self.runtime.stop()
+        self.sock.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+
+
+@dataclass(eq=False)
+class ExportTable:
+    """A daemon's exports (newest first, as QEMU's list) and its NBD server."""
+
+    exports: list[NBDExport] = field(default_factory=list)
+    server: NBDServer | None = None
+
+    def by_id(self, export_id: str) -> NBDExport | None:
+        """The export with this id."""
+        return next((e for e in self.exports if e.id == export_id), None)
+
+    def find(self, name: str) -> NBDExport | None:
+        """The NBD export called ``name`` (``ExportDirectory`` of the protocol core)."""
+        return next((e for e in self.exports if e.name == name), None)
+
+    def all(self) -> list[NBDExport]:
+        """NBD exports oldest first (the NBD server's own list order)."""
+        return list(reversed(self.exports))
+
+
+_TABLES: weakref.WeakKeyDictionary[Daemon, ExportTable] = weakref.WeakKeyDictionary()
+
+
+def export_table(daemon: Daemon) -> ExportTable:
+    """The daemon's export table (created on first use)."""
+    table = _TABLES.get(daemon)
+    if table is None:
+        table = _TABLES[daemon] = ExportTable()
+        daemon.on_stop(lambda: _stop_server(table))
+    return table
+
+
+def _stop_server(table: ExportTable) -> None:
+    if table.server is not None:
+        table.server.close()
+        table.server = None
+
+
+# -- undoable changes of the table ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExportAdded(Action):
+    """An export entered the table; removed again on abort."""
+
+    name: ClassVar[str] = "export-add"
+    table: ExportTable
+    export: NBDExport
+
+    def abort(self) -> None:
+        self.table.exports.remove(self.export)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRemoved(Action):
+    """An export left the table; put back at its place on abort."""
+
+    name: ClassVar[str] = "export-del"
+    table: ExportTable
+    export: NBDExport
+    index: int
+
+    def abort(self) -> None:
+        self.table.exports.insert(self.index, self.export)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSet(Action):
+    """The server slot changed; restored on abort (the new socket is closed)."""
+
+    name: ClassVar[str] = "nbd-server"
+    table: ExportTable
+    old: NBDServer | None
+    new: NBDServer | None
+
+    def abort(self) -> None:
+        if self.new is not None:
+            self.new.close()
+        self.table.server = self.old
+
+
+# -- the server -------------------------------------------------------------------
+
+
+def _listen(addr: dict[str, Any]) -> tuple[socket.socket, str | None]:
+    """Bind and listen as QEMU's socket_listen (unix or inet)."""
+    kind = addr.get("type")
+    data = addr.get("data", {})
+    if kind == "unix":
+        path = str(data["path"])
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(path):
+                try:
+                    os.unlink(path)
+                except OSError as err:
+                    raise GenericError(
+                        f"Failed to unlink socket {path}: {os.strerror(err.errno or 0)}"
+                    ) from err
+            try:
+                sock.bind(path)
+            except OSError as err:
+                raise GenericError(
+                    f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}"
+                ) from err
+            sock.listen(1)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, path
+    if kind == "inet":
+        host = str(data.get("host", "")) or "127.0.0.1"
+        port = int(data.get("port", 0))
+        try:
+            sock = socket.create_server((host, port), backlog=1)
+        except OSError as err:
+            raise GenericError(f"Failed to bind socket: {os.strerror(err.errno or 0)}") from err
+        return sock, None
+    raise GenericError(f"socket family '{kind}' is not supported by qmpgraph")
+
+
+def _spawn_runtime(daemon: Daemon, table: ExportTable, server: NBDServer) -> None:
+    """Start serving ``server`` if the command runs inside trio (not in library tests)."""
+    from qmpgraph.server import nbd as nbd_server  # noqa: PLC0415 (trio only when serving)
+
+    server.runtime = nbd_server.start_runtime(daemon, table, server)
+
+
+@command("nbd-server-start")
+def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Start the NBD server on ``addr`` (tls-creds are not supported)."""
+    daemon = ctx.daemon
+    table = export_table(daemon)
+    with daemon.graph_transaction("nbd-server-start", args) as tran:
+        if table.server is not None:
+            raise GenericError("NBD server already running")
+        if args.get("tls-creds") is not None:
+            raise GenericError(f"No TLS credentials with id '{args['tls-creds']}'")
+        sock, path = _listen(args["addr"])
+        server = NBDServer(sock, path, int(args.get("max-connections", 0)))
+        tran.add(ServerSet(table, None, server))
+        table.server = server
+        tran.on_commit(lambda: _spawn_runtime(daemon, table, server))
+
+
+@command("nbd-server-stop")
+def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Stop the server and delete every NBD export (each with its event)."""
+    daemon = ctx.daemon
+    table = export_table(daemon)
+    with daemon.graph_transaction("nbd-server-stop", args) as tran:
+        server = table.server
+        if server is None:
+            raise GenericError("NBD server not running")
+        for exp in list(table.exports):
+            _delete_export(tran, daemon, table, exp)
+        tran.add(ServerSet(table, server, None))
+        table.server = None
+        tran.on_commit(server.close)
+
+
+# -- exports ----------------------------------------------------------------------
+
+
+def _node_size(node: Node) -> int:
+    return node.driver.size(node) if node.driver is not None else 0
+
+
+def _export_flags(writable: bool, max_connections: int) -> int:
+    flags = nbdc.FLAG_HAS_FLAGS | nbdc.FLAG_SEND_FLUSH | nbdc.FLAG_SEND_FUA | nbdc.FLAG_SEND_CACHE
+    if max_connections != 1:
+        flags |= nbdc.FLAG_CAN_MULTI_CONN
+    if writable:
+        flags |= nbdc.FLAG_SEND_TRIM | nbdc.FLAG_SEND_WRITE_ZEROES | nbdc.FLAG_SEND_FAST_ZERO
+    else:
+        flags |= nbdc.FLAG_READ_ONLY
+    return flags
+
+
+def _add_export(
+    tran: Transaction, daemon: Daemon, args: dict[str, Any], *, legacy: bool = False
+) -> NBDExport:
+    """blk_exp_add then nbd_export_create, in QEMU 7.2's order of checks."""
+    graph = daemon.graph
+    table = export_table(daemon)
+    export_id = str(args["id"])
+    if not id_wellformed(export_id):
+        raise GenericError("Invalid block export id")
+    if table.by_id(export_id) is not None:
+        raise GenericError(f"Block export id '{export_id}' is already in use")
+    if args.get("type") != "nbd":
+        raise GenericError("No driver found for the requested export type")
+    node_name = str(args["node-name"])
+    node = graph.lookup(node_name)
+    if node is None:
+        raise GenericError(f"Cannot find device='' nor node-name='{node_name}'")
+    writable = bool(args.get("writable", False))
+    if node.read_only and writable:
+        raise GenericError("Cannot export read-only node as writable")
+    perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else 0)
+    bb = BlockBackend()
+    add_root_parent(tran, graph, bb)
+    edge = root_attach(
+        tran,
+        graph,
+        bb,
+        node,
+        "root",
+        role=Role.FILTERED | Role.PRIMARY,
+        perm=int(perm),
+        shared=PERM_ALL,
+    )
+    server = table.server
+    if server is None:
+        raise GenericError("NBD server not running")
+    name = str(args.get("name", node_name) if not legacy else args["name"])
+    if len(name.encode()) > nbdc.MAX_STRING_SIZE:
+        raise GenericError(f"export name '{name}' too long")
+    description = args.get("description")
+    if description is not None and len(str(description).encode()) > nbdc.MAX_STRING_SIZE:
+        raise GenericError(f"description '{description}' too long")
+    if table.find(name) is not None:
+        raise GenericError(f"NBD server already has export named '{name}'")
+    size = _node_size(node)
+    # Resizing is not shared while exported: the export's size is fixed.
+    set_edge_perms_checked(tran, graph, edge, int(perm), PERM_ALL & ~Perm.RESIZE)
+    for bitmap in args.get("bitmaps", []):
+        bname = bitmap if isinstance(bitmap, str) else bitmap.get("name")
+        raise GenericError(f"Bitmap '{bname}' is not found")
+    exp = NBDExport(
+        id=export_id,
+        name=name,
+        description=None if description is None else str(description),
+        node=node,
+        backend=bb,
+        writable=writable,
+        allocation_depth=bool(args.get("allocation-depth", False)),
+        size=size // nbdc.SECTOR_SIZE * nbdc.SECTOR_SIZE,
+        nbdflags=_export_flags(writable, server.max_connections),
+        request_alignment=node.driver.request_alignment(node) if node.driver else 1,
+    )
+    table.exports.insert(0, exp)
+    tran.add(ExportAdded(table, exp))
+    return exp
+
+
+def _delete_export(tran: Transaction, daemon: Daemon, table: ExportTable, exp: NBDExport) -> None:
+    """Remove ``exp`` from the graph and the table; clients and the event follow commit."""
+    graph: BlockGraph = daemon.graph
+    edge: Edge | None = exp.backend.root
+    if edge is not None:
+        detach_child(tran, graph, edge)
+    remove_root_parent(tran, graph, exp.backend)
+    index = table.exports.index(exp)
+    del table.exports[index]
+    tran.add(ExportRemoved(table, exp, index))
+    server = table.server
+
+    def after() -> None:
+        if server is not None and server.runtime is not None:
+            server.runtime.disconnect(exp)
+        daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": exp.id})
+
+    tran.on_commit(after)
+
+
+@command("block-export-add")
+def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Export a node (type nbd) through the running NBD server."""
+    with ctx.daemon.graph_transaction("block-export-add", args) as tran:
+        _add_export(tran, ctx.daemon, args)
+
+
+@command("nbd-server-add")
+def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """The legacy form: export ``device`` under ``name`` (default: the device)."""
+    daemon = ctx.daemon
+    table = export_table(daemon)
+    with daemon.graph_transaction("nbd-server-add", args) as tran:
+        if table.server is None:
+            raise GenericError("NBD server not running")
+        device = str(args["device"])
+        name = str(args.get("name", device))
+        if len(name.encode()) > nbdc.MAX_STRING_SIZE:
+            raise GenericError(f"export name '{name}' too long")
+        if table.find(name) is not None:
+            raise GenericError(f"NBD server already has export named '{name}'")
+        writable = bool(args.get("writable", False))
+        node = daemon.graph.lookup(device)
+        # nbd-server-add quietly exports a read-only node read-only.
+        if node is not None and node.read_only:
+            writable = False
+        opts: dict[str, Any] = {
+            "type": "nbd",
+            "id": name,
+            "node-name": device,
+            "writable": writable,
+            "name": name,
+        }
+        if "description" in args:
+            opts["description"] = args["description"]
+        if "bitmap" in args:
+            opts["bitmaps"] = [args["bitmap"]]
+        _add_export(tran, daemon, opts, legacy=True)
+
+
+def _remove(ctx: CommandContext, export_id: str, args: dict[str, Any], command_name: str) -> None:
+    daemon = ctx.daemon
+    table = export_table(daemon)
+    with daemon.graph_transaction(command_name, args) as tran:
+        exp = table.by_id(export_id)
+        if exp is None:
+            raise GenericError(f"Export '{export_id}' is not found")
+        mode = args.get("mode", "safe")
+        server = table.server
+        runtime = server.runtime if server is not None else None
+        if mode == "safe" and runtime is not None and runtime.has_clients(exp):
+            raise GenericError(f"export '{export_id}' still in use")
+        _delete_export(tran, daemon, table, exp)
+
+
+@command("block-export-del")
+def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Delete an export (``mode`` safe refuses while clients are connected)."""
+    _remove(ctx, str(args["id"]), args, "block-export-del")
+
+
+@command("nbd-server-remove")
+def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """The legacy form of block-export-del, by export id (= legacy name)."""
+    _remove(ctx, str(args["name"]), args, "nbd-server-remove")
+
+
+@command("query-block-exports")
+def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every export, newest first."""
+    del args
+    return [
+        {"id": e.id, "type": "nbd", "node-name": e.node_name, "shutting-down": False}
+        for e in export_table(ctx.daemon).exports
+    ]

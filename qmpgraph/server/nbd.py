@@ -1,0 +1,238 @@
+"""The NBD server's tasks: accept clients, move bytes, execute requests.
+
+``start_runtime`` is called by nbd-server-start after its transaction
+committed.  Commands run synchronously inside trio (the monitor dispatches
+them in its client task), so the runtime starts its listener as a trio
+*system task*: it needs no nursery handed down from the daemon, and it is
+cancelled when the daemon stops or the server is stopped.  Outside trio
+(library tests that dispatch commands directly) nothing is served.
+
+Each client is one task driving a ``qmpgraph.nbd.server.ServerConnection``;
+its requests run one after the other through ``qmpgraph.io.BackendIO`` on
+the export's BlockBackend (replies therefore go out in request order).
+
+What does not live here: the protocol rules (``qmpgraph.nbd``), the export
+table and QMP commands (``qmpgraph.commands.exports``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from qmpgraph.io.backend import BackendIO
+from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError
+from qmpgraph.nbd import constants as c
+from qmpgraph.nbd import wire
+from qmpgraph.nbd.server import Closed, ExtentArray, Ready, Request, ServerConnection
+
+if TYPE_CHECKING:
+    from qmpgraph.commands.exports import ExportTable, NBDExport, NBDServer
+    from qmpgraph.daemon import Daemon
+
+_RECV_SIZE = 1 << 20
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(eq=False)
+class _Client:
+    scope: trio.CancelScope
+    export: NBDExport | None = None
+
+
+@dataclass(eq=False)
+class Runtime:
+    """The serving side of one NBD server (implements ``NBDRuntime``)."""
+
+    table: ExportTable
+    server: NBDServer
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    clients: set[_Client] = field(default_factory=set)
+    _slot_freed: trio.Event = field(default_factory=trio.Event)
+
+    def has_clients(self, export: NBDExport) -> bool:
+        """Whether a client negotiated ``export`` and is still connected."""
+        return any(cl.export is export for cl in self.clients)
+
+    def disconnect(self, export: NBDExport) -> None:
+        """Hang up the clients of ``export``."""
+        for cl in list(self.clients):
+            if cl.export is export:
+                cl.scope.cancel()
+
+    def stop(self) -> None:
+        """Stop accepting and hang up everyone; the socket may be closed next."""
+        self.scope.cancel()
+        with contextlib.suppress(Exception):
+            trio.lowlevel.notify_closing(self.server.sock)
+
+    async def serve(self) -> None:
+        """Accept clients until stopped; at max-connections, accepting waits."""
+        with self.scope:
+            sock = trio.socket.from_stdlib_socket(self.server.sock)
+            limit = self.server.max_connections
+            async with trio.open_nursery() as nursery:
+                while True:
+                    while limit > 0 and len(self.clients) >= limit:
+                        self._slot_freed = trio.Event()
+                        await self._slot_freed.wait()
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError:
+                        return
+                    client = _Client(trio.CancelScope())
+                    self.clients.add(client)
+                    nursery.start_soon(self._client_task, trio.SocketStream(conn), client)
+
+    async def _client_task(self, stream: trio.SocketStream, client: _Client) -> None:
+        try:
+            with client.scope:
+                async with stream:
+                    await self._speak(stream, client)
+        except _GONE:
+            pass
+        except Exception as exc:  # a client's failure must never stop the server
+            print(f"qmpgraph: NBD client failed: {exc!r}", file=sys.stderr)
+        finally:
+            self.clients.discard(client)
+            self._slot_freed.set()
+
+    async def _speak(self, stream: trio.SocketStream, client: _Client) -> None:
+        conn = ServerConnection(self.table)
+        await stream.send_all(conn.data_to_send())
+        while True:
+            data = await stream.receive_some(_RECV_SIZE)
+            if not data:
+                return
+            events = conn.receive_data(bytes(data))
+            out = [conn.data_to_send()]
+            for ev in events:
+                if isinstance(ev, Ready):
+                    client.export = self.table.find(ev.export.name)
+                elif isinstance(ev, Request):
+                    assert client.export is not None
+                    await _flush_out(stream, out)
+                    out = await execute(conn, client.export, ev)
+                    out.append(conn.data_to_send())
+                elif isinstance(ev, Closed):
+                    if ev.reason:
+                        print(f"qmpgraph: Disconnect client, due to: {ev.reason}", file=sys.stderr)
+                    await _flush_out(stream, out)
+                    return
+            await _flush_out(stream, out)
+
+
+async def _flush_out(stream: trio.SocketStream, out: list[bytes]) -> None:
+    data = b"".join(out)
+    out.clear()
+    if data:
+        await stream.send_all(data)
+
+
+def start_runtime(daemon: Daemon, table: ExportTable, server: NBDServer) -> Runtime | None:
+    """Serve ``server`` in a trio system task; None when not running inside trio."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
+    runtime = Runtime(table, server)
+    trio.lowlevel.spawn_system_task(runtime.serve, name="nbd-server")
+    daemon.on_stop(runtime.stop)
+    return runtime
+
+
+# -- executing requests ------------------------------------------------------------
+
+
+async def execute(conn: ServerConnection, export: NBDExport, req: Request) -> list[bytes]:
+    """Run one validated request on ``export``; the reply buffers (QEMU's answers)."""
+    io = BackendIO(export.backend)
+    cookie = req.cookie
+    try:
+        if req.type == c.CMD_READ:
+            return await _read(conn, io, req)
+        if req.type == c.CMD_WRITE:
+            message = "writing to file failed"
+            await io.write(req.offset, req.data, fua=bool(req.flags & c.CMD_FLAG_FUA))
+        elif req.type == c.CMD_WRITE_ZEROES:
+            message = "writing to file failed"
+            await io.write_zeroes(
+                req.offset,
+                req.length,
+                may_unmap=not req.flags & c.CMD_FLAG_NO_HOLE,
+                fua=bool(req.flags & c.CMD_FLAG_FUA),
+            )
+        elif req.type == c.CMD_FLUSH:
+            message = "flush failed"
+            await io.flush()
+        elif req.type == c.CMD_TRIM:
+            message = "discard failed"
+            await io.discard(req.offset, req.length)
+            if req.flags & c.CMD_FLAG_FUA:
+                await io.flush()
+        elif req.type == c.CMD_CACHE:
+            message = "caching data failed"
+            await io.read(req.offset, req.length)
+        else:
+            return await _block_status(conn, io, req)
+    except BlockIOError as err:
+        return [conn.reply_error(cookie, c.nbd_errno(err.errno), message)]
+    return [conn.reply_ok(cookie)]
+
+
+async def _read(conn: ServerConnection, io: BackendIO, req: Request) -> list[bytes]:
+    try:
+        if req.flags & c.CMD_FLAG_FUA:
+            try:
+                await io.flush()
+            except BlockIOError as err:
+                return [conn.reply_error(req.cookie, c.nbd_errno(err.errno), "flush failed")]
+        pieces: list[bytes | int] = []
+        if conn.structured and not req.flags & c.CMD_FLAG_DF and req.length:
+            # QEMU's sparse read: zero ranges go out as holes, not data.
+            pos, end = req.offset, req.offset + req.length
+            while pos < end:
+                flags, pnum = await io.block_status(pos, end - pos)
+                if flags & ZERO:
+                    pieces.append(pnum)
+                else:
+                    pieces.append(await io.read(pos, pnum))
+                pos += pnum
+        elif req.length:
+            pieces.append(await io.read(req.offset, req.length))
+    except BlockIOError as err:
+        return [conn.reply_error(req.cookie, c.nbd_errno(err.errno), "reading from file failed")]
+    return conn.reply_read(req.cookie, req.offset, pieces)
+
+
+async def _block_status(conn: ServerConnection, io: BackendIO, req: Request) -> list[bytes]:
+    contexts = conn.meta_contexts()
+    max_count = 1 if req.flags & c.CMD_FLAG_REQ_ONE else c.MAX_BLOCK_STATUS_EXTENTS
+    out: list[bytes] = []
+    for i, ctx_id in enumerate(contexts):
+        extents = ExtentArray(max_count)
+        pos, end = req.offset, req.offset + req.length
+        try:
+            while pos < end:
+                flags, pnum = await io.block_status(pos, end - pos)
+                if ctx_id == c.META_ID_BASE_ALLOCATION:
+                    state = (0 if flags & DATA else c.STATE_HOLE) | (
+                        c.STATE_ZERO if flags & ZERO else 0
+                    )
+                else:
+                    state = 1 if flags & ALLOCATED else 0
+                if not extents.add(pnum, state):
+                    break
+                pos += pnum
+        except BlockIOError as err:
+            out.append(
+                conn.reply_error(req.cookie, c.nbd_errno(err.errno), "can't get block status")
+            )
+            return out
+        final = i == len(contexts) - 1
+        out.append(wire.block_status_chunk(req.cookie, ctx_id, extents.extents, final=final))
+    return out
