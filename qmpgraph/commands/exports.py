@@ -252,7 +252,8 @@ def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
         server = table.server
         if server is None:
             raise GenericError("NBD server not running")
-        for exp in list(table.exports):
+        # Deleted (and announced) oldest first, as qsd 7.2 does.
+        for exp in table.all():
             _delete_export(tran, daemon, table, exp)
         tran.add(ServerSet(table, server, None))
         table.server = None
@@ -387,8 +388,10 @@ def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
             raise GenericError(f"NBD server already has export named '{name}'")
         writable = bool(args.get("writable", False))
         node = daemon.graph.lookup(device)
+        if node is None:
+            raise GenericError(f"Cannot find device='{device}' nor node-name='{device}'")
         # nbd-server-add quietly exports a read-only node read-only.
-        if node is not None and node.read_only:
+        if node.read_only:
             writable = False
         opts: dict[str, Any] = {
             "type": "nbd",
