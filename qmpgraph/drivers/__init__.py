@@ -26,28 +26,35 @@ from qmpgraph.drivers import (
     blkdebug,
     blklogwrites,
     blkverify,
+    compress,
+    copy_before_write,
+    copy_on_read,
     file,
-    filters,
+    job_filters,
     luks,
     null,
+    preallocate,
     qcow2,
     quorum,
     raw,
+    snapshot_access,
     throttle,
 )
 from qmpgraph.drivers.base import Driver
 from qmpgraph.errors import GenericError
 
-# ``throttle`` comes after ``filters``: its driver replaces the plain filter there.
+# One module per driver (null holds null-co and null-aio, one driver under two
+# names); the order is the registry's iteration order.
 _MODULES = (
-    null, raw, file, qcow2, luks, filters, throttle, quorum, blkdebug, blkverify, blklogwrites,
+    null, raw, file, qcow2, luks, copy_on_read, compress, throttle, preallocate,
+    copy_before_write, snapshot_access, quorum, blkdebug, blkverify, blklogwrites,
 )  # fmt: skip
 
 REGISTRY: Mapping[str, Driver] = MappingProxyType(
     {d.format_name: d for m in _MODULES for d in m.DRIVERS}
 )
 INTERNAL: Mapping[str, Driver] = MappingProxyType(
-    {d.format_name: d for d in filters.INTERNAL_DRIVERS}
+    {d.format_name: d for d in job_filters.INTERNAL_DRIVERS}
 )
 
 

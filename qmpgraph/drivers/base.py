@@ -6,6 +6,12 @@ blockdev-add: its constants (``is_filter``, ``filtered_child_is_backing``,
 and their roles, its child-permission function, and its open-time checks.
 Per-node state lives in ``Node.state``.  No I/O path lives here.
 
+Optional hooks (``strong_options``, ``gather_child_options``,
+``refresh_exact_filename``) serve the queries' filename refresh
+(``bdrv_refresh_filename``); their defaults mean "the generic rule".  The
+helpers ``file_child``, ``node_size`` and ``node_alignment`` read a child
+through its driver.
+
 Opening: the generic open path (``qmpgraph.drivers.open``) parses the generic
 options, then calls ``Driver.open(ctx, node, options)``, where ``options`` holds
 only the driver's own keys plus its child keys (still nested).  The driver
@@ -15,6 +21,7 @@ definitions, references and ``None``, inside the same transaction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -26,6 +33,34 @@ from qmpgraph.graph.perms import Role
 if TYPE_CHECKING:
     from qmpgraph.graph.graph import BlockGraph
     from qmpgraph.transactions.engine import Transaction
+
+# The role of a filter's filtered child (``bs->file`` of the filter).
+FILTERED = Role.FILTERED | Role.PRIMARY
+
+# (node, a child's full options) -> the driver's child options for a json: filename.
+GatherChildOptions = Callable[[Node, Callable[[Node], dict[str, Any]]], dict[str, Any]]
+# (node, a child's exact filename, node's full options) -> its exact filename or "".
+RefreshExactFilename = Callable[[Node, Callable[[Node], str], dict[str, Any]], str]
+
+
+def file_child(node: Node) -> Node | None:
+    """The node below ``node.file`` (its PRIMARY or filtered child), if any."""
+    edge = node.file
+    return edge.child if edge is not None else None
+
+
+def node_size(node: Node | None) -> int:
+    """``node``'s size through its driver; 0 without a node or a driver."""
+    if node is None or node.driver is None:
+        return 0
+    return node.driver.size(node)
+
+
+def node_alignment(node: Node | None) -> int:
+    """``node``'s request alignment through its driver; 1 without a node or a driver."""
+    if node is None or node.driver is None:
+        return 1
+    return node.driver.request_alignment(node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +99,8 @@ class OpenContext(Protocol):
 class Driver:
     """Base class of every block driver: defaults are a protocol driver without children."""
 
-    format_name: ClassVar[str] = ""
+    # An instance attribute (not a ClassVar): one class may serve several names.
+    format_name: str = ""
     is_filter: ClassVar[bool] = False
     filtered_child_is_backing: ClassVar[bool] = False
     is_format: ClassVar[bool] = False
@@ -76,6 +112,16 @@ class Driver:
     # Keys that may change in blockdev-reopen.
     mutable_options: ClassVar[frozenset[str]] = frozenset()
     children: ClassVar[tuple[ChildSpec, ...]] = ()
+    # Options that make the node's filename a json: one when given
+    # (the driver's ``strong_runtime_opts``); ``strong_options`` lists them.
+    strong_runtime_options: ClassVar[tuple[str, ...]] = ()
+    # Hooks of the filename refresh that replace the generic rule; None keeps it.
+    # ``gather_child_options``: the children's part of the full options
+    # (``.bdrv_gather_child_options``, quorum's one ``children`` list).
+    gather_child_options: GatherChildOptions | None = None
+    # ``refresh_exact_filename``: the exact filename (``.bdrv_refresh_filename``,
+    # ``blkdebug:...``/``blkverify:...``).
+    refresh_exact_filename: RefreshExactFilename | None = None
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Check options, open children, set ``node.state``; raise GenericError."""
@@ -113,9 +159,25 @@ class Driver:
         *,
         queue: ReopenQueue | None,
     ) -> tuple[int, int]:
-        """The (perm, shared) ``node`` needs on a child with ``role``."""
+        """The (perm, shared) ``node`` needs on a child with ``role``.
+
+        The default is QEMU's ``bdrv_default_perms`` followed by
+        ``adjust_default_perms``; drivers with another rule override this.
+        """
         del edge
-        return default_perms(node, role, queue, perm, shared)
+        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        return self.adjust_default_perms(node, perm, shared, nperm, nshared)
+
+    def adjust_default_perms(
+        self, node: Node, perm: int, shared: int, nperm: int, nshared: int
+    ) -> tuple[int, int]:
+        """The driver's change to the default rule's (``nperm``, ``nshared``).
+
+        ``perm``/``shared`` are what the node's parents take and share.  The
+        default changes nothing.
+        """
+        del node, perm, shared
+        return nperm, nshared
 
     def check_perm(self, node: Node, perm: int, shared: int) -> None:
         """Driver hook run during refresh (file locking would go here)."""
@@ -138,19 +200,25 @@ class Driver:
 
     def read(self, node: Node, offset: int, length: int) -> bytes:
         """Read bytes for format probes: through ``file`` by default, zeros without."""
-        if node.file is not None and node.file.child is not None:
-            child = node.file.child
-            if child.driver is not None:
-                return child.driver.read(child, offset, length)
+        child = file_child(node)
+        if child is not None and child.driver is not None:
+            return child.driver.read(child, offset, length)
         return bytes(length)
 
     def filename(self, node: Node) -> str:
         """The node's filename as queries report it."""
-        if node.file is not None and node.file.child is not None:
-            child = node.file.child
-            if child.driver is not None:
-                return child.driver.filename(child)
+        child = file_child(node)
+        if child is not None and child.driver is not None:
+            return child.driver.filename(child)
         return ""
+
+    def strong_options(self, node: Node) -> dict[str, Any]:
+        """The strong runtime options ``node`` was opened with, in QEMU's order.
+
+        Non-empty means the filename must be a json: one.  The default lists
+        the ``strong_runtime_options`` present in ``node.options``.
+        """
+        return {k: node.options[k] for k in self.strong_runtime_options if k in node.options}
 
     def close(self, node: Node) -> None:
         """Release per-node resources after the node was deleted (on commit)."""

@@ -22,14 +22,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.drivers.base import (
+    FILTERED,
+    ChildSpec,
+    Driver,
+    OpenContext,
+    file_child,
+    node_alignment,
+    node_size,
+)
 from qmpgraph.errors import GenericError
-from qmpgraph.graph.model import Edge, Node
-from qmpgraph.graph.permissions import ReopenQueue, default_perms
-from qmpgraph.graph.perms import Perm, Role
+from qmpgraph.graph.model import Node
+from qmpgraph.graph.perms import Perm
 from qmpgraph.protocol.qjson import qdict_order
 
-_FILTERED = Role.FILTERED | Role.PRIMARY
 _INT_MAX = (1 << 31) - 1
 _PERM_BITS = {
     "consistent-read": Perm.CONSISTENT_READ,
@@ -268,7 +274,7 @@ class Blkdebug(Driver):
             "unshare-child-perms",
         }
     )
-    children = (ChildSpec("image", _FILTERED),)
+    children = (ChildSpec("image", FILTERED),)
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """blkdebug_open: rules, perm modifiers, ``image``, then the constraints."""
@@ -300,12 +306,12 @@ class Blkdebug(Driver):
         node.state = BlkdebugState(
             None if config is None else str(config), 0, take, unshare, tuple(ordered)
         )
-        edge = ctx.open_child(node, options, "image", _FILTERED)
+        edge = ctx.open_child(node, options, "image", FILTERED)
         assert edge is not None and edge.child is not None
         child = edge.child
         if pending is not None:
             raise pending
-        child_align = child.driver.request_alignment(child) if child.driver is not None else 1
+        child_align = node_alignment(child)
         align = int(options.get("align", 0))
         if align and (align >= _INT_MAX or align & (align - 1)):
             raise GenericError(f"Cannot meet constraints with align {align}")
@@ -326,18 +332,11 @@ class Blkdebug(Driver):
             raise GenericError(f"Cannot meet constraints with {key} {value}")
         return value
 
-    def child_perm(
-        self,
-        node: Node,
-        edge: Edge | None,
-        role: int,
-        perm: int,
-        shared: int,
-        *,
-        queue: ReopenQueue | None,
+    def adjust_default_perms(
+        self, node: Node, perm: int, shared: int, nperm: int, nshared: int
     ) -> tuple[int, int]:
         """The default rule, plus the configured extra and unshared perms."""
-        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        del perm, shared
         state = node.state
         if isinstance(state, BlkdebugState):
             nperm |= state.take
@@ -347,15 +346,13 @@ class Blkdebug(Driver):
     def request_alignment(self, node: Node) -> int:
         """The configured alignment, at least the child's."""
         state = node.state
-        child = node.file.child if node.file is not None else None
-        base = child.driver.request_alignment(child) if child and child.driver else 1
+        base = node_alignment(file_child(node))
         align = state.align if isinstance(state, BlkdebugState) else 0
         return max(align, base)
 
     def size(self, node: Node) -> int:
         """The image's size."""
-        child = node.file.child if node.file is not None else None
-        return child.driver.size(child) if child is not None and child.driver else 0
+        return node_size(file_child(node))
 
     def strong_options(self, node: Node) -> dict[str, Any]:
         """The strong runtime options, flattened and ordered as bs->options holds them.
@@ -386,7 +383,7 @@ class Blkdebug(Driver):
         self, node: Node, exact: Callable[[Node], str], full_options: dict[str, Any]
     ) -> str:
         """``blkdebug:<config>:<image>`` unless other options matter."""
-        child = node.file.child if node.file is not None else None
+        child = file_child(node)
         if child is None or not exact(child):
             return ""
         if any(key not in _PLAIN_KEYS for key in full_options):

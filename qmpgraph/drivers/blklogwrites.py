@@ -16,20 +16,19 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.drivers.base import ChildSpec, OpenContext
+from qmpgraph.drivers.filter_base import FilterDriver
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms, filter_default_perms
 from qmpgraph.graph.perms import Role
 
-_FILTERED = Role.FILTERED | Role.PRIMARY
 _MAGIC = 0x6A736677736872
 _VERSION = 1
 _SUPER = struct.Struct("<QQQI")  # magic, version, nr_entries, sectorsize
 _ENTRY = struct.Struct("<QQQQ")  # sector, nr_sectors, flags, data_len
 _FLAG_MASK = 0xF  # FLUSH | FUA | DISCARD | MARK
 _FLAG_DISCARD = 1 << 2
-_STRONG = ("log-append", "log-sector-size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,18 +64,17 @@ def _find_cur_log_sector(log: Node, sector_size: int, nr_entries: int) -> int:
     return sector
 
 
-class Blklogwrites(Driver):
+class Blklogwrites(FilterDriver):
     """blklogwrites: a filter that appends every write to a log device."""
 
     format_name = "blklogwrites"
-    is_filter = True
     options = frozenset({"log-append", "log-sector-size", "log-super-update-interval"})
-    children = (ChildSpec("file", _FILTERED), ChildSpec("log", Role.METADATA))
+    children = (*FilterDriver.children, ChildSpec("log", Role.METADATA))
+    strong_runtime_options = ("log-append", "log-sector-size")
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Open ``file`` and ``log``, then read or choose the log geometry."""
-        self.reject_unknown(options)
-        ctx.open_child(node, options, "file", _FILTERED)
+        super().open(ctx, node, options)
         edge = ctx.open_child(node, options, "log", Role.METADATA)
         assert edge is not None and edge.child is not None
         log = edge.child
@@ -124,15 +122,6 @@ class Blklogwrites(Driver):
         """Requests are aligned to the log sector size."""
         state = node.state
         return state.sector_size if isinstance(state, BlklogwritesState) else 512
-
-    def size(self, node: Node) -> int:
-        """The filtered child's size."""
-        child = node.file.child if node.file is not None else None
-        return child.driver.size(child) if child is not None and child.driver else 0
-
-    def strong_options(self, node: Node) -> dict[str, Any]:
-        """The strong runtime options the user gave."""
-        return {k: node.options[k] for k in _STRONG if k in node.options}
 
 
 DRIVERS = (Blklogwrites(),)

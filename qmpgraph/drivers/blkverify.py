@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.drivers.base import FILTERED, ChildSpec, Driver, OpenContext, file_child, node_size
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import Role
-
-_FILTERED = Role.FILTERED | Role.PRIMARY
 
 
 def _test_child(node: Node) -> Node | None:
@@ -32,26 +30,25 @@ class Blkverify(Driver):
     format_name = "blkverify"
     protocol = True
     is_filter = True
-    children = (ChildSpec("raw", _FILTERED), ChildSpec("test", Role.DATA))
+    children = (ChildSpec("raw", FILTERED), ChildSpec("test", Role.DATA))
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Open ``raw`` (the filtered child), then ``test``."""
         self.reject_unknown(options)
-        ctx.open_child(node, options, "raw", _FILTERED)
+        ctx.open_child(node, options, "raw", FILTERED)
         ctx.open_child(node, options, "test", Role.DATA)
         node.state = ()
 
     def size(self, node: Node) -> int:
         """blkverify_co_getlength: the test image's length."""
-        child = _test_child(node)
-        return child.driver.size(child) if child is not None and child.driver else 0
+        return node_size(_test_child(node))
 
     def refresh_exact_filename(
         self, node: Node, exact: Callable[[Node], str], full_options: dict[str, Any]
     ) -> str:
         """``blkverify:<raw>:<test>`` when both children have exact filenames."""
         del full_options
-        raw = node.file.child if node.file is not None else None
+        raw = file_child(node)
         test = _test_child(node)
         if raw is None or test is None or not exact(raw) or not exact(test):
             return ""

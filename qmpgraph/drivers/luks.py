@@ -29,8 +29,7 @@ from typing import Any
 from qmpgraph.drivers import luks_crypto
 from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
 from qmpgraph.errors import GenericError
-from qmpgraph.graph.model import Edge, Node
-from qmpgraph.graph.permissions import ReopenQueue, default_perms
+from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag, Perm, Role
 from qmpgraph.objects import tree_for
 from qmpgraph.objects.secret import lookup_secret_utf8
@@ -77,6 +76,8 @@ class LuksHeader:
     master_key_iterations: int
     uuid: str
     slots: tuple[KeySlot, ...]
+    #: The hash of an ``essiv:<hash>`` IV generator ("" for the others).
+    ivgen_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +148,7 @@ def parse_header(raw: bytes) -> LuksHeader:
         raise GenericError("Missing IV generator hash specification")
     return LuksHeader(
         version, cipher, mode, ivgen, hash_spec, payload, mklen, digest, salt, iters,
-        _cstr(uuid), slots,
+        _cstr(uuid), slots, ivhash if colon else "",
     )  # fmt: skip
 
 
@@ -211,18 +212,11 @@ class Luks(Driver):
         size = max(child.driver.size(child) - payload, 0)
         node.state = LuksState(header, size)
 
-    def child_perm(
-        self,
-        node: Node,
-        edge: Edge | None,
-        role: int,
-        perm: int,
-        shared: int,
-        *,
-        queue: ReopenQueue | None,
+    def adjust_default_perms(
+        self, node: Node, perm: int, shared: int, nperm: int, nshared: int
     ) -> tuple[int, int]:
-        """Default, then WRITE/RESIZE taken and shared only as the parents do."""
-        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        """WRITE/RESIZE taken and shared only as the parents do."""
+        del node
         both = Perm.WRITE | Perm.RESIZE
         nshared |= shared & both
         nperm = (nperm & ~both) | (perm & both)

@@ -1,4 +1,8 @@
-"""The ``null-co`` and ``null-aio`` protocol drivers (no data, a configurable size)."""
+"""The ``null-co`` and ``null-aio`` protocol drivers (no data, a configurable size).
+
+One driver under two names: QEMU's two differ only in how requests complete
+(coroutine or AIO callback), which the control plane does not see.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ class NullState:
     read_zeroes: bool
 
 
-class NullCo(Driver):
-    """null-co: reads return nothing in particular, writes vanish."""
+class Null(Driver):
+    """null-co / null-aio: reads return nothing in particular, writes vanish."""
 
-    format_name = "null-co"
     protocol = True
     options = frozenset({"size", "latency-ns", "read-zeroes", "filename"})
+
+    def __init__(self, format_name: str) -> None:
+        self.format_name = format_name
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Parse ``size`` (default 1 GiB), ``latency-ns`` and ``read-zeroes``."""
@@ -42,14 +48,8 @@ class NullCo(Driver):
         node.state = NullState(size, latency, bool(options.get("read-zeroes", False)))
 
     def filename(self, node: Node) -> str:
-        """``null-co://`` (QEMU's synthesized filename)."""
+        """``null-co://`` or ``null-aio://`` (QEMU's synthesized filename)."""
         return f"{self.format_name}://"
 
 
-class NullAio(NullCo):
-    """null-aio: the same, completing through the AIO path."""
-
-    format_name = "null-aio"
-
-
-DRIVERS = (NullCo(), NullAio())
+DRIVERS = (Null("null-co"), Null("null-aio"))

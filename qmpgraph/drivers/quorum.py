@@ -26,8 +26,6 @@ from qmpgraph.graph.permissions import ReopenQueue
 from qmpgraph.graph.perms import PERM_PASSTHROUGH, PERM_UNCHANGED, Perm, Role
 
 CHILD_PREFIX = "children."
-# Options that make a quorum's filename a json: one (quorum_strong_runtime_opts).
-_STRONG = ("vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +52,8 @@ class Quorum(Driver):
     options = frozenset({"vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern"})
     # ``children`` is the user's list; the edges are named ``children.N``.
     children = (ChildSpec("children", Role.DATA),)
+    # quorum_strong_runtime_opts
+    strong_runtime_options = ("vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern")
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """quorum_open: option checks, then ``children.0`` .. ``children.N-1``."""
@@ -134,10 +134,6 @@ class Quorum(Driver):
         """Quorum has no filename of its own."""
         del node
         return ""
-
-    def strong_options(self, node: Node) -> dict[str, Any]:
-        """The strong runtime options the user gave (for json: filenames)."""
-        return {k: node.options[k] for k in _STRONG if k in node.options}
 
     def gather_child_options(
         self, node: Node, full_options: Callable[[Node], dict[str, Any]]

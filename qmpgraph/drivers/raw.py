@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
+from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext, file_child
 from qmpgraph.errors import GenericError
-from qmpgraph.graph.model import Edge, Node
-from qmpgraph.graph.permissions import ReopenQueue, default_perms
+from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import Perm, Role
 from qmpgraph.protocol.qjson import qdict_order
 
@@ -86,18 +85,11 @@ class Raw(Driver):
             raise GenericError("Specified size is not multiple of 512")
         return RawState(offset, size, has_size)
 
-    def child_perm(
-        self,
-        node: Node,
-        edge: Edge | None,
-        role: int,
-        perm: int,
-        shared: int,
-        *,
-        queue: ReopenQueue | None,
+    def adjust_default_perms(
+        self, node: Node, perm: int, shared: int, nperm: int, nshared: int
     ) -> tuple[int, int]:
-        """Default perms, but WRITE and RESIZE only as far as the parents want them."""
-        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        """WRITE and RESIZE only as far as the parents want them."""
+        del node, shared
         keep = Perm.WRITE | Perm.RESIZE
         nperm = (nperm & ~keep) | (perm & keep)
         return int(nperm), nshared
@@ -113,7 +105,7 @@ class Raw(Driver):
         state = node.state
         if not isinstance(state, RawState):
             return 0
-        child = node.file.child if node.file is not None else None
+        child = file_child(node)
         if child is None or child.driver is None:
             return state.size
         length = (child.driver.size(child) + 511) // 512 * 512

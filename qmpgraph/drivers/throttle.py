@@ -5,28 +5,27 @@ then ``throttle-group`` must name an existing ``throttle-group`` object
 ("Throttle group '%s' does not exist"); the node then holds a reference on
 the group, so ``object-del`` refuses it ("object '%s' is in use, can not be
 deleted") until the node is closed.  Permissions: the default filter rule.
+blockdev-reopen may name another (existing) group.
 
-The constants and the reopen rule stay in ``filters.Throttle``; this
-subclass, registered after it, adds the group.  What does not live here:
-the group object (``qmpgraph.objects``) and any
+What does not live here: the group object (``qmpgraph.objects``) and any
 I/O timing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qmpgraph.drivers import filters
 from qmpgraph.drivers.base import OpenContext
+from qmpgraph.drivers.filter_base import FilterDriver
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
-from qmpgraph.graph.perms import Role
 from qmpgraph.objects import tree_for
 from qmpgraph.objects.qom import ref_object
 from qmpgraph.objects.throttle_group import ThrottleGroup
 
-_FILTERED = Role.FILTERED | Role.PRIMARY
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,27 +35,47 @@ class ThrottleState:
     group: ThrottleGroup
 
 
-def find_group(ctx: OpenContext, name: str) -> ThrottleGroup:
+def lookup_group(graph: BlockGraph, name: str) -> ThrottleGroup:
     """``throttle_group_exists``: a completed throttle-group object called ``name``."""
-    obj = tree_for(ctx.graph).lookup(name)
+    obj = tree_for(graph).lookup(name)
     if not isinstance(obj, ThrottleGroup) or not obj.initialized:
         raise GenericError(f"Throttle group '{name}' does not exist")
     return obj
 
 
-class Throttle(filters.Throttle):
-    """throttle: the filter's constants (and reopen rule) plus the group membership."""
+def find_group(ctx: OpenContext, name: str) -> ThrottleGroup:
+    """The group called ``name`` in the graph being opened into."""
+    return lookup_group(ctx.graph, name)
+
+
+class Throttle(FilterDriver):
+    """throttle: I/O limits by group; the default filter rule."""
+
+    format_name = "throttle"
+    options = frozenset({"throttle-group"})
+    mutable_options = options
 
     def open(self, ctx: OpenContext, node: Node, options: dict[str, Any]) -> None:
         """Open ``file``, then join the named group (taking a reference)."""
-        self.reject_unknown(options)
-        ctx.open_child(node, options, "file", _FILTERED)
+        super().open(ctx, node, options)
         name = options.get("throttle-group")
         if name is None:
             raise GenericError("Please specify a throttle group")
         group = find_group(ctx, str(name))
         ref_object(ctx.tran, group)
         node.state = ThrottleState(group)
+
+    def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
+        """throttle_reopen_prepare: the (required) group must exist.
+
+        The node keeps its state (and its reference on the old group):
+        qmpgraph does not move the membership on commit, unlike QEMU.
+        """
+        del node
+        name = options.pop("throttle-group", None)
+        if name is not None:
+            lookup_group(graph, str(name))
+        return None
 
     def close(self, node: Node) -> None:
         """Leave the group: drop the node's reference."""
