@@ -7,7 +7,7 @@ from qmpgraph.commands import block as block
 from qmpgraph.commands import core as core
 from qmpgraph.commands import exports as exports
 from qmpgraph.commands import qom as qom
-from qmpgraph.commands import query_block as query_block
+from qmpgraph.commands import query as query
 from qmpgraph.commands import quorum as quorum
 from qmpgraph.commands import reopen as reopen
 from qmpgraph.commands import resize as resize

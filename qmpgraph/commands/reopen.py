@@ -35,7 +35,7 @@ from typing import Any
 
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
-from qmpgraph.drivers.open import _Inherit, _inherit
+from qmpgraph.drivers.open import Inheritance, inherit_options
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag, Role
@@ -101,7 +101,7 @@ class ReopenQueue:
         self,
         node: Node,
         options: dict[str, Any] | None,
-        inherit: _Inherit | None,
+        inherit: Inheritance | None,
         keep_old: bool,
     ) -> None:
         """bdrv_reopen_queue_child: queue (or merge) ``node`` and its inheriting children."""
@@ -111,7 +111,7 @@ class ReopenQueue:
             old = entry.explicit_options if entry is not None else None
             _join(node, options, old if old is not None else flatten(node.explicit_options))
         explicit = dict(options)
-        flags = _inherit(options, inherit) if inherit is not None else node.open_flags
+        flags = inherit_options(options, inherit) if inherit is not None else node.open_flags
         if keep_old:
             _join(node, options, flatten(node.options))
         flags = _update_flags(flags, options)
@@ -141,7 +141,7 @@ class ReopenQueue:
                 prefix = edge.name + "."
                 _extract(explicit, prefix)
                 child_options = _extract(options, prefix)
-            inh = _Inherit(node, Role(edge.role), flags, options, drv.is_format)
+            inh = Inheritance(node, Role(edge.role), flags, options, drv.is_format)
             self.add(child, child_options, inh, child_keep_old)
 
 

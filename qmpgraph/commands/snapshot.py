@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qmpgraph.commands.block import device_or_node_name
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.query_block import _length, _Query
+from qmpgraph.commands.query import Query, node_length
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.transaction import BlkAction, action, lookup_bs, single_action
 from qmpgraph.drivers import REGISTRY
 from qmpgraph.drivers.file import FileState
-from qmpgraph.drivers.open import _OpenContext, open_one
+from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.drivers.qcow2_image import create_image, rewrite_backing
 from qmpgraph.errors import GenericError
@@ -99,18 +99,6 @@ def _cumulative_perm(node: Node) -> int:
     for edge in node.parents:
         perm |= edge.perm
     return perm
-
-
-@dataclass(frozen=True, slots=True)
-class ChangedBackingState(Qcow2State):
-    """A qcow2 node whose header's backing name change-backing-file rewrote.
-
-    QEMU then sets ``auto_backing_file`` to the new name, so an implicitly
-    opened backing child no longer counts as "not overridden" in filenames;
-    ``backing_changed`` tells the queries so.
-    """
-
-    backing_changed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +205,8 @@ class ExternalSnapshot(BlkAction):
         flags = old.open_flags & ~(OpenFlag.SNAPSHOT | OpenFlag.COPY_ON_READ)
         flags |= OpenFlag.NO_BACKING
         if data.get("mode", "absolute-paths") != "existing":
-            size = _length(old)
-            backing_file = _Query().refresh(old).filename
+            size = node_length(old)
+            backing_file = Query().refresh(old).filename
             backing_fmt = old.format_name or ""
             img_create_checks(path, fmt, backing_file, backing_fmt)
             create_image(
@@ -256,7 +244,7 @@ class ExternalSnapshot(BlkAction):
             opts["file"] = {"driver": "file", "filename": path.removeprefix("file:")}
         if drv.supports_backing:
             opts["backing"] = None  # BDRV_O_NO_BACKING: append attaches it
-        node = open_one(_OpenContext(self.graph, tran), opts, None)
+        node = open_one(TreeOpenContext(self.graph, tran), opts, None)
         # Only what the caller passed counts as explicit (the rest came from flags).
         explicit = {k: v for k, v in opts.items() if k in ("driver", "node-name")}
         set_options(tran, node, dict(node.options), explicit)
@@ -361,7 +349,12 @@ def change_backing_file(ctx: CommandContext, args: dict[str, Any]) -> None:
                     f"{os.strerror(err.errno or 0)}"
                 )
             else:
-                set_node_state(tran, image, ChangedBackingState(header))
+                # bdrv_change_backing_file also sets auto_backing_file to the new
+                # name, so an implicitly opened backing child may now count as
+                # overridden in filenames.
+                set_node_state(
+                    tran, image, replace(state, header=header, auto_backing_file=backing_file)
+                )
         elif not isinstance(state, Qcow2State):
             error = GenericError(
                 f"Could not change backing file to '{backing_file}': Operation not supported"

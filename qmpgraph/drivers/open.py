@@ -50,10 +50,11 @@ from qmpgraph.transactions.engine import Transaction
 _GENERIC = ("node-name", "driver", "read-only", "auto-read-only", "detect-zeroes", "discard",
             "force-share", "cache.direct", "cache.no-flush")  # fmt: skip
 _QCOW2_MAGIC = b"QFI\xfb"
+_PATH_MAX = 4096  # sizeof(bs->filename)
 
 
 @dataclass(frozen=True, slots=True)
-class _Inherit:
+class Inheritance:
     """What a child opened by a parent inherits: the parent, its role, flags, options."""
 
     parent: Node
@@ -73,7 +74,7 @@ def _flatten_generic(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _inherit(opts: dict[str, Any], inh: _Inherit) -> int:
+def inherit_options(opts: dict[str, Any], inh: Inheritance) -> int:
     """Apply section 1.3 to ``opts`` (in place); return the inherited flags."""
     role = inh.role
     flags = inh.flags
@@ -114,8 +115,12 @@ def _flags_from_options(flags: int, opts: dict[str, Any]) -> int:
     return int(flags)
 
 
-class _OpenContext:
-    """The ``OpenContext`` handed to drivers: children inside the same transaction."""
+class TreeOpenContext:
+    """The ``OpenContext`` handed to drivers: children inside the same transaction.
+
+    Also what ``open_one`` takes: commands that open a node outside
+    blockdev-add (snapshot overlays) make one for their transaction.
+    """
 
     def __init__(self, graph: BlockGraph, tran: Transaction) -> None:
         self.graph = graph
@@ -154,7 +159,7 @@ class _OpenContext:
             ref_node(self.tran, node)
             return node
         drv = parent.driver
-        inh = _Inherit(
+        inh = Inheritance(
             parent, role, parent.open_flags, parent.options, drv is not None and drv.is_format
         )
         return open_one(self, dict(value), inh)
@@ -222,7 +227,7 @@ def _protocol_options(filename: str) -> dict[str, Any]:
     raise GenericError(f"Unknown protocol '{proto}'")
 
 
-def _open_backing(ctx: _OpenContext, node: Node, options: dict[str, Any]) -> None:
+def _open_backing(ctx: TreeOpenContext, node: Node, options: dict[str, Any]) -> None:
     drv = node.driver
     assert drv is not None
     if "backing" in options:
@@ -239,6 +244,7 @@ def _open_backing(ctx: _OpenContext, node: Node, options: dict[str, Any]) -> Non
             # bdrv_get_full_backing_filename: relative to the image's directory.
             filename = _dirname(node) + filename
         value = None
+    implicit = value is None
     try:
         if value is None:
             file_opts = _protocol_options(filename)
@@ -250,6 +256,26 @@ def _open_backing(ctx: _OpenContext, node: Node, options: dict[str, Any]) -> Non
     except GenericError as err:
         raise GenericError(f"Could not open backing file: {err.desc}") from err
     unref_node(ctx.tran, ctx.graph, child)
+    record = getattr(drv, "set_auto_backing_file", None)
+    if implicit and record is not None:
+        # bdrv_open_backing_file: the implicitly opened node's filename becomes
+        # auto_backing_file, so filenames count this backing as not overridden.
+        record(node, implicit_filename(child))
+
+
+def implicit_filename(node: Node) -> str:
+    """The refreshed filename of a node just opened from an image header.
+
+    Such a node has no strong options and an implicit (or no) backing of its
+    own, so bdrv_refresh_filename gives its primary chain's protocol filename.
+    """
+    cur = node
+    while True:
+        primary = next((e.child for e in cur.children if e.role & Role.PRIMARY), None)
+        if primary is None:
+            break
+        cur = primary
+    return _exact_filename(cur)[: _PATH_MAX - 1]
 
 
 # BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB.
@@ -265,12 +291,12 @@ def _check_length(node: Node) -> None:
         raise GenericError("Could not refresh total sector count: File too large")
 
 
-def open_one(ctx: _OpenContext, options: dict[str, Any], inh: _Inherit | None) -> Node:
+def open_one(ctx: TreeOpenContext, options: dict[str, Any], inh: Inheritance | None) -> Node:
     """Open one node (and, through its driver, its children); refcount 1 on return."""
     tran, graph = ctx.tran, ctx.graph
     opts = _flatten_generic(options)
     explicit = dict(opts)
-    flags = _inherit(opts, inh) if inh is not None else 0
+    flags = inherit_options(opts, inh) if inh is not None else 0
     flags = _flags_from_options(flags, opts)
     drv = get_driver(str(opts["driver"]))
     if "backing" in opts and (opts["backing"] is None or opts["backing"] == ""):
@@ -344,7 +370,7 @@ def open_node_tree(graph: BlockGraph, options: dict[str, Any], tran: Transaction
     cache.setdefault("no-flush", False)
     opts["cache"] = cache
     opts.setdefault("read-only", False)
-    ctx = _OpenContext(graph, tran)
+    ctx = TreeOpenContext(graph, tran)
     node = open_one(ctx, opts, None)
     set_monitor_owned(tran, node, True)
     return node

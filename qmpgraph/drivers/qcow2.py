@@ -390,6 +390,10 @@ class Qcow2State:
 
     header: Qcow2Header
     snapshots: tuple[Snapshot, ...] = ()
+    #: bs->auto_backing_file: the header's backing name at open, then the
+    #: implicitly opened backing node's filename, or change-backing-file's name.
+    #: The filename refresh compares it with the backing child's filename.
+    auto_backing_file: str = ""
 
     @property
     def size(self) -> int:
@@ -473,12 +477,18 @@ class Qcow2(Driver):
             header.snapshots_offset,
             header.nb_snapshots,
         )
-        node.state = Qcow2State(header, snapshots)
+        node.state = Qcow2State(header, snapshots, header.backing_file or "")
 
     def read(self, node: Node, offset: int, length: int) -> bytes:
         """Guest data for format probes: zeros (clusters are not mapped here)."""
         del node, offset
         return bytes(length)
+
+    def set_auto_backing_file(self, node: Node, name: str) -> None:
+        """Record the implicitly opened backing node's filename (open path only)."""
+        state = node.state
+        if isinstance(state, Qcow2State):
+            node.state = replace(state, auto_backing_file=name)
 
     def header_backing(self, node: Node) -> tuple[str, str | None] | None:
         """(backing file name, format) from the header, for the implicit backing open."""

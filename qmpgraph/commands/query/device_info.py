@@ -1,0 +1,182 @@
+"""``query-named-block-nodes`` and ``query-block``: BlockDeviceInfo per node.
+
+Replies are built as QEMU 7.2 builds them (dicts in QAPI member order, so
+that ``qjson`` reproduces QDict's iteration order, bucket collisions
+included).  Filenames and image infos are memoized within one query
+(``Query``), so a reply costs O(nodes) (plus the size of nested chains, as
+in QEMU); the serialized info of each node is reused while it compares
+equal, and a whole reply is reused while neither the graph nor any file it
+read changed.
+
+What does not live here: the filename refresh (``filenames.py``), the image
+info (``image_info.py``), the graph dump (``graph_dump.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qmpgraph.commands.context import CommandContext
+from qmpgraph.commands.query.facts import FileFacts, begin_query, end_query, file_facts, prune
+from qmpgraph.commands.query.image_info import Query, get_info, is_encrypted, node_length
+from qmpgraph.commands.registry import command
+from qmpgraph.commands.resize import write_threshold
+from qmpgraph.graph.graph import BlockGraph, cow_child, filter_or_cow_child
+from qmpgraph.graph.model import Node
+from qmpgraph.graph.perms import OpenFlag
+from qmpgraph.protocol.qjson import RawJSON
+from qmpgraph.transactions.engine import mutation_epoch
+
+_NOCACHE = int(OpenFlag.NOCACHE)
+_NO_FLUSH = int(OpenFlag.NO_FLUSH)
+
+
+def block_device_info(node: Node, flat: bool, query: Query) -> dict[str, Any]:
+    """bdrv_block_device_info for a node (named-node queries: no BlockBackend)."""
+    names = query.refresh(node)
+    info: dict[str, Any] = {
+        "file": names.filename,
+        "node-name": node.node_name,
+        "ro": node.read_only,
+        "drv": node.format_name,
+    }
+    cow = cow_child(node)
+    if cow is not None and cow.child is not None:
+        info["backing_file"] = query.refresh(cow.child).filename
+    depth = 0
+    if not flat:
+        cur = node
+        while (edge := filter_or_cow_child(cur)) is not None and edge.child is not None:
+            depth += 1
+            cur = edge.child
+    info["backing_file_depth"] = depth
+    info["encrypted"] = is_encrypted(node)
+    info["detect_zeroes"] = node.detect_zeroes
+    info["bps"] = info["bps_rd"] = info["bps_wr"] = 0
+    info["iops"] = info["iops_rd"] = info["iops_wr"] = 0
+    info["image"] = query.image(node, flat)
+    flags = int(node.open_flags)
+    info["cache"] = {
+        "writeback": True,
+        "direct": bool(flags & _NOCACHE),
+        "no-flush": bool(flags & _NO_FLUSH),
+    }
+    info["write_threshold"] = write_threshold(node)
+    bitmaps = _dirty_bitmaps(node)
+    if bitmaps:
+        info["dirty-bitmaps"] = bitmaps
+    return info
+
+
+def _bitmap(count: int, granularity: int) -> dict[str, Any]:
+    """BlockDirtyInfo of an anonymous, disabled internal bitmap."""
+    count = (count + granularity - 1) // granularity * granularity
+    return {
+        "count": count,
+        "granularity": granularity,
+        "recording": False,
+        "busy": False,
+        "persistent": False,
+    }
+
+
+def _cbw_granularity(cbw: Node) -> int:
+    """block_copy_calculate_cluster_size: at least 64 KiB, else the target's cluster."""
+    for edge in cbw.children:
+        if edge.name == "target" and edge.child is not None:
+            got = get_info(edge.child)
+            if got is not None and got[0]:
+                return max(65536, got[0])
+    return 65536
+
+
+def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
+    """The internal bitmaps copy-before-write creates (newest first, as QEMU lists them).
+
+    A cbw node holds its access bitmap (all set) and its done bitmap (empty);
+    its source (``file``) holds block-copy's copy bitmap (all set).  Without a
+    data path the counts stay at their values after open.
+    """
+    out: list[dict[str, Any]] = []
+    if node.format_name == "copy-before-write":
+        gran = _cbw_granularity(node)
+        size = node_length(node)
+        out += [_bitmap(size, gran), _bitmap(0, gran)]
+    for edge in node.parents:
+        parent = edge.parent
+        is_cbw = isinstance(parent, Node) and parent.format_name == "copy-before-write"
+        if is_cbw and edge.name == "file":
+            assert isinstance(parent, Node)
+            out.append(_bitmap(node_length(node), _cbw_granularity(parent)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """A built query-named-block-nodes reply and what it depends on."""
+
+    graph: BlockGraph
+    #: ``mutation_epoch()`` when it was built: any graph change since
+    #: invalidates it.
+    epoch: int
+    #: Every file node read while building it, with the facts read then.
+    files: tuple[tuple[Node, FileFacts], ...]
+    reply: list[RawJSON]
+
+
+_replies: dict[tuple[int, bool], _Reply] = {}
+# The serialized BlockDeviceInfo of each node (per ``flat``), reused while the
+# freshly built info compares equal: a dict comparison is far cheaper than
+# writing QEMU's JSON again for thousands of unchanged nodes.
+_texts: dict[tuple[int, bool], RawJSON] = {}
+
+
+@command("query-named-block-nodes")
+def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[RawJSON]:
+    """One BlockDeviceInfo per named node, newest first (each as cached ``RawJSON``)."""
+    graph = ctx.daemon.graph
+    flat = bool(args.get("flat", False))
+    reply_key = (id(graph), flat)
+    cached_reply = _replies.get(reply_key)
+    if (
+        cached_reply is not None
+        and cached_reply.graph is graph
+        and cached_reply.epoch == mutation_epoch()
+        and all(file_facts(node) == facts for node, facts in cached_reply.files)
+    ):
+        # Nothing that the reply is made of changed since it was built.
+        return cached_reply.reply
+    begin_query()
+    query = Query()
+    out: list[RawJSON] = []
+    for node in graph.named_nodes_newest_first():
+        info = block_device_info(node, flat, query)
+        key = (node.id, flat)
+        raw = _texts.get(key)
+        if raw is None or raw.value != info:
+            raw = _texts[key] = RawJSON(info)
+        out.append(raw)
+    prune(graph, _texts)
+    _replies[reply_key] = _Reply(graph, mutation_epoch(), end_query(), out)
+    return out
+
+
+@command("query-block")
+def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """BlockBackends with a name or a device (none in a storage daemon)."""
+    query = Query()
+    out: list[dict[str, Any]] = []
+    for bb in ctx.daemon.graph.backends:
+        if not bb.name and not bb.device:
+            continue
+        info: dict[str, Any] = {"device": bb.name}
+        if bb.device:
+            info["qdev"] = bb.device
+        info["type"] = "unknown"
+        info["removable"] = False
+        info["locked"] = False
+        if bb.root is not None and bb.root.child is not None:
+            info["inserted"] = block_device_info(bb.root.child, False, query)
+        out.append(info)
+    return out
