@@ -32,7 +32,8 @@ PATH_MAX = 4096  # sizeof(bs->filename): QEMU truncates longer names
 # Drivers whose node is a protocol (bdrv_file_open): their exact filename can
 # stand for a format node above them.
 PROTOCOLS = frozenset({"file", "null-co", "null-aio", "blkdebug", "blkverify"})
-# BlockDriver.strong_runtime_opts in 7.2 (options that change what a filename means).
+# BlockDriver.strong_runtime_opts in 7.2 of the drivers that do not declare
+# theirs (``Driver.strong_runtime_options``) yet.
 _STRONG = {
     "null-co": ("size", "read-zeroes"),
     "null-aio": ("size", "read-zeroes"),
@@ -123,11 +124,10 @@ class Filenames:
         opts: dict[str, Any] = {"driver": drv}
         if "filename" in node.options:
             opts["filename"] = node.options["filename"]
+        driver = node.driver
         strong = False
-        driver_strong = getattr(node.driver, "strong_options", None)
-        if driver_strong is not None:
-            # Drivers with prefix options (blkdebug's ``inject-error.``) list their own.
-            found = driver_strong(node)
+        if driver is not None:
+            found = driver.strong_options(node)
             opts.update(found)
             strong = bool(found)
         for key in _STRONG.get(drv, ()):
@@ -135,7 +135,7 @@ class Filenames:
                 opts[key] = node.options[key]
                 strong = True
         generate_json = strong or overridden
-        gather = getattr(node.driver, "gather_child_options", None)
+        gather = driver.gather_child_options if driver is not None else None
         if gather is not None:
             opts.update(gather(node, lambda child: self.names[child.id].full_options))
         for edge in _child_edges(node) if gather is None else ():
@@ -146,7 +146,7 @@ class Filenames:
         if overridden and node.backing is None and gather is None:
             opts["backing"] = None
         exact = ""
-        own_exact = getattr(node.driver, "refresh_exact_filename", None)
+        own_exact = driver.refresh_exact_filename if driver is not None else None
         if own_exact is not None:
             # The driver's .bdrv_refresh_filename (blkdebug:, blkverify:).
             exact = own_exact(node, lambda child: self.names[child.id].exact, opts)
@@ -163,7 +163,7 @@ class Filenames:
             primary = primary_child(node)
             if primary is not None and not generate_json:
                 child_names = self.names[primary.id]
-                is_filter = node.driver is not None and node.driver.is_filter
+                is_filter = driver is not None and driver.is_filter
                 if child_names.exact and primary.format_name in PROTOCOLS and not is_filter:
                     exact = child_names.exact
         exact = exact[: PATH_MAX - 1]
