@@ -182,10 +182,12 @@ class _Mapper:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
         img = self.image
+        into = getattr(img.data_host, "preadinto", None)
         for kind, guest, n, host in self._runs(offset, len(view)):
             dst = view[guest - offset : guest - offset + n]
             if kind == NORMAL:
-                dst[:] = pread_full(img.data_host, host, n)
+                if into is None or into(host, dst) < n:
+                    dst[:] = pread_full(img.data_host, host, n)
             elif kind == UNALLOCATED:
                 img._read_backing(dst, guest)
             elif kind == ZERO:
@@ -197,6 +199,11 @@ class _Mapper:
 
     def read(self, offset: int, length: int) -> bytes:
         """The guest data of [offset, offset + length)."""
+        self._check_range(offset, length)
+        runs = self._runs(offset, length)
+        if len(runs) == 1 and runs[0][0] == NORMAL:
+            # One contiguous host range: no staging buffer.
+            return pread_full(self.image.data_host, runs[0][3], length)
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
@@ -482,9 +489,15 @@ class Qcow2Image(_Mapper):
             else:
                 segments.append((start, bufs))
             seg_end = start + sum(len(b) for b in bufs)
+        writev = getattr(self.data_host, "pwritev", None)
         for start, bufs in segments:
             parts = [b for b in bufs if len(b)]
-            self.data_host.pwrite(start, parts[0] if len(parts) == 1 else b"".join(parts))
+            if len(parts) == 1:
+                self.data_host.pwrite(start, parts[0])
+            elif writev is not None:
+                writev(start, parts)
+            else:
+                self.data_host.pwrite(start, b"".join(parts))
         changed = [i for i, e in enumerate(entries) if table[base + i] != e]
         if changed:
             self._write_l2(table_offset, table, base + changed[0], base + changed[-1] + 1)

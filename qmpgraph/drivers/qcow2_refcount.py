@@ -11,9 +11,10 @@ written before anything points at it, and dropped only after the last
 pointer to it was removed (callers do the pointer writes), so a crash can
 leak clusters but never leaves a cluster referenced without a refcount.
 
-Refcount blocks are created where they describe themselves: a missing
-block for range ``t`` goes into the first cluster of range ``t`` (the whole
-range is free, since nothing in it has a refcount).  When the refcount
+A run of clusters that reaches into ranges without a refcount block is
+allocated a few clusters longer: the new blocks go in front of the
+returned clusters, each counting its range's part of the run, and are
+written before the table entries that make them count.  When the refcount
 table itself is too small, a new one is written past every covered range,
 with the refcount blocks that describe it in front of it, and the header
 is switched over in one 12-byte write before the old table is freed.
@@ -166,37 +167,56 @@ class Refcounts:
         return start
 
     def allocate(self, count: int) -> int:
-        """Byte offset of ``count`` new contiguous clusters, refcount 1, written."""
-        while True:
-            start = self._find_free(count)
-            first_index = start // self.per_block
-            last_index = (start + count - 1) // self.per_block
-            missing = [i for i in range(first_index, last_index + 1) if self._block(i) is None]
-            if not missing:
-                break
-            # Creating blocks uses clusters, maybe inside the run: look again.
-            for index in missing:
-                if self._block(index) is None:
-                    self._create_block(index)
-        self.change(start, count, 1)
-        self.free_hint = start + count
-        return start << self.cluster_bits
+        """Byte offset of ``count`` new contiguous clusters, refcount 1, written.
 
-    def _create_block(self, index: int) -> None:
-        """A refcount block for range ``index``, in that range's first cluster."""
-        if index >= len(self.table):
-            self._grow_table(index)
-            if self._block(index) is not None:
-                return
-        cluster = index * self.per_block
-        blk = bytearray(self.cluster_size)
-        self._set_slot(blk, 0, 1)
-        offset = cluster << self.cluster_bits
-        # The block first, then the table entry that makes it count.
-        self.host.pwrite(offset, blk)
-        self.table[index] = offset
-        self.host.pwrite(self.table_offset + index * 8, struct.pack(">Q", offset))
-        self._blocks[index] = blk
+        Ranges of the run that have no refcount block yet get one each, in
+        the clusters just before the returned ones (part of the same free
+        run), so a run may span any number of ranges.
+        """
+        per_block = self.per_block
+        extra = 0
+        while True:
+            start = self._find_free(count + extra)
+            first_index = start // per_block
+            last_index = (start + count + extra - 1) // per_block
+            missing = [i for i in range(first_index, last_index + 1) if self._block(i) is None]
+            if missing and missing[-1] >= len(self.table):
+                self._grow_table(missing[-1])
+                extra = 0
+                continue
+            if len(missing) <= extra:
+                break
+            extra = len(missing)
+        total = count + len(missing)
+        self._install_blocks(missing, start, total)
+        # The rest of the run lies in ranges whose blocks existed before.
+        cluster, end = start, start + total
+        while cluster < end:
+            index = cluster // per_block
+            stop = min(end, (index + 1) * per_block)
+            if index not in missing:
+                self.change(cluster, stop - cluster, 1)
+            cluster = stop
+        self.free_hint = end
+        return (start + len(missing)) << self.cluster_bits
+
+    def _install_blocks(self, indices: list[int], start: int, total: int) -> None:
+        """New refcount blocks for ranges ``indices``, in clusters ``start``,
+        ``start + 1``, ...; each counts the clusters of [start, start + total)
+        in its range.  Blocks are written before the table entries."""
+        per_block = self.per_block
+        for j, index in enumerate(indices):
+            blk = bytearray(self.cluster_size)
+            lo = max(start, index * per_block)
+            hi = min(start + total, (index + 1) * per_block)
+            for cluster in range(lo, hi):
+                self._set_slot(blk, cluster - index * per_block, 1)
+            self.host.pwrite((start + j) << self.cluster_bits, blk)
+            self._blocks[index] = blk
+        for j, index in enumerate(indices):
+            offset = (start + j) << self.cluster_bits
+            self.table[index] = offset
+            self.host.pwrite(self.table_offset + index * 8, struct.pack(">Q", offset))
 
     def _grow_table(self, needed_index: int) -> None:
         """A bigger refcount table (covering ``needed_index``), written past all ranges."""

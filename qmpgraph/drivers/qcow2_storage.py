@@ -79,6 +79,17 @@ class FdFile:
             out += more
         return out
 
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        """Read into ``buf`` at ``offset`` (an optional ``HostFile`` extra that
+        ``Qcow2Image.readinto`` uses to skip a copy); returns the bytes read."""
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
         view = memoryview(data)
@@ -86,6 +97,19 @@ class FdFile:
             done = os.pwrite(self.fd, view, offset)
             view = view[done:]
             offset += done
+
+    def pwritev(self, offset: int, bufs: list[bytes | bytearray | memoryview]) -> None:
+        """Write the buffers back to back at ``offset`` (an optional ``HostFile``
+        extra that ``Qcow2Image.write`` uses to skip joining them)."""
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            done = os.pwritev(self.fd, views[:1024], offset)  # IOV_MAX
+            offset += done
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if views and done:
+                views[0] = views[0][done:]
 
     def size(self) -> int:
         """The file's length."""

@@ -192,7 +192,7 @@ def apply(img: Qcow2Image, ref: bytearray, base: bytes, op: tuple[Any, ...], cfg
             ref.extend(bytes(new_size - len(ref)))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 @given(cfg=configs(), ops=OPS)
 def test_random_operations_keep_image_clean_and_equal(cfg: Config, ops: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as name:
@@ -449,6 +449,28 @@ def test_large_sequential_copy_stays_clean(tmp_path: pathlib.Path) -> None:
         assert img.read(5 << 20, len(chunk)) == chunk
     check_clean(path)
     assert_equal_to(path, chunk * 256, tmp_path)
+
+
+@pytest.mark.parametrize("refcount_bits", [32, 64])
+def test_refcount_table_grows(tmp_path: pathlib.Path, refcount_bits: int) -> None:
+    """Small clusters and wide refcounts: the refcount table must move, twice."""
+    path = tmp_path / "g.qcow2"
+    opts = f"cluster_size=512,refcount_bits={refcount_bits}"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), "24M")
+    ref = bytearray(24 << 20)
+    rng = random.Random(refcount_bits)
+    with open_image(path) as img:
+        table_clusters = img.refcounts.table_clusters
+        for _ in range(60):
+            off = rng.randrange(0, img.size - 300000)
+            n = rng.randrange(1, 300000)
+            data = bytes([rng.randrange(1, 256)]) * n
+            img.write(off, data)
+            ref[off : off + n] = data
+        assert img.refcounts.table_clusters > table_clusters
+        assert img.read(0, img.size) == ref
+    check_clean(path)
+    assert_equal_to(path, bytes(ref), tmp_path)
 
 
 def test_fd_file_is_a_host_file(tmp_path: pathlib.Path) -> None:
