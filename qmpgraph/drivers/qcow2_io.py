@@ -35,7 +35,8 @@ refuses an image whose dirty bit is set (``qemu-img check -r all`` repairs
 it).  Unknown autoclear bits (e.g. ``bitmaps``) are cleared on a writable
 open, since their data would go stale.
 
-Thread safety: none; the caller serialises calls on one image.
+Thread safety: none; the caller serialises calls on one image (one lock
+per image in an async layer that runs these calls in worker threads).
 Not supported (refused at open with ``Qcow2Error``): extended L2 entries,
 encryption.  Compressed writes are not done (writes to a compressed cluster
 allocate a normal one).
@@ -231,9 +232,15 @@ class Qcow2Image(_Mapper):
     (any ``BlockSource``: another ``Qcow2Image``, a ``RawImage``), or None;
     ``data_file`` is the external data file, required when the header says
     there is one.  ``read_only`` refuses writes (and skips the open-time
-    header updates).  Errors: ``qmpgraph.errors.GenericError`` with QEMU's
-    messages for a bad header, ``Qcow2Error`` for what the data path cannot
-    do, ``ValueError`` for requests past the end of the image.
+    header updates).  ``barriers`` syncs the file between dependent
+    metadata writes (new refcounts before the L2/L1 entries that use them,
+    removed entries before the refcounts they held are dropped), so the
+    image stays consistent across a power loss too, at the cost of a sync
+    per allocating request; without it, the order holds for the page cache
+    (a killed process), and ``flush`` makes everything durable.  Errors:
+    ``qmpgraph.errors.GenericError`` with QEMU's messages for a bad header,
+    ``Qcow2Error`` for what the data path cannot do, ``ValueError`` for
+    requests past the end of the image.
     """
 
     def __init__(
@@ -243,8 +250,10 @@ class Qcow2Image(_Mapper):
         backing: BlockSource | None = None,
         data_file: HostFile | None = None,
         read_only: bool = False,
+        barriers: bool = False,
     ) -> None:
         self.image = self
+        self.barriers = barriers
         self.file = file
         self.backing = backing
         self.read_only = read_only
@@ -347,10 +356,20 @@ class Qcow2Image(_Mapper):
         new = self.refcounts.allocate(1)
         self.file.pwrite(new, struct.pack(f">{self.l2_entries}Q", *content))
         self._l2_cache[new] = content
+        self._barrier()
         self._set_l1(l1_index, new | OFLAG_COPIED)
         if old:
+            self._barrier()
             self.refcounts.free_bytes(old, self.cluster_size)
         return new, content
+
+    def _barrier(self) -> None:
+        """With ``barriers``, make earlier writes durable before the next ones."""
+        if self.barriers:
+            self.flush()
+
+    def _has_host_or_compressed(self, entry: int) -> bool:
+        return bool(entry & OFLAG_COMPRESSED) or self._has_host(entry)
 
     def _has_host(self, entry: int) -> bool:
         """Whether a (not compressed) L2 entry has a host cluster."""
@@ -500,10 +519,16 @@ class Qcow2Image(_Mapper):
                 self.data_host.pwrite(start, b"".join(parts))
         changed = [i for i, e in enumerate(entries) if table[base + i] != e]
         if changed:
+            if count:
+                self._barrier()
             self._write_l2(table_offset, table, base + changed[0], base + changed[-1] + 1)
-        for i in changed:
-            if fresh[i]:
-                self._free_entry(entries[i])
+        freed = [
+            entries[i] for i in changed if fresh[i] and self._has_host_or_compressed(entries[i])
+        ]
+        if freed:
+            self._barrier()
+        for entry in freed:
+            self._free_entry(entry)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make [offset, offset + length) read as zeros.
@@ -611,6 +636,7 @@ class Qcow2Image(_Mapper):
                 changed = [i for i in range(count) if news[i] != olds[i]]
                 if changed:
                     self._write_l2(table_offset, table, base + changed[0], base + changed[-1] + 1)
+                    self._barrier()
                 for i in changed:
                     if olds[i] & (OFFSET_MASK | OFLAG_COMPRESSED) and (
                         news[i] & OFFSET_MASK != olds[i] & OFFSET_MASK or olds[i] & OFLAG_COMPRESSED

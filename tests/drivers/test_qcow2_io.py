@@ -478,9 +478,13 @@ def test_fd_file_is_a_host_file(tmp_path: pathlib.Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M")
     fd = os.open(path, os.O_RDWR)
     try:
-        img = Qcow2Image(FdFile(fd))
+        img = Qcow2Image(FdFile(fd), barriers=True)
         img.write(4096, b"hello", fua=True)
         assert img.read(4090, 16) == bytes(6) + b"hello" + bytes(5)
+        img.write(65536 * 3 - 2, b"spans")
+        img.discard(0, 65536)
+        img.write_zeroes(65536 * 2, 65536, may_unmap=True)
+        assert img.read(65536 * 2, 65536 + 3) == bytes(65536) + b"ans"
     finally:
         os.close(fd)
     check_clean(path)
