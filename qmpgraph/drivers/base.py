@@ -149,6 +149,15 @@ class Driver:
         del graph, node, options
         return None
 
+    def reopen_commit(self, tran: Transaction, node: Node, old_state: Any) -> None:
+        """bdrv_reopen_commit's driver part, run after the new state is installed.
+
+        ``old_state`` is the state before the reopen.  Drivers whose state
+        holds references (throttle's group) move them here, in ``tran``.  The
+        default does nothing.
+        """
+        del tran, node, old_state
+
     def child_perm(
         self,
         node: Node,

@@ -5,7 +5,8 @@ then ``throttle-group`` must name an existing ``throttle-group`` object
 ("Throttle group '%s' does not exist"); the node then holds a reference on
 the group, so ``object-del`` refuses it ("object '%s' is in use, can not be
 deleted") until the node is closed.  Permissions: the default filter rule.
-blockdev-reopen may name another (existing) group.
+blockdev-reopen may name another (existing) group; the node's reference
+moves to it when the reopen commits.
 
 What does not live here: the group object (``qmpgraph.objects``) and any
 I/O timing.
@@ -26,6 +27,7 @@ from qmpgraph.objects.throttle_group import ThrottleGroup
 
 if TYPE_CHECKING:
     from qmpgraph.graph.graph import BlockGraph
+    from qmpgraph.transactions.engine import Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +70,26 @@ class Throttle(FilterDriver):
     def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
         """throttle_reopen_prepare: the (required) group must exist.
 
-        The node keeps its state (and its reference on the old group):
-        qmpgraph does not move the membership on commit, unlike QEMU.
+        A different group becomes the node's state on commit
+        (``reopen_commit`` then moves the membership).
         """
-        del node
         name = options.pop("throttle-group", None)
-        if name is not None:
-            lookup_group(graph, str(name))
-        return None
+        if name is None:
+            return None
+        group = lookup_group(graph, str(name))
+        state = node.state
+        if isinstance(state, ThrottleState) and state.group is group:
+            return None
+        return ThrottleState(group)
+
+    def reopen_commit(self, tran: Transaction, node: Node, old_state: Any) -> None:
+        """throttle_reopen_commit: leave the old group, join the new one."""
+        new = node.state
+        if not isinstance(new, ThrottleState) or not isinstance(old_state, ThrottleState):
+            return
+        if new.group is not old_state.group:
+            ref_object(tran, old_state.group, -1)
+            ref_object(tran, new.group)
 
     def close(self, node: Node) -> None:
         """Leave the group: drop the node's reference."""

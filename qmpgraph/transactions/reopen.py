@@ -15,8 +15,8 @@ caller's transaction:
    old file, sorted as QEMU sorts them, with the queue's *future* flags;
 3. **commit** in reverse queue order (children before parents): flags,
    options without child references, detect-zeroes and the driver's staged
-   state, each an undoable action, so a failure anywhere aborts the whole
-   list.
+   state (then ``Driver.reopen_commit``, e.g. throttle's group membership),
+   each an undoable action, so a failure anywhere aborts the whole list.
 
 A request built without ``options`` (``options=None``) is a graph-only
 request: only its ``backing``/``file`` values and flags apply (tests and
@@ -269,7 +269,12 @@ def _commit(tran: Transaction, req: ReopenRequest, flags: int) -> None:
         {k: v for k, v in req.options.items() if k not in drop},
         {k: v for k, v in explicit.items() if k not in drop},
     )
+    old_state = node.state
     set_runtime(tran, node, detect_zeroes=req.detect_zeroes, state=req.state)
+    if req.state is not None:
+        drv = node.driver
+        assert drv is not None
+        drv.reopen_commit(tran, node, old_state)
 
 
 def reopen_multiple(tran: Transaction, graph: BlockGraph, requests: list[ReopenRequest]) -> None:
