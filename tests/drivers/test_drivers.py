@@ -1,14 +1,12 @@
-"""Each driver runs the shared conformance suite, plus its own specific checks."""
+"""Driver checks outside the shared conformance suite (``test_conformance.py``)."""
 
 from __future__ import annotations
 
 import pathlib
 import shutil
 import subprocess
-from typing import Any
 
 import pytest
-from conformance import DriverConformance
 
 from qmpgraph.drivers import REGISTRY, get_driver
 from qmpgraph.drivers.qcow2 import parse_header
@@ -19,91 +17,6 @@ needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qe
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=30)
-
-
-class TestNullCo(DriverConformance):
-    driver_name = "null-co"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {"driver": "null-co", "node-name": "top", "size": 4096}
-
-
-class TestNullAio(DriverConformance):
-    driver_name = "null-aio"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {"driver": "null-aio", "node-name": "top"}
-
-
-class TestFile(DriverConformance):
-    driver_name = "file"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        path = tmp_path / "disk.img"
-        path.write_bytes(bytes(4096))
-        return {"driver": "file", "node-name": "top", "filename": str(path)}
-
-
-class TestRawFilterMode(DriverConformance):
-    driver_name = "raw"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {"driver": "raw", "node-name": "top", "file": {"driver": "null-co", "size": 2048}}
-
-
-class TestRawWindow(DriverConformance):
-    driver_name = "raw"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {
-            "driver": "raw",
-            "node-name": "top",
-            "offset": 512,
-            "size": 1024,
-            "file": {"driver": "null-co", "size": 2048},
-        }
-
-
-@needs_qemu_img
-class TestQcow2(DriverConformance):
-    driver_name = "qcow2"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-        if not top.exists():
-            qemu_img("create", "-f", "qcow2", str(base), "1M")
-            qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
-        return {
-            "driver": "qcow2",
-            "node-name": "top",
-            "file": {"driver": "file", "filename": str(top)},
-        }
-
-
-class TestCopyBeforeWrite(DriverConformance):
-    driver_name = "copy-before-write"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {
-            "driver": "copy-before-write",
-            "node-name": "top",
-            "file": {"driver": "null-co"},
-            "target": {"driver": "null-co"},
-        }
-
-
-class TestCopyOnRead(DriverConformance):
-    driver_name = "copy-on-read"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {"driver": "copy-on-read", "node-name": "top", "file": {"driver": "null-co"}}
-
-
-class TestSnapshotAccess(DriverConformance):
-    driver_name = "snapshot-access"
-
-    def options(self, tmp_path: pathlib.Path) -> dict[str, Any]:
-        return {"driver": "snapshot-access", "node-name": "top", "file": {"driver": "null-co"}}
 
 
 def test_registry_is_read_only() -> None:
