@@ -7,12 +7,19 @@ blockers, the ``file``/``backing`` edge names, children and parents in list
 order with roles, perms and frozen bits), then BlockBackends and jobs.  Edges
 are identified by (parent label, edge name), never by object ids, so an
 aborted transaction must leave the digest unchanged.
+
+State kept beside the graph by packages above it (the QOM user objects of
+``qmpgraph.objects``, which throttle and luks nodes use) joins the digest
+through ``register_state_source(name, fn)``: ``fn(graph)`` returns a
+JSON-able picture, or None when there is nothing (then the digest is the
+graph's alone).  The graph package imports none of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from qmpgraph.graph.graph import BlockGraph
@@ -53,18 +60,37 @@ def _node(node: Node) -> dict[str, Any]:
     }
 
 
+StateSource = Callable[[BlockGraph], Any]
+_SOURCES: dict[str, StateSource] = {}
+
+
+def register_state_source(name: str, source: StateSource) -> None:
+    """Include ``source(graph)`` (when not None) in every graph's state as ``name``."""
+    _SOURCES[name] = source
+
+
 def graph_state(graph: BlockGraph) -> dict[str, Any]:
     """The canonical, JSON-able picture of the graph that the digest hashes."""
-    return {
+    state: dict[str, Any] = {
         "nodes": [_node(n) for n in graph.named_nodes_oldest_first()],
         "backends": [
             [bb.label(), _edge(bb.root) if bb.root is not None else None] for bb in graph.backends
         ],
         "jobs": [[job.label(), [_edge(e) for e in job.edges]] for job in graph.jobs],
     }
+    for name, source in sorted(_SOURCES.items()):
+        extra = source(graph)
+        if extra is not None:
+            state[name] = extra
+    return state
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """sha256 hex digest of a ``graph_state`` picture."""
+    blob = json.dumps(state, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def graph_digest(graph: BlockGraph) -> str:
     """sha256 hex digest of ``graph_state(graph)``."""
-    blob = json.dumps(graph_state(graph), sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return state_digest(graph_state(graph))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from qmpgraph.errors import DeviceNotFound, GenericError
+from qmpgraph.graph.digest import register_state_source
 from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.schema.ghash import StrSet
 from qmpgraph.transactions.engine import Action, Transaction
@@ -216,6 +217,42 @@ def tree_for(graph: BlockGraph) -> ObjectTree:
     if tree is None:
         tree = _TREES[graph] = ObjectTree()
     return tree
+
+
+_DROP = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` reduced to JSON-able data; other objects (a parent) become ``_DROP``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (list, tuple)):
+        return [v for v in map(_plain, value) if v is not _DROP]
+    if isinstance(value, dict):
+        pairs = ((str(k), _plain(v)) for k, v in value.items())
+        return {k: v for k, v in pairs if v is not _DROP}
+    return _DROP
+
+
+def objects_state(graph: BlockGraph) -> list[Any] | None:
+    """The user objects of ``graph``'s tree for the graph digest (None without any).
+
+    Sorted by id; each with its type, reference count and ``snapshot()``.
+    """
+    tree = _TREES.get(graph)
+    container = tree._objects if tree is not None else None
+    children = container.children() if container is not None else []
+    if not children:
+        return None
+    return [
+        [obj_id, obj.qom_type, obj.refcnt, _plain(obj.snapshot())]
+        for obj_id, obj in sorted(children, key=lambda c: c[0])
+    ]
+
+
+register_state_source("objects", objects_state)
 
 
 # -- transaction actions ---------------------------------------------------------

@@ -136,11 +136,10 @@ class ReopenRequest:
 
 
 def _parse_child(
-    tran: Transaction, graph: BlockGraph, req: ReopenRequest, is_backing: bool
+    tran: Transaction, graph: BlockGraph, req: ReopenRequest, is_backing: bool, value: ChildValue
 ) -> None:
-    """bdrv_reopen_parse_file_or_backing: switch ``backing`` or ``file`` if asked."""
+    """bdrv_reopen_parse_file_or_backing: switch ``backing`` or ``file`` to ``value``."""
     node = req.node
-    value = req.backing if is_backing else req.file
     if value is UNCHANGED:
         return
     child_name = "backing" if is_backing else "file"
@@ -238,12 +237,10 @@ def _prepare(tran: Transaction, graph: BlockGraph, req: ReopenRequest) -> None:
     has_backing = node.backing is not None or _header_backing(node)
     if drv.supports_backing and req.backing_missing and has_backing:
         raise GenericError(f"backing is missing for '{node.node_name}'")
-    req.backing = opts.pop("backing", UNCHANGED)
-    _parse_child(tran, graph, req, True)
+    _parse_child(tran, graph, req, True, opts.pop("backing", UNCHANGED))
     value = opts.pop("file", UNCHANGED)
     # An inline ``file`` was flattened to file.* keys; only a reference switches.
-    req.file = value if isinstance(value, str) else UNCHANGED
-    _parse_child(tran, graph, req, False)
+    _parse_child(tran, graph, req, False, value if isinstance(value, str) else UNCHANGED)
     children = {e.name: e.child for e in node.children}
     for key in qdict_order(list(opts)):
         new = opts[key]
@@ -289,8 +286,8 @@ def reopen_multiple(tran: Transaction, graph: BlockGraph, requests: list[ReopenR
         if req.options is not None:
             _prepare(tran, graph, req)
         else:
-            _parse_child(tran, graph, req, True)
-            _parse_child(tran, graph, req, False)
+            _parse_child(tran, graph, req, True, req.backing)
+            _parse_child(tran, graph, req, False, req.file)
         flags = req.flags
         if flags & OpenFlag.RDWR:
             flags |= OpenFlag.ALLOW_RDWR

@@ -36,7 +36,8 @@ class Client:
         self.daemon = Daemon(name_seed=seed, transaction_log=target)
         self.session = QMPSession(self.daemon.greeting())
         self.session.accept_capabilities([])
-        self.dispatcher = Dispatcher(self.daemon)
+        # strict: an internal exception fails the test instead of becoming a reply.
+        self.dispatcher = Dispatcher(self.daemon, strict=True)
 
     def _capture(self, line: bytes) -> None:
         self.lines.append(orjson.loads(line))
