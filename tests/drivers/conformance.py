@@ -54,7 +54,7 @@ from cmdkit import Client, plain  # tests/commands helper, put on sys.path above
 _AUTO = re.compile(r"#block(\d+)\d\d")
 
 
-def _norm(text: str) -> str:
+def norm(text: str) -> str:
     """Generated node names without their two random digits."""
     return _AUTO.sub(r"#block\1", text)
 
@@ -78,9 +78,9 @@ def _locked_files(root: pathlib.Path) -> list[str]:
     return found
 
 
-def _edges(graph_info: dict[str, Any]) -> list[tuple[Any, ...]]:
+def graph_edges(graph_info: dict[str, Any]) -> list[tuple[Any, ...]]:
     """x-debug-query-block-graph's edges, by names, sorted."""
-    names = {n["id"]: _norm(n["name"]) for n in graph_info["nodes"]}
+    names = {n["id"]: norm(n["name"]) for n in graph_info["nodes"]}
     return sorted(
         (
             names[e["parent"]],
@@ -242,7 +242,7 @@ class DriverConformance:
         for opts in [*self.variants(tmp_path), self.options(tmp_path)]:
             cmds.append({"execute": "blockdev-add", "arguments": opts})
         cmds.append({"execute": "x-debug-query-block-graph"})
-        expected = _run_qsd(qsd_path, cmds)
+        expected = run_qsd(qsd_path, cmds)
         client = Client(seed=0)
         got = [plain(client.run(c["execute"], c.get("arguments"))) for c in cmds]
         assert _summary(got) == _summary(expected)
@@ -251,13 +251,13 @@ class DriverConformance:
 def _summary(replies: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Each reply as "ok" or its error text, and the final graph's edges."""
     results = [
-        "ok" if "return" in r else _norm(f"{r['error']['class']}: {r['error']['desc']}")
+        "ok" if "return" in r else norm(f"{r['error']['class']}: {r['error']['desc']}")
         for r in replies[:-1]
     ]
-    return results, _edges(replies[-1]["return"])
+    return results, graph_edges(replies[-1]["return"])
 
 
-def _run_qsd(qsd: str, cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_qsd(qsd: str, cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The replies of qemu-storage-daemon to ``cmds`` (after negotiation)."""
     script = [{"execute": "qmp_capabilities"}, *cmds, {"execute": "quit"}]
     proc = subprocess.run(

@@ -3,13 +3,11 @@ same results (error texts, generated-name counters, edges with perms)."""
 
 from __future__ import annotations
 
-import json
 import pathlib
-import re
-import subprocess
 from typing import Any
 
 import pytest
+from conformance import graph_edges, norm, run_qsd
 from test_drivers import needs_qemu_img, qemu_img
 
 from qmpgraph.drivers.open import open_node_tree
@@ -21,44 +19,13 @@ from qmpgraph.transactions.engine import Transaction
 
 pytestmark = [pytest.mark.qemu, needs_qemu_img]
 
-_AUTO = re.compile(r"#block(\d+)\d\d")
 
-
-def norm(text: str) -> str:
-    """Drop the two random digits of generated names."""
-    return _AUTO.sub(r"#block\1", text)
-
-
-def run_qsd(qsd: str, adds: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
+def run_qsd_adds(qsd: str, adds: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Results of each blockdev-add ("ok" or the error text) and the final edges."""
-    cmds: list[dict[str, Any]] = [{"execute": "qmp_capabilities"}]
-    cmds += [{"execute": "blockdev-add", "arguments": a} for a in adds]
-    cmds += [{"execute": "x-debug-query-block-graph"}, {"execute": "quit"}]
-    text = "".join(json.dumps(c) + "\n" for c in cmds)
-    proc = subprocess.run(
-        [qsd, "--chardev", "stdio,id=m", "--monitor", "m"],
-        input=text,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    replies = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    replies = [r for r in replies if "return" in r or "error" in r]
-    results = ["ok" if "return" in r else r["error"]["desc"] for r in replies[1 : 1 + len(adds)]]
-    graph = replies[1 + len(adds)]["return"]
-    names = {n["id"]: norm(n["name"]) for n in graph["nodes"]}
-    edges = sorted(
-        (
-            names[e["parent"]],
-            e["name"],
-            names[e["child"]],
-            tuple(e["perm"]),
-            tuple(e["shared-perm"]),
-        )
-        for e in graph["edges"]
-    )
-    return [norm(r) for r in results], edges
+    cmds: list[dict[str, Any]] = [{"execute": "blockdev-add", "arguments": a} for a in adds]
+    replies = run_qsd(qsd, [*cmds, {"execute": "x-debug-query-block-graph"}])
+    results = ["ok" if "return" in r else norm(r["error"]["desc"]) for r in replies[:-1]]
+    return results, graph_edges(replies[-1]["return"])
 
 
 def run_qmpgraph(adds: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -127,5 +94,5 @@ def test_open_matches_qemu(qsd_path: str, tmp_path: pathlib.Path) -> None:
          "file": {"driver": "null-co"}, "target": {"driver": "null-co"}},
         {"driver": "snapshot-access", "node-name": "sa", "file": "cbw"},
     ]  # fmt: skip
-    expected = run_qsd(qsd_path, adds)
+    expected = run_qsd_adds(qsd_path, adds)
     assert run_qmpgraph(adds) == expected
