@@ -6,8 +6,9 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import conformance
 import pytest
-from conformance import graph_edges, norm, run_qsd
+from conformance import graph_edges, norm
 from test_drivers import needs_qemu_img, qemu_img
 
 from qmpgraph.drivers.open import open_node_tree
@@ -20,10 +21,10 @@ from qmpgraph.transactions.engine import Transaction
 pytestmark = [pytest.mark.qemu, needs_qemu_img]
 
 
-def run_qsd_adds(qsd: str, adds: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
+def run_qsd(qsd: str, adds: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Results of each blockdev-add ("ok" or the error text) and the final edges."""
     cmds: list[dict[str, Any]] = [{"execute": "blockdev-add", "arguments": a} for a in adds]
-    replies = run_qsd(qsd, [*cmds, {"execute": "x-debug-query-block-graph"}])
+    replies = conformance.run_qsd(qsd, [*cmds, {"execute": "x-debug-query-block-graph"}])
     results = ["ok" if "return" in r else norm(r["error"]["desc"]) for r in replies[:-1]]
     return results, graph_edges(replies[-1]["return"])
 
@@ -94,5 +95,5 @@ def test_open_matches_qemu(qsd_path: str, tmp_path: pathlib.Path) -> None:
          "file": {"driver": "null-co"}, "target": {"driver": "null-co"}},
         {"driver": "snapshot-access", "node-name": "sa", "file": "cbw"},
     ]  # fmt: skip
-    expected = run_qsd_adds(qsd_path, adds)
+    expected = run_qsd(qsd_path, adds)
     assert run_qmpgraph(adds) == expected
