@@ -129,8 +129,8 @@ class Qcow2Image(GuestMapping):
     ) -> None:
         self.image = self
         self.barriers = barriers
-        self.file = file
-        self.backing = backing
+        self.host = file
+        self.backing_source = backing
         self.read_only = read_only
         self._owned: list[Any] = []
         raw = pread_full(file, 0, 4096)
@@ -205,7 +205,7 @@ class Qcow2Image(GuestMapping):
         if table is not None:
             self._l2_cache.move_to_end(offset)
             return table
-        raw = pread_full(self.file, offset, self.cluster_size)
+        raw = pread_full(self.host, offset, self.cluster_size)
         table = list(struct.unpack(f">{self.l2_entries}Q", raw))
         self._l2_cache[offset] = table
         if len(self._l2_cache) > self._l2_cache_max:
@@ -215,11 +215,11 @@ class Qcow2Image(GuestMapping):
     def _write_l2(self, offset: int, table: list[int], lo: int, hi: int) -> None:
         """Write entries [lo, hi) of the L2 table at ``offset``."""
         if hi > lo:
-            self.file.pwrite(offset + lo * 8, struct.pack(f">{hi - lo}Q", *table[lo:hi]))
+            self.host.pwrite(offset + lo * 8, struct.pack(f">{hi - lo}Q", *table[lo:hi]))
 
     def _set_l1(self, index: int, entry: int) -> None:
         self.l1[index] = entry
-        self.file.pwrite(self.l1_offset + index * 8, struct.pack(">Q", entry))
+        self.host.pwrite(self.l1_offset + index * 8, struct.pack(">Q", entry))
 
     def _l2_for_write(self, l1_index: int) -> tuple[int, list[int]]:
         """The active L2 table for ``l1_index``, allocated or copied when shared."""
@@ -229,7 +229,7 @@ class Qcow2Image(GuestMapping):
             return old, self._l2(old)
         content = list(self._l2(old)) if old else [0] * self.l2_entries
         new = self.refcounts.allocate(1)
-        self.file.pwrite(new, struct.pack(f">{self.l2_entries}Q", *content))
+        self.host.pwrite(new, struct.pack(f">{self.l2_entries}Q", *content))
         self._l2_cache[new] = content
         self._barrier()
         self._set_l1(l1_index, new | OFLAG_COPIED)
@@ -264,7 +264,7 @@ class Qcow2Image(GuestMapping):
     # -- reads -------------------------------------------------------------
 
     def _read_backing(self, dst: memoryview, guest: int) -> None:
-        backing = self.backing
+        backing = self.backing_source
         n = 0 if backing is None else max(0, min(len(dst), backing.size - guest))
         if n and backing is not None:
             dst[:n] = backing.read(guest, n)
@@ -272,7 +272,7 @@ class Qcow2Image(GuestMapping):
             dst[n:] = bytes(len(dst) - n)
 
     def _backing_status(self, guest: int, length: int) -> list[Extent]:
-        backing = self.backing
+        backing = self.backing_source
         n = 0 if backing is None else max(0, min(length, backing.size - guest))
         out: list[Extent] = []
         if n and backing is not None:
@@ -291,7 +291,7 @@ class Qcow2Image(GuestMapping):
         coffset = entry & self._coffset_mask
         sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
         csize = sectors * 512 - (coffset & 511)
-        data = pread_full(self.file, coffset, csize)
+        data = pread_full(self.host, coffset, csize)
         if self.header.compression_type == 0:
             try:
                 out = zlib.decompressobj(-12).decompress(data, self.cluster_size)
@@ -445,7 +445,7 @@ class Qcow2Image(GuestMapping):
     def _zero_clusters(self, start: int, stop: int, *, unmap: bool) -> None:
         """Zero flags on the clusters of [start, stop) (cluster aligned, v3)."""
 
-        has_backing = self.backing is not None
+        has_backing = self.backing_source is not None
 
         def new_entry(entry: int) -> int:
             host = self._has_host(entry)
@@ -472,7 +472,7 @@ class Qcow2Image(GuestMapping):
 
     def _discard_clusters(self, start: int, stop: int, *, full: bool) -> None:
         v3 = self.header.version >= 3
-        has_backing = self.backing is not None
+        has_backing = self.backing_source is not None
 
         def new_entry(entry: int) -> int:
             if full:
@@ -521,9 +521,9 @@ class Qcow2Image(GuestMapping):
 
     def flush(self) -> None:
         """Make every completed write durable (data file first, then the image)."""
-        if self.data_host is not self.file:
+        if self.data_host is not self.host:
             self.data_host.flush()
-        self.file.flush()
+        self.host.flush()
 
     def truncate(self, new_size: int) -> None:
         """Resize the image (see ``qcow2_truncate.truncate`` for the rules)."""
@@ -552,7 +552,7 @@ class Qcow2Snapshot(GuestMapping):
         self.image = image
         self.entry = entry
         self.size = (entry.disk_size if entry.disk_size is not None else image.size) // 512 * 512
-        raw = pread_full(image.file, entry.l1_table_offset, entry.l1_size * 8)
+        raw = pread_full(image.host, entry.l1_table_offset, entry.l1_size * 8)
         self.l1 = list(struct.unpack(f">{entry.l1_size}Q", raw))
 
     def close(self) -> None:

@@ -51,10 +51,10 @@ def truncate(img: Qcow2Image, new_size: int) -> None:
             img._discard_clusters(start, old_size, full=True)
         _shrink_l1(img, new_l1)
         _set_size(img, new_size)
-        file_size = img.file.size()
+        file_size = img.host.size()
         last = img.refcounts.last_used_cluster(-(-file_size // cs))
         if (last + 1) * cs < file_size:
-            img.file.truncate((last + 1) * cs)
+            img.host.truncate((last + 1) * cs)
     elif new_size > old_size:
         _grow_l1(img, new_l1)
         _set_size(img, new_size)
@@ -64,7 +64,7 @@ def truncate(img: Qcow2Image, new_size: int) -> None:
 
 
 def _set_size(img: Qcow2Image, size: int) -> None:
-    img.file.pwrite(_HEADER_SIZE, struct.pack(">Q", size))
+    img.host.pwrite(_HEADER_SIZE, struct.pack(">Q", size))
     img.size = size
 
 
@@ -80,10 +80,10 @@ def _grow_l1(img: Qcow2Image, new_l1: int) -> None:
     table = img.l1 + [0] * (new_l1 - old_l1)
     offset = img.refcounts.allocate(clusters)
     raw = struct.pack(f">{new_l1}Q", *table)
-    img.file.pwrite(offset, raw + bytes(clusters * cs - len(raw)))
-    img.file.flush()
-    img.file.pwrite(_HEADER_L1, struct.pack(">IQ", new_l1, offset))
-    img.file.flush()
+    img.host.pwrite(offset, raw + bytes(clusters * cs - len(raw)))
+    img.host.flush()
+    img.host.pwrite(_HEADER_L1, struct.pack(">IQ", new_l1, offset))
+    img.host.flush()
     old_offset = img.l1_offset
     img.l1, img.l1_offset = table, offset
     if old_l1:
@@ -96,7 +96,7 @@ def _shrink_l1(img: Qcow2Image, new_l1: int) -> None:
     if new_l1 >= old_l1:
         return
     freed = [e & _OFFSET_MASK for e in img.l1[new_l1:] if e & _OFFSET_MASK]
-    img.file.pwrite(img.l1_offset + new_l1 * 8, bytes((old_l1 - new_l1) * 8))
+    img.host.pwrite(img.l1_offset + new_l1 * 8, bytes((old_l1 - new_l1) * 8))
     img.l1[new_l1:] = [0] * (old_l1 - new_l1)
     for table in freed:
         img.refcounts.free_bytes(table, img.cluster_size)
