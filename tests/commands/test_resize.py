@@ -127,7 +127,8 @@ class _Qsd:
             assert time.monotonic() < deadline, "qemu-storage-daemon did not start"
             time.sleep(0.02)
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(10)
+        # A shrink from 1 TiB makes QEMU rewrite its tables: slow on a loaded machine.
+        self.sock.settimeout(90)
         self.sock.connect(str(sock))
         self.file = self.sock.makefile("rwb")
         self.file.readline()
