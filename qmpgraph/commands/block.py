@@ -5,7 +5,7 @@ Each command runs as exactly one engine transaction
 its digest) as it was, and the transaction log records it as aborted.
 
 What does not live here: the open path itself (``qmpgraph.drivers.open``),
-the queries (``query_block.py``), reopen and snapshots.
+the queries (``qmpgraph.commands.query``), reopen and snapshots.
 """
 
 from __future__ import annotations
