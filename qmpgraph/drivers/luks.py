@@ -76,8 +76,6 @@ class LuksHeader:
     master_key_iterations: int
     uuid: str
     slots: tuple[KeySlot, ...]
-    #: The hash of an ``essiv:<hash>`` IV generator ("" for the others).
-    ivgen_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +146,7 @@ def parse_header(raw: bytes) -> LuksHeader:
         raise GenericError("Missing IV generator hash specification")
     return LuksHeader(
         version, cipher, mode, ivgen, hash_spec, payload, mklen, digest, salt, iters,
-        _cstr(uuid), slots, ivhash if colon else "",
+        _cstr(uuid), slots,
     )  # fmt: skip
 
 
