@@ -30,7 +30,8 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
 from qmpgraph.nbd import constants as nbdc
-from qmpgraph.objects import id_wellformed
+from qmpgraph.objects import id_wellformed, tree_for
+from qmpgraph.objects.misc import IOThread
 from qmpgraph.transactions.actions import add_root_parent, remove_root_parent
 from qmpgraph.transactions.composite import detach_child, root_attach, set_edge_perms_checked
 from qmpgraph.transactions.engine import Action, Transaction
@@ -298,6 +299,9 @@ def _add_export(
     writable = bool(args.get("writable", False))
     if node.read_only and writable:
         raise GenericError("Cannot export read-only node as writable")
+    iothread = args.get("iothread")
+    if iothread is not None and not isinstance(tree_for(graph).lookup(iothread), IOThread):
+        raise GenericError(f'iothread "{iothread}" not found')
     perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else 0)
     bb = BlockBackend()
     add_root_parent(tran, graph, bb)

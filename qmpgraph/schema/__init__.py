@@ -89,6 +89,11 @@ class Schema:
         of ``command``, by QEMU's keyval input visitor (``keyval_visitor``)."""
         return visit_keyval(self._arg_types[command], tree)
 
+    def arg_type(self, command: str) -> ObjectType:
+        """``command``'s argument type (to build option types from its members,
+        e.g. qsd's ``--nbd-server`` NbdServerOptions, absent from introspection)."""
+        return self._arg_types[command]
+
     def json_schema(self, command: str) -> Any:
         """The compiled JSON Schema validator of ``command``'s arguments
         (never looser than QEMU, see ``qmpgraph.schema.jsonschemas``)."""

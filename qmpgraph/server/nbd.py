@@ -5,7 +5,8 @@ committed.  Commands run synchronously inside trio (the monitor dispatches
 them in its client task), so the runtime starts its listener as a trio
 *system task*: it needs no nursery handed down from the daemon, and it is
 cancelled when the daemon stops or the server is stopped.  Outside trio
-(library tests that dispatch commands directly) nothing is served.
+(library tests that dispatch commands directly, and qsd's ``--nbd-server``
+at start-up) nothing is served until ``serve_bound_server`` is called.
 
 Each client is one task driving a ``qmpgraph.nbd.server.ServerConnection``;
 its requests run one after the other through ``qmpgraph.io.BackendIO`` on
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from qmpgraph.commands.exports import export_table
 from qmpgraph.io.backend import BackendIO
 from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError
 from qmpgraph.nbd import constants as c
@@ -143,6 +145,14 @@ def start_runtime(daemon: Daemon, table: ExportTable, server: NBDServer) -> Runt
     trio.lowlevel.spawn_system_task(runtime.serve, name="nbd-server")
     daemon.on_stop(runtime.stop)
     return runtime
+
+
+def serve_bound_server(daemon: Daemon) -> None:
+    """Serve the NBD server that nbd-server-start bound before the trio loop
+    ran (qsd's ``--nbd-server``); call inside trio, once the loop runs."""
+    server = export_table(daemon).server
+    if server is not None and server.runtime is None:
+        server.runtime = start_runtime(daemon, export_table(daemon), server)
 
 
 # -- executing requests ------------------------------------------------------------

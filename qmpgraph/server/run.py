@@ -1,8 +1,9 @@
 """Run a whole daemon: serve every monitor, stop cleanly on quit or a signal.
 
 ``serve_prepared`` serves monitors whose sockets start-up already created
-(``qmpgraph.server.startup``); ``run_daemon`` is the in-process convenience
-for tests and embedders: it binds ``MonitorConfig`` addresses itself.
+(``qmpgraph.server.startup``), and the NBD server it started; ``run_daemon``
+is the in-process convenience for tests and embedders: it binds
+``MonitorConfig`` addresses itself.
 SIGINT, SIGTERM and SIGHUP stop the daemon as QMP ``quit`` does.
 
 What does not live here: option parsing (``qmpgraph.cmdline``), the pidfile
@@ -21,6 +22,7 @@ import trio
 from qmpgraph.commands.dispatcher import Dispatcher
 from qmpgraph.daemon import Daemon
 from qmpgraph.server.monitor import serve_monitor, serve_qmp_client
+from qmpgraph.server.nbd import serve_bound_server
 from qmpgraph.server.startup import PreparedMonitor, bind_unix, remove_socket
 
 __all__ = ["DaemonConfig", "MonitorConfig", "run_daemon", "serve_prepared"]
@@ -71,6 +73,8 @@ async def serve_prepared(
         daemon.on_stop(nursery.cancel_scope.cancel)
         if handle_signals:
             await nursery.start(_stop_on_signals, daemon)
+        # An NBD server bound at start-up (--nbd-server) is served from now on.
+        serve_bound_server(daemon)
         dispatcher = Dispatcher(daemon)
         for mon in monitors:
             for conn in mon.connections:

@@ -14,9 +14,11 @@ connects out; the pidfile is created and ``fcntl``-locked after all options
 succeeded, holds ``PID\\n``, and is removed on exit; ``--daemonize`` forks
 twice and the parent's exit status says whether start-up succeeded.
 Unlike QEMU, sockets created by a start-up that then fails are removed.
-``--blockdev`` adds its node to the ``Daemon`` at once, through the same
-``blockdev-add`` handler QMP uses (``add_blockdev``), so a later option can
-refer to it and an earlier one cannot.
+``--blockdev``, ``--object``, ``--nbd-server`` and ``--export`` act on the
+``Daemon`` at once, through the handlers of the QMP commands they stand for
+(blockdev-add, object-add, nbd-server-start, block-export-add), so a later
+option can refer to what an earlier one made and not the other way round.
+The NBD socket is bound here and served once the trio loop runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import qmpgraph.commands  # noqa: F401 (registers blockdev-add for --blockdev)
 from qmpgraph.cmdline.chardev import ChardevSpec, MonitorSpec
@@ -38,15 +41,20 @@ from qmpgraph.cmdline.qsd import OptionArgs, ReportFn
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import REGISTRY
 from qmpgraph.daemon import Daemon
-from qmpgraph.errors import GenericError, QMPError
-from qmpgraph.graph.names import is_well_formed
+from qmpgraph.errors import QMPError
 from qmpgraph.protocol.session import QMPSession
+from qmpgraph.schema import Schema
+from qmpgraph.schema.keyval_visitor import visit_keyval
+from qmpgraph.schema.types import IntType, Member, ObjectType
+from qmpgraph.schema.visitor import visit_arguments
 
 __all__ = [
     "Daemonizer",
     "PreparedMonitor",
     "Startup",
     "add_blockdev",
+    "add_export",
+    "add_nbd_server",
     "add_object",
     "bind_unix",
     "remove_socket",
@@ -189,9 +197,7 @@ def add_object(daemon: Daemon, args: OptionArgs) -> None:
             typed = schema.validate_keyval_arguments("object-add", args.options)
         else:
             typed = schema.validate_arguments("object-add", args.options)
-        session = QMPSession(daemon.greeting())
-        session.accept_capabilities([])
-        REGISTRY["object-add"].handler(CommandContext(daemon, session), typed)
+        _run_command(daemon, "object-add", typed)
     except QMPError as exc:
         raise CmdlineError(exc.desc) from None
 
@@ -215,39 +221,74 @@ def add_blockdev(daemon: Daemon, args: OptionArgs, report: ReportFn) -> None:
         # warning channel, so a nested ``backing=""`` is not warned about.)
         if isinstance(typed.get("node-name"), str) and typed.get("backing") == "":
             report(_BACKING_EMPTY)
-        # The handler needs a session; no client is involved at start-up.
-        session = QMPSession(daemon.greeting())
-        session.accept_capabilities([])
-        REGISTRY["blockdev-add"].handler(CommandContext(daemon, session), typed)
+        _run_command(daemon, "blockdev-add", typed)
     except QMPError as exc:
         raise CmdlineError(exc.desc) from None
 
 
-def check_export(daemon: Daemon, args: OptionArgs) -> None:
-    """``--export``'s checks that come before QEMU needs an export driver.
+def _run_command(daemon: Daemon, name: str, typed: dict[str, Any]) -> None:
+    """Run QMP command ``name`` on typed arguments, as start-up does.
 
-    qmpgraph has no exports yet; this gives QEMU's exact message for what
-    QEMU refuses first: the option's types (``block-export-add``'s
-    arguments), the id, the node, a read-only node exported writable, an
-    iothread (none can exist: ``--object`` is not supported). Raises
-    ``CmdlineError``; returns when QEMU would go on to create the export.
+    The handler needs a session; no client is involved at start-up.
     """
+    session = QMPSession(daemon.greeting())
+    session.accept_capabilities([])
+    REGISTRY[name].handler(CommandContext(daemon, session), typed)
+
+
+def _nbd_server_options(schema: Schema) -> ObjectType:
+    """qsd's NbdServerOptions, which introspection does not show: built from
+    the SocketAddress of blockdev-add's nbd ``server`` and a ``str``."""
+    nbd = schema.arg_type("blockdev-add").variants["nbd"]
+    addr = next(m.type for m in nbd.members if m.name == "server")
+    text = next(m.type for m in schema.arg_type("block-export-add").members if m.name == "id")
+    return ObjectType(
+        "NbdServerOptions",
+        "object",
+        members=[
+            Member("addr", addr, False),
+            Member("tls-creds", text, True),
+            Member("tls-authz", text, True),
+            Member("max-connections", IntType("int", "int", "uint32"), True),
+        ],
+    )
+
+
+def add_nbd_server(daemon: Daemon, args: OptionArgs) -> None:
+    """``--nbd-server``: typed as NbdServerOptions, then QMP ``nbd-server-start``.
+
+    The option's ``addr`` is a flat SocketAddress; the command takes the
+    legacy form (``{"type": ..., "data": {...}}``), which QEMU flattens
+    back, so the two are the same server. The socket is bound now; it is
+    served once the trio loop runs (``qmpgraph.server.nbd.serve_bound_server``).
+    """
+    opts_type = _nbd_server_options(daemon.schema)
+    try:
+        if args.keyval:
+            typed = visit_keyval(opts_type, args.options)
+        else:
+            typed = visit_arguments(opts_type, args.options)
+        addr = dict(typed["addr"])
+        kind = addr.pop("type")
+        command_args: dict[str, Any] = {"addr": {"type": kind, "data": addr}}
+        for key in ("tls-creds", "tls-authz", "max-connections"):
+            if key in typed:
+                command_args[key] = typed[key]
+        _run_command(daemon, "nbd-server-start", command_args)
+    except QMPError as exc:
+        raise CmdlineError(exc.desc) from None
+
+
+def add_export(daemon: Daemon, args: OptionArgs) -> None:
+    """``--export``: QMP ``block-export-add`` on ``daemon``, as qsd runs it
+    (BlockExportOptions by the keyval or the JSON visitor, then the handler)."""
     schema = daemon.schema
     try:
         if args.keyval:
             typed = schema.validate_keyval_arguments("block-export-add", args.options)
         else:
             typed = schema.validate_arguments("block-export-add", args.options)
-        if not is_well_formed(typed["id"]):
-            raise GenericError("Invalid block export id")
-        name = typed["node-name"]
-        node = daemon.graph.lookup(name)
-        if node is None:
-            raise GenericError(f"Cannot find device='' nor node-name='{name}'")
-        if node.read_only and typed.get("writable", False):
-            raise GenericError("Cannot export read-only node as writable")
-        if typed.get("iothread") is not None:
-            raise GenericError(f'iothread "{typed["iothread"]}" not found')
+        _run_command(daemon, "block-export-add", typed)
     except QMPError as exc:
         raise CmdlineError(exc.desc) from None
 
@@ -302,19 +343,20 @@ class Startup:
         self.monitors.append(PreparedMonitor(ep.listener, ep.connections, spec.pretty, desc))
 
     def option(self, args: OptionArgs, report: ReportFn) -> None:
-        """--blockdev and --object run now (``add_blockdev``, ``add_object``);
-        --export and --nbd-server are refused (not implemented yet), --export
-        after QEMU's own first checks (``check_export``)."""
+        """Run --blockdev, --object, --nbd-server and --export now, through
+        the QMP commands' handlers (``add_blockdev``, ``add_object``,
+        ``add_nbd_server``, ``add_export``)."""
         self.options.append(args)
-        if args.option == "blockdev" and self.daemon is not None:
+        if self.daemon is None:
+            raise CmdlineError(f"--{args.option} is not supported yet by qmpgraph")
+        if args.option == "blockdev":
             add_blockdev(self.daemon, args, report)
-            return
-        if args.option == "object" and self.daemon is not None:
+        elif args.option == "object":
             add_object(self.daemon, args)
-            return
-        if args.option == "export" and self.daemon is not None:
-            check_export(self.daemon, args)
-        raise CmdlineError(f"--{args.option} is not supported yet by qmpgraph")
+        elif args.option == "nbd-server":
+            add_nbd_server(self.daemon, args)
+        else:
+            add_export(self.daemon, args)
 
     def add_default_monitor(self, path: str) -> PreparedMonitor:
         """The argument-less daemon's monitor on ``path``."""
