@@ -363,9 +363,3 @@ def change_backing_file(ctx: CommandContext, args: dict[str, Any]) -> None:
             reopen_read_only(tran, daemon.graph, image, True)
         if error is not None:
             raise error
-
-
-@command("blockdev-snapshot-internal-sync")
-def blockdev_snapshot_internal_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """Internal qcow2 snapshots are not written yet: a clear error, as the action gives."""
-    single_action(ctx, "blockdev-snapshot-internal-sync", args)
