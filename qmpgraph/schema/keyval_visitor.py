@@ -56,6 +56,7 @@ from qmpgraph.schema.types import (
     ObjectType,
     QType,
 )
+from qmpgraph.schema.visitor import bad_type, bare_name, join_path
 
 __all__ = ["strtoi64", "strtou64", "visit_keyval"]
 
@@ -155,19 +156,6 @@ def _mantissa(body: str) -> str:
     return body.lower().split("e")[0]
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _bare(name: str | None) -> str:
-    # QEMU prints a NULL name (a list element) as 'null' in these messages.
-    return name if name is not None else "null"
-
-
-def _bad_type(full: str, expected: str) -> GenericError:
-    return GenericError(f"Invalid parameter type for '{full}', expected: {expected}")
-
-
 def visit_keyval(arg_type: ObjectType, tree: dict[str, Any]) -> dict[str, Any]:
     """Convert keyval ``tree`` (string leaves) to ``arg_type``'s typed arguments.
 
@@ -188,7 +176,7 @@ def _visit_struct(t: ObjectType, d: dict[str, Any], path: str) -> dict[str, Any]
             key: str | None = leftover[0]
         else:
             key = first_leftover(qdict_order(list(d)), consumed)
-        raise GenericError(f"Parameter '{_join(path, key or '')}' is unexpected")
+        raise GenericError(f"Parameter '{join_path(path, key or '')}' is unexpected")
     # Keep the option's own key order, as the JSON visitor does.
     return {k: out[k] for k in d}
 
@@ -200,9 +188,9 @@ def _visit_members(
         if m.name not in d:
             if m.optional:
                 continue
-            raise GenericError(f"Parameter '{_join(path, m.name)}' is missing")
+            raise GenericError(f"Parameter '{join_path(path, m.name)}' is missing")
         consumed.append(m.name)
-        out[m.name] = _visit(m.type, d[m.name], _join(path, m.name), m.name)
+        out[m.name] = _visit(m.type, d[m.name], join_path(path, m.name), m.name)
     if t.tag is not None:
         variant = t.variants.get(out[t.tag])
         if variant is not None:
@@ -237,17 +225,17 @@ def _visit(t: QType, value: Any, full: str, bare: str | None) -> Any:
         assert isinstance(t, EnumType)
         text = _scalar(value, full)
         if text not in t.values:
-            raise GenericError(f"Parameter '{_bare(bare)}' does not accept value '{text}'")
+            raise GenericError(f"Parameter '{bare_name(bare)}' does not accept value '{text}'")
         return text
     if kind == "object":
         assert isinstance(t, ObjectType)
         if not isinstance(value, dict):
-            raise _bad_type(full, "object")
+            raise bad_type(full, "object")
         return _visit_struct(t, value, full)
     if kind == "array":
         assert isinstance(t, ArrayType) and t.element is not None
         if not isinstance(value, list):
-            raise _bad_type(full, "array")
+            raise bad_type(full, "array")
         element = t.element
         return [_visit(element, item, f"{full}.{i}", None) for i, item in enumerate(value)]
     if kind == "alternate":
@@ -259,15 +247,15 @@ def _visit(t: QType, value: Any, full: str, bare: str | None) -> Any:
         else:
             branch = t.branches.get("string")
         if branch is None:
-            raise _bad_type(_bare(bare), t.real_name)
+            raise bad_type(bare_name(bare), t.real_name)
         return _visit(branch, value, full, bare)
     if kind == "number":
         number = strtod_finite(_scalar(value, full))
         if number is None:
-            raise _bad_type(full, "number")
+            raise bad_type(full, "number")
         return number
     if kind == "null":
-        raise _bad_type(full, "null")
+        raise bad_type(full, "null")
     # "any" takes the subtree as it is.
     return value
 
@@ -282,5 +270,5 @@ def _visit_int(width: str, text: str, full: str, bare: str | None) -> int:
     else:
         lo, hi = 0, (1 << bits) - 1
     if not lo <= value <= hi:
-        raise GenericError(f"Parameter '{_bare(bare)}' expects {width}_t")
+        raise GenericError(f"Parameter '{bare_name(bare)}' expects {width}_t")
     return value

@@ -48,16 +48,19 @@ _INT64_MAX = 2**63 - 1
 _UINT64_MAX = 2**64 - 1
 
 
-def _join(path: str, name: str) -> str:
+def join_path(path: str, name: str) -> str:
+    """The full name QEMU prints for member ``name`` of the object at ``path``."""
     return f"{path}.{name}" if path else name
 
 
-def _bare(name: str | None) -> str:
+def bare_name(name: str | None) -> str:
+    """The bare member name some messages print (``null`` for a list element)."""
     # QEMU prints a NULL name (a list element) as 'null' in these messages.
     return name if name is not None else "null"
 
 
-def _bad_type(full: str, expected: str) -> GenericError:
+def bad_type(full: str, expected: str) -> GenericError:
+    """QEMU's wrong-type error for the member called ``full``."""
     return GenericError(f"Invalid parameter type for '{full}', expected: {expected}")
 
 
@@ -92,7 +95,7 @@ def _visit_struct(t: ObjectType, d: dict[str, Any], path: str) -> dict[str, Any]
             key: str | None = leftover[0]
         else:
             key = first_leftover(qdict_order(list(d)), consumed)
-        raise GenericError(f"Parameter '{_join(path, key or '')}' is unexpected")
+        raise GenericError(f"Parameter '{join_path(path, key or '')}' is unexpected")
     return out
 
 
@@ -104,10 +107,10 @@ def _visit_members(
         if m.name not in d:
             if m.optional:
                 continue
-            raise GenericError(f"Parameter '{_join(path, m.name)}' is missing")
+            raise GenericError(f"Parameter '{join_path(path, m.name)}' is missing")
         consumed.append(m.name)
         value = d[m.name]
-        new = _visit(m.type, value, _join(path, m.name), m.name)
+        new = _visit(m.type, value, join_path(path, m.name), m.name)
         if new is not value:
             if out is d:
                 out = dict(d)
@@ -125,28 +128,28 @@ def _visit(t: QType, value: Any, full: str, bare: str | None) -> Any:
     kind = t.kind
     if kind == "str":
         if not isinstance(value, str):
-            raise _bad_type(full, "string")
+            raise bad_type(full, "string")
     elif kind == "int":
         assert isinstance(t, IntType)
         return _visit_int(t.width, value, full, bare)
     elif kind == "bool":
         if not isinstance(value, bool):
-            raise _bad_type(full, "boolean")
+            raise bad_type(full, "boolean")
     elif kind == "enum":
         assert isinstance(t, EnumType)
         if not isinstance(value, str):
-            raise _bad_type(full, "string")
+            raise bad_type(full, "string")
         if value not in t.values:
-            raise GenericError(f"Parameter '{_bare(bare)}' does not accept value '{value}'")
+            raise GenericError(f"Parameter '{bare_name(bare)}' does not accept value '{value}'")
     elif kind == "object":
         assert isinstance(t, ObjectType)
         if not isinstance(value, dict):
-            raise _bad_type(full, "object")
+            raise bad_type(full, "object")
         return _visit_struct(t, value, full)
     elif kind == "array":
         assert isinstance(t, ArrayType) and t.element is not None
         if not isinstance(value, list):
-            raise _bad_type(full, "array")
+            raise bad_type(full, "array")
         out = value
         for i, item in enumerate(value):
             new = _visit(t.element, item, f"{full}[{i}]", None)
@@ -159,13 +162,13 @@ def _visit(t: QType, value: Any, full: str, bare: str | None) -> Any:
         assert isinstance(t, AlternateType)
         branch = t.branches.get(_json_kind(value))
         if branch is None:
-            raise _bad_type(_bare(bare), t.real_name)
+            raise bad_type(bare_name(bare), t.real_name)
         return _visit(branch, value, full, bare)
     elif kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _bad_type(full, "number")
+            raise bad_type(full, "number")
     elif kind == "null" and value is not None:
-        raise _bad_type(full, "null")
+        raise bad_type(full, "null")
     # "any" accepts every value.
     return value
 
@@ -175,14 +178,14 @@ def _visit_int(width: str, value: Any, full: str, bare: str | None) -> Any:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if signed:
         if not is_int or not _INT64_MIN <= value <= _INT64_MAX:
-            raise _bad_type(full, "integer")
+            raise bad_type(full, "integer")
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         if not lo <= value <= hi:
-            raise GenericError(f"Parameter '{_bare(bare)}' expects {width}_t")
+            raise GenericError(f"Parameter '{bare_name(bare)}' expects {width}_t")
         return value
     if not is_int or not _INT64_MIN <= value <= _UINT64_MAX:
         raise GenericError(f"Parameter '{full}' expects uint64")
     wrapped = value & _UINT64_MAX
     if bits < 64 and wrapped >= 1 << bits:
-        raise GenericError(f"Parameter '{_bare(bare)}' expects {width}_t")
+        raise GenericError(f"Parameter '{bare_name(bare)}' expects {width}_t")
     return wrapped if wrapped != value else value
