@@ -1,0 +1,222 @@
+"""The qcow2 data path of the graph: ``Qcow2IO`` wraps ``qcow2_io.Qcow2Image``.
+
+A node's ``Qcow2Image`` is made on the node's first request, over the
+descriptor its ``file`` child already holds (``FdFile`` on that fd: the
+image locks live on it, so the file is never opened again); an external
+``data-file`` child is used the same way.  The backing image is the
+node's ``backing`` edge seen through the graph (``_BackingSource``), so
+whatever driver the backing node has, its own hook serves the reads.
+
+The library is synchronous and not thread-safe: every call on one image
+runs in a worker thread under that image's ``trio.Lock``; from there,
+backing reads come back into trio with ``trio.from_thread``.  An image is
+dropped when its node's file descriptor was closed (the node went away)
+or when the node was reopened (its state, children or read-only flag
+changed), and rebuilt on the next request.  The library keeps no dirty
+data of its own (metadata is write-through), so dropping needs no flush.
+
+What does not live here: the qcow2 format (``qmpgraph.drivers.qcow2_io``),
+header checks at open (``qmpgraph.drivers.qcow2``), the generic request
+path (``hooks``).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from qmpgraph.drivers.file import FileState
+from qmpgraph.drivers.qcow2_io import Extent, FdFile, Qcow2Error, Qcow2Image, Status
+from qmpgraph.errors import QMPError
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.io.hooks import IOHook, child_block_status, child_read, register_hook
+from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, REQ_MAY_UNMAP, ZERO, BlockIOError
+
+T = TypeVar("T")
+
+
+def _edge(node: Node, name: str) -> Edge | None:
+    for edge in node.children:
+        if edge.name == name:
+            return edge
+    return None
+
+
+def _file_state(edge: Edge | None) -> FileState:
+    """The file node under ``edge``; other protocol stacks have no data path yet."""
+    child = edge.child if edge is not None else None
+    state = child.state if child is not None else None
+    if not isinstance(state, FileState):
+        raise BlockIOError(errno.ENOTSUP, "qcow2 I/O needs a 'file' node as its file child")
+    if state.lock.closed:
+        raise BlockIOError(errno.EBADF)
+    return state
+
+
+class _BackingSource:
+    """The node's current ``backing`` child as a ``BlockSource`` (from a worker thread).
+
+    Looked up on every call, so a backing node attached or replaced later
+    (e.g. by a snapshot) is read without rebuilding the image; without a
+    backing child the image reads zeros where it has no data.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def _backing_size(self) -> tuple[Edge | None, int]:
+        edge = self.node.backing
+        child = edge.child if edge is not None else None
+        if edge is None or child is None or child.driver is None:
+            return None, 0
+        return edge, child.driver.size(child)
+
+    @property
+    def size(self) -> int:
+        """The backing node's length (0 without one)."""
+        return trio.from_thread.run_sync(self._backing_size)[1]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest data of the backing node, read through its own hook."""
+        edge, _ = trio.from_thread.run_sync(self._backing_size)
+        if edge is None:
+            return bytes(length)
+        return trio.from_thread.run(child_read, edge, offset, length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """The backing node's extents (depth 1 where it allocates, else 0)."""
+        edge, _ = trio.from_thread.run_sync(self._backing_size)
+        if edge is None:
+            return [Extent(offset, length, Status.ZERO, 0)]
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            flags, pnum = trio.from_thread.run(child_block_status, edge, pos, end - pos)
+            status = Status(0)
+            if flags & DATA:
+                status |= Status.DATA
+            if flags & ZERO:
+                status |= Status.ZERO
+            if flags & ALLOCATED:
+                status |= Status.ALLOCATED
+            out.append(Extent(pos, pnum, status, 1 if flags & ALLOCATED else 0))
+            pos += pnum
+        return out
+
+    def close(self) -> None:
+        """Nothing to release: the graph owns the backing node."""
+
+
+@dataclass(slots=True)
+class _Open:
+    """One node's image and what it was built from."""
+
+    image: Qcow2Image
+    lock: trio.Lock
+    key: tuple[Any, ...]
+    file_state: FileState
+
+
+def _key(node: Node) -> tuple[Any, ...]:
+    file_edge = node.file
+    data_edge = _edge(node, "data-file")
+    return (
+        id(node.state),
+        id(file_edge.child) if file_edge else None,
+        id(data_edge.child) if data_edge else None,
+        node.read_only,
+    )
+
+
+class Qcow2IO(IOHook):
+    """qcow2: guest requests through the image's L1/L2 tables (``Qcow2Image``)."""
+
+    def __init__(self) -> None:
+        self._images: dict[int, _Open] = {}
+
+    def _stale(self, opened: _Open, node: Node | None) -> bool:
+        return opened.file_state.lock.closed or (node is not None and opened.key != _key(node))
+
+    def drop(self, node: Node) -> None:
+        """Forget ``node``'s image (it is rebuilt on the next request)."""
+        self._images.pop(node.id, None)
+
+    def _image(self, node: Node) -> _Open:
+        opened = self._images.get(node.id)
+        if opened is not None and not self._stale(opened, node):
+            return opened
+        # Sweep images of nodes that went away (their descriptors are closed).
+        for node_id, other in list(self._images.items()):
+            if self._stale(other, None) or node_id == node.id:
+                del self._images[node_id]
+        file_state = _file_state(node.file)
+        data_edge = _edge(node, "data-file")
+        data_file = FdFile(_file_state(data_edge).lock.fd) if data_edge is not None else None
+        try:
+            image = Qcow2Image(
+                FdFile(file_state.lock.fd),
+                backing=_BackingSource(node),
+                data_file=data_file,
+                read_only=node.read_only,
+            )
+        except (Qcow2Error, QMPError, ValueError) as err:
+            raise BlockIOError(errno.EIO, str(err)) from err
+        except OSError as err:
+            raise BlockIOError(err.errno or errno.EIO) from err
+        opened = _Open(image, trio.Lock(), _key(node), file_state)
+        self._images[node.id] = opened
+        return opened
+
+    async def _call(self, node: Node, fn: Callable[[Qcow2Image], T]) -> T:
+        """Run ``fn(image)`` in a worker thread, one call per image at a time."""
+        opened = self._image(node)
+
+        def work() -> T:
+            try:
+                return fn(opened.image)
+            except (Qcow2Error, QMPError, ValueError) as err:
+                raise BlockIOError(errno.EIO, str(err)) from err
+            except OSError as err:
+                raise BlockIOError(err.errno or errno.EIO) from err
+
+        async with opened.lock:
+            return await trio.to_thread.run_sync(work)
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        return await self._call(node, lambda img: img.read(offset, length))
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        await self._call(node, lambda img: img.write(offset, data))
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        unmap = bool(flags & REQ_MAY_UNMAP)
+        await self._call(node, lambda img: img.write_zeroes(offset, length, may_unmap=unmap))
+
+    async def discard(self, node: Node, offset: int, length: int) -> None:
+        await self._call(node, lambda img: img.discard(offset, length))
+
+    # flush: the inherited no-op.  Nothing is cached above the descriptors
+    # (metadata is write-through), and flush_node then syncs the file and
+    # data-file children, honouring their cache.no-flush.
+
+    async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        extents = await self._call(node, lambda img: img.block_status(offset, length))
+        if not extents:
+            return DATA | ALLOCATED, length
+        first = extents[0]
+        flags = 0
+        if first.flags & Status.DATA:
+            flags |= DATA | OFFSET_VALID if first.depth == 1 else DATA
+        if first.flags & Status.ZERO:
+            flags |= ZERO
+        if first.flags & Status.ALLOCATED:
+            flags |= ALLOCATED
+        return flags, max(1, first.length)
+
+
+QCOW2_IO = Qcow2IO()
+register_hook("qcow2", QCOW2_IO)
