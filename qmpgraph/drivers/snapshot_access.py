@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpgraph.drivers.base import ChildSpec, OpenContext
+from qmpgraph.drivers.base import ChildSpec, OpenContext, node_size
 from qmpgraph.drivers.filter_base import TakesNothing
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import Role
@@ -28,6 +28,11 @@ class SnapshotAccess(TakesNothing):
         """Open ``file`` (the cbw node) with DATA|PRIMARY."""
         self.reject_unknown(options)
         ctx.open_child(node, options, "file", _ROLE)
+
+    def size(self, node: Node) -> int:
+        """The ``file`` child's size (QEMU copies its total_sectors at open)."""
+        edge = node.file
+        return node_size(edge.child if edge is not None else None)
 
 
 DRIVERS = (SnapshotAccess(),)

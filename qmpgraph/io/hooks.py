@@ -381,4 +381,5 @@ register_hook("null-aio", NullIO())
 # Throttle passes through without enforcing its group's limits yet.
 for _name in ("copy-on-read", "preallocate", "throttle"):
     register_hook(_name, PassThroughIO())
+from qmpgraph.io import cbw_hook as _cbw_hook  # noqa: E402, F401  (copy-before-write, snapshot-access)
 from qmpgraph.io import qcow2_hook as _qcow2_hook  # noqa: E402, F401  (registers "qcow2")

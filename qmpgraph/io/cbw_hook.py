@@ -1,0 +1,278 @@
+"""The data path of ``copy-before-write`` and ``snapshot-access`` (QEMU 7.2).
+
+copy-before-write (``CbwIO``): reads, flushes and block status go to
+``file``.  Before a write, write-zeroes or discard reaches ``file``, every
+cluster of the range not copied yet is copied from ``file`` to ``target``
+and marked done (cluster size: the larger of 64 KiB and the target's
+cluster size).  Requests with the write-unchanged flag skip the copy.  A
+failed copy (or one slower than ``cbw-timeout``: ETIMEDOUT) fails the guest
+request with ``on-cbw-error=break-guest-write``; with ``break-snapshot`` the
+error is recorded, the write goes through and every later snapshot call
+fails with EACCES.
+
+The snapshot API (QEMU's ``preadv_snapshot``, ``snapshot_block_status``,
+``pdiscard_snapshot``) is ``read_snapshot``, ``block_status_snapshot`` and
+``discard_snapshot`` of ``CbwIO``.  One ``trio.Lock`` per cbw node orders
+copies against snapshot reads of not-yet-copied areas from ``file``: a guest
+write to such an area waits for the read (QEMU's frozen read requests), so
+the snapshot never sees new data.  Snapshot reads of copied areas come from
+``target``.
+
+snapshot-access (``SnapshotAccessIO``) maps reads, block status and discard
+onto its ``file`` child's snapshot API (discard only with ``discard=unmap``,
+as the generic path already checks) and refuses writes with ENOTSUP.
+
+The user ``bitmap`` option is not modelled (the driver refuses every bitmap
+at open), so every cluster starts as "to be copied" and readable.
+
+What does not live here: the drivers' open and permission rules
+(``qmpgraph.drivers.copy_before_write``, ``snapshot_access``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+from dataclasses import dataclass, field
+
+import trio
+
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.io.hooks import (
+    IOHook,
+    child_block_status,
+    child_discard,
+    child_read,
+    child_write,
+    child_write_zeroes,
+    register_hook,
+)
+from qmpgraph.io.request import ALLOCATED, OFFSET_VALID, BlockIOError
+
+# BDRV_REQ_WRITE_UNCHANGED: the write does not change guest-visible data.
+REQ_WRITE_UNCHANGED = 0x40
+
+_MIN_CLUSTER = 64 << 10
+_COPY_CHUNK = 1 << 20
+
+
+def _edge(node: Node, name: str) -> Edge:
+    for edge in node.children:
+        if edge.name == name and edge.child is not None:
+            return edge
+    raise BlockIOError(errno.ENOMEDIUM)
+
+
+def _size(node: Node) -> int:
+    return node.driver.size(node) if node.driver is not None else 0
+
+
+def _target_cluster(target: Node | None) -> int:
+    """The target's cluster size (qcow2's header), 0 when it has none."""
+    state = target.state if target is not None else None
+    for holder in (state, getattr(state, "header", None)):
+        size = getattr(holder, "cluster_size", None)
+        if isinstance(size, int):
+            return size
+    return 0
+
+
+@dataclass(slots=True)
+class _CbwState:
+    """One cbw node's bitmaps, one byte per cluster, and its snapshot error."""
+
+    cluster: int
+    to_copy: bytearray  # 1: still to be copied before a guest write
+    done: bytearray  # 1: copied to the target
+    access: bytearray  # 1: snapshot readers may read it
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    error: int | None = None  # the first copy error under break-snapshot
+
+    def clusters(self, offset: int, length: int) -> range:
+        """Cluster indices the byte range touches (rounded outwards)."""
+        return range(offset // self.cluster, math.ceil((offset + length) / self.cluster))
+
+
+class CbwIO(IOHook):
+    """copy-before-write: copies old data to ``target`` before guest writes."""
+
+    handles_fua = True
+
+    def __init__(self) -> None:
+        self._states: dict[int, _CbwState] = {}
+
+    def state(self, node: Node) -> _CbwState:
+        """The node's bitmaps, made on its first request."""
+        st = self._states.get(node.id)
+        if st is None:
+            target = _edge(node, "target").child
+            cluster = max(_MIN_CLUSTER, _target_cluster(target))
+            n = math.ceil(_size(node) / cluster)
+            st = _CbwState(cluster, bytearray(b"\1" * n), bytearray(n), bytearray(b"\1" * n))
+            self._states[node.id] = st
+        return st
+
+    def drop(self, node: Node) -> None:
+        """Forget ``node``'s bitmaps (a new snapshot starts on the next request)."""
+        self._states.pop(node.id, None)
+
+    async def _copy(self, node: Node, st: _CbwState, first: int, end: int) -> None:
+        """Copy clusters ``first``..``end`` (exclusive) from ``file`` to ``target``."""
+        source, target = _edge(node, "file"), _edge(node, "target")
+        size = _size(node)
+        pos, stop = first * st.cluster, min(end * st.cluster, size)
+        while pos < stop:
+            n = min(_COPY_CHUNK, stop - pos)
+            data = await child_read(source, pos, n)
+            await child_write(target, pos, data)
+            pos += n
+
+    async def _cbw(self, node: Node, offset: int, length: int, flags: int) -> None:
+        """Copy the range's not-yet-copied clusters; QEMU's cbw_do_copy_before_write."""
+        st = self.state(node)
+        if flags & REQ_WRITE_UNCHANGED or st.error is not None or not length:
+            return
+        timeout = int(node.options.get("cbw-timeout", 0) or 0)
+        async with st.lock:
+            if st.error is not None:
+                return
+            todo = [c for c in st.clusters(offset, length) if c < len(st.to_copy) and st.to_copy[c]]
+            try:
+                with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
+                    for first, end in _runs(todo):
+                        await self._copy(node, st, first, end)
+                        for c in range(first, end):
+                            st.to_copy[c], st.done[c] = 0, 1
+            except (BlockIOError, trio.TooSlowError) as err:
+                code = err.errno if isinstance(err, BlockIOError) else errno.ETIMEDOUT
+                if node.options.get("on-cbw-error") == "break-snapshot":
+                    st.error = code
+                    return
+                raise BlockIOError(code) from err
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        return await child_read(_edge(node, "file"), offset, length)
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        await self._cbw(node, offset, len(data), flags)
+        await child_write(_edge(node, "file"), offset, data, flags & ~REQ_WRITE_UNCHANGED)
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        await self._cbw(node, offset, length, flags)
+        await child_write_zeroes(_edge(node, "file"), offset, length, flags & ~REQ_WRITE_UNCHANGED)
+
+    async def discard(self, node: Node, offset: int, length: int) -> None:
+        await self._cbw(node, offset, length, 0)
+        await child_discard(_edge(node, "file"), offset, length)
+
+    async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        return await child_block_status(_edge(node, "file"), offset, length)
+
+    # -- the snapshot API --------------------------------------------------
+
+    def _check_access(self, st: _CbwState, offset: int, length: int) -> None:
+        if st.error is not None:
+            raise BlockIOError(errno.EACCES)
+        for c in st.clusters(offset, length):
+            if c >= len(st.access) or not st.access[c]:
+                raise BlockIOError(errno.EACCES)
+
+    @staticmethod
+    def _piece(st: _CbwState, offset: int, end: int) -> tuple[int, bool]:
+        """The end of the run from ``offset`` with one ``done`` state, and that state."""
+        c = offset // st.cluster
+        copied = bool(st.done[c]) if c < len(st.done) else False
+        pos = (c + 1) * st.cluster
+        while pos < end:
+            c = pos // st.cluster
+            if (bool(st.done[c]) if c < len(st.done) else False) != copied:
+                break
+            pos += st.cluster
+        return min(pos, end), copied
+
+    async def read_snapshot(self, node: Node, offset: int, length: int) -> bytes:
+        """The snapshot's bytes: from ``target`` where copied, else from ``file``."""
+        st = self.state(node)
+        self._check_access(st, offset, length)
+        out = bytearray()
+        pos, end = offset, offset + length
+        async with st.lock:  # guest writes to uncopied areas wait for this read
+            while pos < end:
+                stop, copied = self._piece(st, pos, end)
+                edge = _edge(node, "target" if copied else "file")
+                out += await child_read(edge, pos, stop - pos)
+                pos = stop
+            if st.error is not None:  # broken while this read waited
+                raise BlockIOError(errno.EACCES)
+        return bytes(out)
+
+    async def block_status_snapshot(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        """Status of the snapshot's first extent: target's where copied (allocated)."""
+        st = self.state(node)
+        self._check_access(st, offset, length)
+        async with st.lock:
+            stop, copied = self._piece(st, offset, offset + length)
+            edge = _edge(node, "target" if copied else "file")
+            flags, pnum = await child_block_status(edge, offset, stop - offset)
+        if copied:
+            flags |= ALLOCATED
+        # An offset in another node's file means nothing to the snapshot's readers.
+        return flags & ~OFFSET_VALID, pnum
+
+    async def discard_snapshot(self, node: Node, offset: int, length: int) -> None:
+        """Drop whole clusters from the snapshot: unreadable, no longer copied."""
+        st = self.state(node)
+        first = math.ceil(offset / st.cluster)
+        end = (offset + length) // st.cluster
+        if end <= first:
+            return
+        async with st.lock:
+            for c in range(first, min(end, len(st.access))):
+                st.access[c] = st.to_copy[c] = 0
+        start = first * st.cluster
+        stop = min(end * st.cluster, _size(node))
+        await child_discard(_edge(node, "target"), start, stop - start)
+
+
+def _runs(clusters: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted cluster indices as (first, end) pairs."""
+    runs: list[tuple[int, int]] = []
+    for c in clusters:
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
+class SnapshotAccessIO(IOHook):
+    """snapshot-access: the ``file`` child's snapshot, read-only."""
+
+    @staticmethod
+    def _cbw(node: Node) -> Node:
+        child = _edge(node, "file").child
+        assert child is not None
+        if child.format_name != "copy-before-write":
+            raise BlockIOError(errno.ENOTSUP)
+        return child
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        return await CBW_IO.read_snapshot(self._cbw(node), offset, length)
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def discard(self, node: Node, offset: int, length: int) -> None:
+        await CBW_IO.discard_snapshot(self._cbw(node), offset, length)
+
+    async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        return await CBW_IO.block_status_snapshot(self._cbw(node), offset, length)
+
+
+CBW_IO = CbwIO()
+register_hook("copy-before-write", CBW_IO)
+register_hook("snapshot-access", SnapshotAccessIO())
