@@ -139,3 +139,60 @@ def test_fleecing_copy_is_point_in_time(tmp_path: Path, scheme: str) -> None:
         run("qemu-img", "check", "-f", "qcow2", str(src))
         results[kind] = copy.read_bytes()
     assert results["qmpgraph"] == results["qsd"]
+
+
+# Requests on a writable export of a snapshot-access node, after the guest wrote 0..256k.
+ACCESS = [
+    "read -P 0x11 0 64k",  # copied: from the target
+    "read -P 0x11 1M 64k",  # not copied: from the source
+    "write -P 0x55 2M 4k",
+    "write -z 2M 4k",
+    "discard 64k 64k",
+    "read 64k 4k",
+    "read -P 0x11 0 64k",
+    "read -P 0x11 128k 64k",
+]
+
+
+def _access_session(kind: str, qsd: str, d: Path, cmds: list[str]) -> list[str]:
+    """qemu-io results on a writable export of a snapshot-access node (discard=unmap)."""
+    _make_source(d)
+    run("qemu-img", "create", "-f", "raw", str(d / "fleece.raw"), "4M")
+    daemon = LiveDaemon(kind, qsd, d / "run", [])
+    try:
+        for name in ("source.qcow2", "fleece.raw"):
+            (d / "run" / name).symlink_to(d / name)
+        _setup(daemon, "C")
+        daemon.ok(
+            "blockdev-add",
+            driver="snapshot-access",
+            node_name="fl-rw",
+            discard="unmap",
+            file="fl-cbw",
+        )
+        daemon.ok(
+            "block-export-add", type="nbd", id="w", node_name="fl-rw", name="rw", writable=True
+        )
+        _guest(daemon, ["write -P 0x99 0 256k"])
+        outs = []
+        for cmd in cmds:
+            res = subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", cmd, daemon.uri("rw")],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            text = res.stdout + res.stderr
+            outs.append(text.split("\n")[0] if "failed" in text else "ok")
+    finally:
+        daemon.stop()
+    return outs
+
+
+def test_snapshot_access_requests_as_qsd(tmp_path: Path) -> None:
+    qsd = require_qemu()
+    got = _access_session("qmpgraph", qsd, tmp_path / "g", ACCESS)
+    want = _access_session("qsd", qsd, tmp_path / "q", ACCESS)
+    assert got == want, (got, want)
+    assert want[2].endswith("Operation not supported") and want[5].endswith("Invalid argument")
