@@ -46,13 +46,6 @@ def test_script(path: Path, results: dict[Path, Future[Result]]) -> None:
     """The normalized transcripts of both daemons are identical."""
     script = load_script(path)
     result = results[path].result()
-    if not result.equal and result.oracle_silent:
-        # QEMU itself did not answer a command: run the script once more
-        # rather than report QEMU's stall as a qmpgraph mismatch.
-        from conftest import require_qemu
-
-        print(f"{path.name}: qemu-storage-daemon did not answer a command; running it again")
-        result = run_differential(script, require_qemu())
     if result.equal and script.xfail is not None:
         pytest.fail(f"{path.name} now matches QEMU: remove its '#! xfail:' line", pytrace=False)
     if not result.equal and script.xfail is not None:
