@@ -188,16 +188,19 @@ def _waiting_for(spec: ChardevSpec) -> str:
 _BACKING_EMPTY = 'warning: Use of "backing": "" is deprecated; use "backing": null instead'
 
 
+def _typed_options(daemon: Daemon, command: str, args: OptionArgs) -> dict[str, Any]:
+    """An option's tree typed as ``command``'s arguments: QEMU's keyval input
+    visitor for the keyval form, the QMP one for the JSON form."""
+    if args.keyval:
+        return daemon.schema.validate_keyval_arguments(command, args.options)
+    return daemon.schema.validate_arguments(command, args.options)
+
+
 def add_object(daemon: Daemon, args: OptionArgs) -> None:
     """``--object``: QMP ``object-add`` on ``daemon``, as qsd's
     ``user_creatable_process_cmdline`` runs it (keyval or JSON form)."""
-    schema = daemon.schema
     try:
-        if args.keyval:
-            typed = schema.validate_keyval_arguments("object-add", args.options)
-        else:
-            typed = schema.validate_arguments("object-add", args.options)
-        _run_command(daemon, "object-add", typed)
+        _run_command(daemon, "object-add", _typed_options(daemon, "object-add", args))
     except QMPError as exc:
         raise CmdlineError(exc.desc) from None
 
@@ -210,12 +213,8 @@ def add_blockdev(daemon: Daemon, args: OptionArgs, report: ReportFn) -> None:
     handler: one graph transaction, the top node monitor-owned, logged like
     a QMP command. Raises ``CmdlineError`` with QEMU's message.
     """
-    schema = daemon.schema
     try:
-        if args.keyval:
-            typed = schema.validate_keyval_arguments("blockdev-add", args.options)
-        else:
-            typed = schema.validate_arguments("blockdev-add", args.options)
+        typed = _typed_options(daemon, "blockdev-add", args)
         # QEMU warns when it opens the top node, after blockdev-add's own
         # node-name check and before any open error. (The open path has no
         # warning channel, so a nested ``backing=""`` is not warned about.)
@@ -282,12 +281,8 @@ def add_nbd_server(daemon: Daemon, args: OptionArgs) -> None:
 def add_export(daemon: Daemon, args: OptionArgs) -> None:
     """``--export``: QMP ``block-export-add`` on ``daemon``, as qsd runs it
     (BlockExportOptions by the keyval or the JSON visitor, then the handler)."""
-    schema = daemon.schema
     try:
-        if args.keyval:
-            typed = schema.validate_keyval_arguments("block-export-add", args.options)
-        else:
-            typed = schema.validate_arguments("block-export-add", args.options)
+        typed = _typed_options(daemon, "block-export-add", args)
         _run_command(daemon, "block-export-add", typed)
     except QMPError as exc:
         raise CmdlineError(exc.desc) from None
