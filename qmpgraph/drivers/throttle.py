@@ -8,8 +8,8 @@ deleted") until the node is closed.  Permissions: the default filter rule.
 blockdev-reopen may name another (existing) group; the node's reference
 moves to it when the reopen commits.
 
-What does not live here: the group object (``qmpgraph.objects``) and any
-I/O timing.
+What does not live here: the group object (``qmpgraph.objects``) and the
+I/O timing (``qmpgraph.io.throttle_io``).
 """
 
 from __future__ import annotations

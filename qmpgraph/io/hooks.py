@@ -378,8 +378,8 @@ register_hook("file", FileIO())
 register_hook("raw", RawIO())
 register_hook("null-co", NullIO())
 register_hook("null-aio", NullIO())
-# Throttle passes through without enforcing its group's limits yet.
-for _name in ("copy-on-read", "preallocate", "throttle"):
+for _name in ("copy-on-read", "preallocate"):
     register_hook(_name, PassThroughIO())
 from qmpgraph.io import cbw_hook as _cbw_hook  # noqa: E402, F401  (copy-before-write, snapshot-access)
 from qmpgraph.io import qcow2_hook as _qcow2_hook  # noqa: E402, F401  (registers "qcow2")
+from qmpgraph.io import throttle_io as _throttle_io  # noqa: E402, F401  (registers "throttle")

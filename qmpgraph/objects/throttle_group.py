@@ -16,7 +16,9 @@ probed on qemu-storage-daemon):
 * the object cannot be deleted while a throttle node holds a reference.
 
 What does not live here: the throttle block driver
-(``qmpgraph.drivers.throttle``) and any timing (no data path).
+(``qmpgraph.drivers.throttle``) and the buckets' levels and timers
+(``qmpgraph.io.throttle_io``, which empties the buckets whenever
+``limits`` replaces ``config``).
 """
 
 from __future__ import annotations
