@@ -6,7 +6,8 @@ its extra data: ``vm_state_size_large``, ``disk_size``, ``icount``);
 ``find_snapshot_by_id_or_name`` does.
 
 What does not live here: the control plane's ``SnapshotInfo`` view
-(``qcow2.read_snapshots``), creating or deleting snapshots.
+(``qcow2.read_snapshots``), creating or deleting snapshots
+(``qcow2_snapshot_write``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class SnapshotEntry:
     date_sec: int
     date_nsec: int
     vm_clock_nsec: int
+    icount: int | None = None  # None: not recorded (-1 on disk, or absent)
 
 
 def read_snapshot_table(host: HostFile, offset: int, count: int) -> tuple[SnapshotEntry, ...]:
@@ -48,6 +50,9 @@ def read_snapshot_table(host: HostFile, offset: int, count: int) -> tuple[Snapsh
         if extra_len >= 8:
             vm_state = struct.unpack_from(">Q", extra, 0)[0]
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_len >= 16 else None
+        icount = struct.unpack_from(">Q", extra, 16)[0] if extra_len >= 24 else None
+        if icount == (1 << 64) - 1:
+            icount = None
         text = pread_full(host, offset, id_len + name_len)
         offset = (offset + id_len + name_len + 7) & ~7
         out.append(
@@ -61,6 +66,7 @@ def read_snapshot_table(host: HostFile, offset: int, count: int) -> tuple[Snapsh
                 date_sec=sec,
                 date_nsec=nsec,
                 vm_clock_nsec=clock,
+                icount=icount,
             )
         )
     return tuple(out)

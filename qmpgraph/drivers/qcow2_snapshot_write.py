@@ -1,0 +1,360 @@
+"""Creating and deleting qcow2 internal snapshots (qcow2_snapshot_create/_delete).
+
+``create_snapshot(host, ...)`` and ``delete_snapshot(host, ...)`` change an
+image file in place, through any ``HostFile``, in QEMU 7.2's order:
+
+* create: a new snapshot id (the largest numeric id plus one), a copy of
+  the active L1 table in new clusters, then one more reference on every L2
+  table and data cluster the active L1 reaches (COPIED flags cleared in the
+  active L2 and L1 tables, since those clusters are now shared), then the
+  snapshot table rewritten with the new entry appended;
+* delete: the snapshot table rewritten without the entry, then one reference
+  less on everything the snapshot's L1 reaches, its L1 table freed, and the
+  COPIED flags of the active tables recomputed (a cluster whose refcount fell
+  back to 1 is the active layer's alone again).
+
+The snapshot table is always written to newly allocated clusters, synced,
+and then made current with one 12-byte header write (``nb_snapshots`` and
+``snapshots_offset``), before the old table is freed; with no snapshot left
+both fields are 0.  Entries are written as QEMU writes them: 24 bytes of
+extra data (large VM state size, disk size, icount; unknown extra data of
+older entries is kept after them).
+
+Reads of guest data through a snapshot live in ``qcow2_io``
+(``Qcow2Image.snapshot``); the table's parser in ``qcow2_snapshot``.  What
+does not live here: VM state, ``snapshot -a`` (revert), extended L2 entries
+and external data files (refused with ``Qcow2Error``, errno ENOTSUP).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import struct
+from dataclasses import dataclass
+
+from qmpgraph.drivers.qcow2 import (
+    Qcow2Header,
+    header_read_length,
+    parse_header,
+)
+from qmpgraph.drivers.qcow2_read import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
+from qmpgraph.drivers.qcow2_refcount import Refcounts
+from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry
+from qmpgraph.drivers.qcow2_storage import HostFile, Qcow2Error, pread_full
+
+_ENTRY_HEADER = ">QIHHIIQII"
+_ENTRY_HEADER_LEN = 40
+_EXTRA_LEN = 24  # sizeof(QCowSnapshotExtraData) in QEMU 7.2
+_HEADER_SNAPSHOTS = 60  # nb_snapshots (be32), snapshots_offset (be64)
+_MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
+_MAX_TABLE = 64 << 20  # QCOW_MAX_SNAPSHOTS_SIZE
+_NO_ICOUNT = (1 << 64) - 1
+_LEADING_NUMBER = re.compile(r"\s*\+?(\d+)")
+
+
+class SnapshotFailed(Qcow2Error):
+    """A snapshot operation failed with an errno, as QEMU's driver returns it."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One snapshot table entry as QEMU keeps it in memory (QCowSnapshot)."""
+
+    l1_table_offset: int
+    l1_size: int
+    id: bytes
+    name: bytes
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int
+    icount: int
+    unknown_extra: bytes
+
+    def public(self) -> SnapshotEntry:
+        return SnapshotEntry(
+            id=self.id.decode("utf-8", "replace"),
+            name=self.name.decode("utf-8", "replace"),
+            l1_table_offset=self.l1_table_offset,
+            l1_size=self.l1_size,
+            disk_size=self.disk_size,
+            vm_state_size=self.vm_state_size,
+            date_sec=self.date_sec,
+            date_nsec=self.date_nsec,
+            vm_clock_nsec=self.vm_clock_nsec,
+            icount=None if self.icount == _NO_ICOUNT else self.icount,
+        )
+
+    def encode(self) -> bytes:
+        vm32 = self.vm_state_size if self.vm_state_size <= 0xFFFFFFFF else 0
+        head = struct.pack(
+            _ENTRY_HEADER,
+            self.l1_table_offset,
+            self.l1_size,
+            len(self.id),
+            len(self.name),
+            self.date_sec,
+            self.date_nsec,
+            self.vm_clock_nsec,
+            vm32,
+            _EXTRA_LEN + len(self.unknown_extra),
+        )
+        extra = struct.pack(">QQQ", self.vm_state_size, self.disk_size, self.icount)
+        return head + extra + self.unknown_extra + self.id + self.name
+
+
+class _Image:
+    """What a snapshot operation needs of an image: header, refcounts, tables."""
+
+    def __init__(self, host: HostFile) -> None:
+        self.host = host
+        raw = pread_full(host, 0, 4096)
+        need = header_read_length(raw)
+        if need > len(raw):
+            raw = pread_full(host, 0, need)
+        header: Qcow2Header = parse_header(raw, writable=True)
+        if header.has_data_file or header.extended_l2 or header.crypt_method:
+            raise SnapshotFailed(errno.ENOTSUP)
+        self.header = header
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_entries = 1 << header.l2_bits
+        rt_offset, rt_clusters = struct.unpack_from(">QI", raw.ljust(60, b"\0"), 48)
+        self.refcounts = Refcounts(
+            host,
+            cluster_bits=header.cluster_bits,
+            refcount_order=header.refcount_order,
+            table_offset=rt_offset,
+            table_clusters=rt_clusters,
+        )
+        csize_shift = 62 - (header.cluster_bits - 8)
+        self._csize_shift = csize_shift
+        self._csize_mask = (1 << (header.cluster_bits - 8)) - 1
+        self._coffset_mask = (1 << csize_shift) - 1
+        self.entries = self._read_entries(header.snapshots_offset, header.nb_snapshots)
+
+    def _read_entries(self, offset: int, count: int) -> list[_Entry]:
+        out: list[_Entry] = []
+        host = self.host
+        for _ in range(count):
+            offset = (offset + 7) & ~7
+            fields = struct.unpack(_ENTRY_HEADER, pread_full(host, offset, _ENTRY_HEADER_LEN))
+            l1_offset, l1_size, id_len, name_len, sec, nsec, clock, vm32, extra_len = fields
+            offset += _ENTRY_HEADER_LEN
+            extra = pread_full(host, offset, extra_len)
+            offset += extra_len
+            vm_state = struct.unpack_from(">Q", extra, 0)[0] if extra_len >= 8 else vm32
+            # Missing fields: what QEMU's qcow2_read_snapshots assumes.
+            disk = struct.unpack_from(">Q", extra, 8)[0] if extra_len >= 16 else None
+            if disk is None:
+                disk = self.header.size // 512 * 512
+            icount = struct.unpack_from(">Q", extra, 16)[0] if extra_len >= 24 else _NO_ICOUNT
+            text = pread_full(host, offset, id_len + name_len)
+            offset += id_len + name_len
+            out.append(
+                _Entry(
+                    l1_offset,
+                    l1_size,
+                    text[:id_len],
+                    text[id_len:],
+                    sec,
+                    nsec,
+                    clock,
+                    vm_state,
+                    disk,
+                    icount,
+                    extra[_EXTRA_LEN:],
+                )
+            )
+        return out
+
+    # -- the snapshot table ------------------------------------------------
+
+    def write_table(self) -> None:
+        """qcow2_write_snapshots: the table in new clusters, then the header."""
+        blob = bytearray()
+        for entry in self.entries:
+            blob += bytes(-len(blob) % 8)
+            blob += entry.encode()
+            if len(blob) > _MAX_TABLE:
+                raise SnapshotFailed(errno.EFBIG)
+        offset = 0
+        if self.entries:
+            offset = self.refcounts.allocate(-(-len(blob) // self.cluster_size))
+            self.host.pwrite(offset, bytes(blob))
+        self.host.flush()
+        old_offset, old_count = self.header.snapshots_offset, self.header.nb_snapshots
+        old_size = self._table_size(old_offset, old_count)
+        self.host.pwrite(_HEADER_SNAPSHOTS, struct.pack(">IQ", len(self.entries), offset))
+        self.host.flush()
+        if old_count and old_size:
+            self.refcounts.free_bytes(old_offset, old_size)
+
+    def _table_size(self, offset: int, count: int) -> int:
+        """Byte length of the table as stored (each entry's own lengths)."""
+        pos = offset
+        for _ in range(count):
+            pos = (pos + 7) & ~7
+            fields = struct.unpack(_ENTRY_HEADER, pread_full(self.host, pos, _ENTRY_HEADER_LEN))
+            pos += _ENTRY_HEADER_LEN + fields[8] + fields[2] + fields[3]
+        return pos - offset
+
+    # -- refcounts through an L1 table -------------------------------------
+
+    def _read_l1(self, offset: int, size: int) -> list[int]:
+        return list(struct.unpack(f">{size}Q", pread_full(self.host, offset, size * 8)))
+
+    def update_refcounts(self, l1_offset: int, l1_size: int, addend: int) -> None:
+        """qcow2_update_snapshot_refcount: add ``addend`` to every cluster the L1
+        table at ``l1_offset`` reaches, and recompute the COPIED flags of its
+        L2 and L1 entries (set where the refcount is exactly 1)."""
+        rc = self.refcounts
+        cb = self.cluster_bits
+        l1 = self._read_l1(l1_offset, l1_size)
+        l1_changed = False
+        for i, l1_entry in enumerate(l1):
+            l2_offset = l1_entry & OFFSET_MASK
+            if not l2_offset:
+                continue
+            raw = pread_full(self.host, l2_offset, self.cluster_size)
+            table = list(struct.unpack(f">{self.l2_entries}Q", raw))
+            changed = False
+            for j, entry in enumerate(table):
+                refcount = 0
+                if entry & OFLAG_COMPRESSED:
+                    if addend:
+                        coffset = entry & self._coffset_mask & ~511
+                        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+                        first = coffset >> cb
+                        last = (coffset + sectors * 512 - 1) >> cb
+                        rc.change(first, last - first + 1, addend)
+                    continue  # compressed clusters never carry COPIED
+                host = entry & OFFSET_MASK
+                if host:
+                    if host & (self.cluster_size - 1):
+                        raise SnapshotFailed(errno.EIO, "qcow2: misaligned data cluster")
+                    if addend:
+                        rc.change(host >> cb, 1, addend)
+                    refcount = rc.get(host >> cb)
+                new = entry | OFLAG_COPIED if refcount == 1 else entry & ~OFLAG_COPIED
+                if new != entry:
+                    table[j] = new
+                    changed = True
+            if changed:
+                self.host.pwrite(l2_offset, struct.pack(f">{self.l2_entries}Q", *table))
+            if addend:
+                rc.change(l2_offset >> cb, 1, addend)
+            refcount = rc.get(l2_offset >> cb)
+            new_l1 = l2_offset | (OFLAG_COPIED if refcount == 1 else 0)
+            if new_l1 != l1_entry:
+                l1[i] = new_l1
+                l1_changed = True
+        if l1_changed:
+            self.host.pwrite(l1_offset, struct.pack(f">{l1_size}Q", *l1))
+            self.host.flush()
+
+
+def _new_id(entries: list[_Entry]) -> bytes:
+    """find_new_snapshot_id: one more than the largest leading number of an id."""
+    top = 0
+    for entry in entries:
+        match = _LEADING_NUMBER.match(entry.id.decode("utf-8", "replace"))
+        if match:
+            top = max(top, int(match.group(1)))
+    return str(top + 1).encode()
+
+
+def create_snapshot(
+    host: HostFile,
+    name: str,
+    *,
+    date_sec: int,
+    date_nsec: int,
+    vm_clock_nsec: int = 0,
+    icount: int | None = None,
+) -> SnapshotEntry:
+    """qcow2_snapshot_create (no VM state): take a snapshot of the active layer.
+
+    ``name`` is stored as given (the caller truncates it as QEMU's 256-byte
+    buffer would).  Errors: ``SnapshotFailed`` with QEMU's errno (EFBIG for
+    too many snapshots, ENOTSUP for images this library cannot snapshot,
+    ERANGE when a refcount would overflow).
+    """
+    img = _Image(host)
+    header = img.header
+    if len(img.entries) >= _MAX_SNAPSHOTS:
+        raise SnapshotFailed(errno.EFBIG)
+    ident = _new_id(img.entries)
+    l1_size, l1_offset = header.l1_size, header.l1_table_offset
+    snap_l1 = img.refcounts.allocate(-(-(l1_size * 8) // img.cluster_size)) if l1_size else 0
+    if l1_size:
+        host.pwrite(snap_l1, pread_full(host, l1_offset, l1_size * 8))
+    try:
+        img.update_refcounts(l1_offset, l1_size, 1)
+    except Qcow2Error as err:
+        if "would become" in str(err):
+            raise SnapshotFailed(errno.ERANGE) from err
+        raise
+    # Everything the new table points at must be durable before it is current.
+    host.flush()
+    entry = _Entry(
+        snap_l1,
+        l1_size,
+        ident,
+        name.encode(),
+        date_sec,
+        date_nsec,
+        vm_clock_nsec,
+        0,
+        header.size // 512 * 512,
+        _NO_ICOUNT if icount is None else icount,
+        b"",
+    )
+    img.entries.append(entry)
+    img.write_table()
+    return entry.public()
+
+
+def find_entry(
+    snapshots: tuple[SnapshotEntry, ...] | list[SnapshotEntry], ident: str | None, name: str | None
+) -> SnapshotEntry | None:
+    """find_snapshot_by_id_and_name: both must match when both are given."""
+    for snap in snapshots:
+        if ident is not None and snap.id != ident:
+            continue
+        if name is not None and snap.name != name:
+            continue
+        if ident is None and name is None:
+            return None
+        return snap
+    return None
+
+
+def delete_snapshot(host: HostFile, ident: str | None, name: str | None) -> SnapshotEntry:
+    """qcow2_snapshot_delete: remove the snapshot matching ``ident`` and/or ``name``.
+
+    Errors: ``SnapshotFailed`` (ENOENT "Can't find the snapshot"; ENOTSUP for
+    images this library cannot change).
+    """
+    img = _Image(host)
+    found = find_entry([e.public() for e in img.entries], ident, name)
+    if found is None:
+        raise SnapshotFailed(errno.ENOENT, "Can't find the snapshot")
+    index = next(
+        i
+        for i, e in enumerate(img.entries)
+        if e.l1_table_offset == found.l1_table_offset and e.public() == found
+    )
+    entry = img.entries.pop(index)
+    img.write_table()
+    img.update_refcounts(entry.l1_table_offset, entry.l1_size, -1)
+    if entry.l1_size:
+        img.refcounts.free_bytes(entry.l1_table_offset, entry.l1_size * 8)
+    img.update_refcounts(img.header.l1_table_offset, img.header.l1_size, 0)
+    return entry.public()
