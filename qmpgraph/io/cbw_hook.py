@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import trio
 
 from qmpgraph.graph.model import Edge, Node
+from qmpgraph.io import depth  # a module: depth imports hooks, which import this one
 from qmpgraph.io.hooks import (
     IOHook,
     child_block_status,
@@ -214,7 +215,9 @@ class CbwIO(IOHook):
         async with st.lock:
             stop, copied = self._piece(st, offset, offset + length)
             edge = _edge(node, "target" if copied else "file")
-            flags, pnum = await child_block_status(edge, offset, stop - offset)
+            assert edge.child is not None
+            # QEMU asks that node alone (bdrv_block_status): not its backing chain.
+            flags, pnum = await depth.own_status(edge.child, offset, stop - offset)
         if copied:
             flags |= ALLOCATED
         # An offset in another node's file means nothing to the snapshot's readers.

@@ -203,6 +203,13 @@ class Qcow2IO(IOHook):
     # (metadata is write-through), and flush_node then syncs the file and
     # data-file children, honouring their cache.no-flush.
 
+    async def own_runs(
+        self, node: Node, offset: int, length: int
+    ) -> list[tuple[int, int, int, int]]:
+        """This layer's cluster runs ``(kind, guest offset, length, host)`` over a range
+        inside the image, backing chain left out (``qcow2_read.GuestMapping._runs``)."""
+        return await self._call(node, lambda img: img._runs(offset, length))
+
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
         extents = await self._call(node, lambda img: img.block_status(offset, length))
         if not extents:

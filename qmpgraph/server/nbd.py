@@ -27,6 +27,7 @@ import trio
 
 from qmpgraph.commands.exports import export_table
 from qmpgraph.io.backend import BackendIO
+from qmpgraph.io.depth import status_above
 from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError
 from qmpgraph.nbd import constants as c
 from qmpgraph.nbd import wire
@@ -228,13 +229,14 @@ async def _block_status(conn: ServerConnection, io: BackendIO, req: Request) -> 
         pos, end = req.offset, req.offset + req.length
         try:
             while pos < end:
-                flags, pnum = await io.block_status(pos, end - pos)
+                # The chain walked as QEMU does: filters count as layers, raw stops it.
+                flags, pnum, depth = await status_above(io.node, pos, end - pos)
                 if ctx_id == c.META_ID_BASE_ALLOCATION:
                     state = (0 if flags & DATA else c.STATE_HOLE) | (
                         c.STATE_ZERO if flags & ZERO else 0
                     )
                 else:
-                    state = 1 if flags & ALLOCATED else 0
+                    state = depth if flags & ALLOCATED else 0
                 if not extents.add(pnum, state):
                     break
                 pos += pnum

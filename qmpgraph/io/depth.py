@@ -1,0 +1,127 @@
+"""Block status through a backing chain, layer by layer, as QEMU 7.2 walks it.
+
+QEMU answers block status on two levels.  ``bdrv_co_block_status`` asks
+one node (a filter, or raw, hands the question to its child unchanged:
+``BDRV_BLOCK_RAW``); ``bdrv_co_common_block_status_above`` asks the top
+node and, where it does not allocate the range, its filtered or backing
+child, then that one's, counting the layers it went through.  NBD uses the
+second for both of its contexts: ``base:allocation`` shows the flags of
+the layer that answered, ``qemu:allocation-depth`` how deep that layer is
+(1: the exported node; 0: no layer allocates the range).
+
+Three consequences that the per-driver hooks alone would not give:
+
+* every filter counts as a layer: a throttle node over a qcow2 image
+  whose backing file holds the data answers depth 3;
+* raw and snapshot-access are not filters, so the walk stops there: over
+  a qcow2 overlay they show only what the overlay itself allocates
+  (``base:allocation`` "hole", depth 0 elsewhere);
+* a lower layer shorter than the one above it reads as allocated zeros
+  past its end, at its own depth.
+
+``own_status`` is the one-node question, ``status_above`` the walk and
+``allocation_depth`` NBD's depth.  What does not live here: the drivers'
+own answers (their hooks in ``hooks``, ``qcow2_hook``, ``cbw_hook``).
+"""
+
+from __future__ import annotations
+
+from qmpgraph.drivers import qcow2_read
+from qmpgraph.drivers.base import node_size
+from qmpgraph.graph.graph import filter_child, filter_or_cow_child
+from qmpgraph.graph.model import Node
+from qmpgraph.io.hooks import node_block_status
+from qmpgraph.io.qcow2_hook import QCOW2_IO
+from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, ZERO, eio
+
+# pnum 0: the offset lies at or past the node's end (QEMU's BDRV_BLOCK_EOF answer).
+_PAST_END = (0, 0)
+
+
+def _raw_window(node: Node) -> tuple[Node, int] | None:
+    """raw's ``file`` child and the window's start; None when it has no child."""
+    edge = node.file
+    if edge is None or edge.child is None:
+        return None
+    return edge.child, int(getattr(node.state, "offset", 0) or 0)
+
+
+async def own_status(node: Node, offset: int, length: int) -> tuple[int, int]:
+    """(BDRV_BLOCK_* flags, pnum) of ``node`` alone: QEMU's bdrv_co_block_status.
+
+    Filters and raw answer with their child's status (raw shifted by its
+    window); qcow2 answers for its own clusters only: unallocated ones have
+    no flags, or ZERO where there is no backing data to defer to.  Other
+    drivers answer through their hooks.  pnum is 0 at or past the node's end.
+    """
+    size = node_size(node)
+    if offset >= size:
+        return _PAST_END
+    length = min(length, size - offset)
+    drv = node.driver
+    if node.format_name == "raw":
+        window = _raw_window(node)
+        if window is not None:
+            child, base = window
+            flags, pnum = await own_status(child, base + offset, length)
+            return flags, min(pnum, length)
+    if drv is not None and drv.is_filter:
+        edge = filter_child(node)
+        if edge is not None and edge.child is not None:
+            flags, pnum = await own_status(edge.child, offset, length)
+            return flags, min(pnum, length)
+    if node.format_name == "qcow2":
+        return await _qcow2_status(node, offset, length)
+    return await node_block_status(node, offset, length)
+
+
+async def _qcow2_status(node: Node, offset: int, length: int) -> tuple[int, int]:
+    """qcow2's own answer: the first run of one cluster kind in this layer."""
+    kind, _, pnum, _ = (await QCOW2_IO.own_runs(node, offset, length))[0]
+    if kind == qcow2_read.NORMAL:
+        return DATA | OFFSET_VALID | ALLOCATED, pnum
+    if kind == qcow2_read.COMPRESSED:
+        return DATA | ALLOCATED, pnum
+    if kind == qcow2_read.ZERO:
+        return ZERO | ALLOCATED, pnum
+    # Unallocated: zeros without backing data to defer to, judged at the run's
+    # start only, so a run crossing the backing file's end is no zero.
+    backing = node.backing.child if node.backing is not None else None
+    if backing is None or offset >= node_size(backing):
+        return ZERO, pnum
+    return 0, pnum
+
+
+async def status_above(node: Node, offset: int, length: int) -> tuple[int, int, int]:
+    """(flags, pnum, depth) of the whole chain below ``node`` (base NULL).
+
+    QEMU's bdrv_co_common_block_status_above: the first layer that
+    allocates the range answers; ``depth`` counts the layers asked, the top
+    one being 1.  Without ALLOCATED in the flags no layer holds the range.
+    """
+    flags, pnum = await own_status(node, offset, length)
+    depth = 1
+    if not pnum:  # callers ask inside the node; a shrunken node ends the request
+        raise eio()
+    if flags & ALLOCATED:
+        return flags, pnum, depth
+    edge = filter_or_cow_child(node)
+    while edge is not None and edge.child is not None:
+        layer = edge.child
+        lower, lower_pnum = await own_status(layer, offset, pnum)
+        depth += 1
+        if not lower_pnum:
+            # The layer ends before the range: zeros, allocated at this depth.
+            return ZERO | ALLOCATED, pnum, depth
+        flags, pnum = lower, lower_pnum
+        if flags & ALLOCATED:
+            return flags, pnum, depth
+        edge = filter_or_cow_child(layer)
+    return flags, pnum, depth
+
+
+async def allocation_depth(node: Node, offset: int, length: int) -> tuple[int, int]:
+    """(depth, pnum) for NBD's ``qemu:allocation-depth``: QEMU's
+    bdrv_is_allocated_above(node, NULL, false, ...), 0 where nothing allocates."""
+    flags, pnum, depth = await status_above(node, offset, length)
+    return (depth if flags & ALLOCATED else 0), pnum
