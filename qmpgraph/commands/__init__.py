@@ -3,6 +3,7 @@
 Importing this package registers every implemented command.
 """
 
+from qmpgraph.commands import bitmaps as bitmaps
 from qmpgraph.commands import block as block
 from qmpgraph.commands import core as core
 from qmpgraph.commands import exports as exports

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from qmpgraph.bitmaps import registry as bitmap_registry
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
 from qmpgraph.drivers import qcow2_resize
@@ -179,6 +180,7 @@ def truncate(tran: Transaction, node: Node, size: int) -> None:
         truncate(tran, edge.child, size)
     else:
         raise GenericError("Image format driver does not support resize")
+    bitmap_registry.truncate_node(tran, node, size)
 
 
 @command("block_resize")

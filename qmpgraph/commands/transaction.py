@@ -4,7 +4,7 @@ Lives here: ``BlkAction`` (QEMU's BlkActionState: one action of a QMP
 transaction with ``prepare``/``commit``/``abort``/``clean``), the action
 registry (``@action(kind)``), ``run_actions`` (the 7.2 algorithm), the
 ``transaction`` command, and the actions that are not snapshots (``abort``
-and the not-yet-supported backup, bitmap and internal-snapshot actions).
+and the not-yet-supported backup and internal-snapshot actions).
 
 Rules (QEMU 7.2, not 8.1):
 
@@ -184,13 +184,6 @@ class _Backup(_NotYet):
 
 for _kind in ("blockdev-backup", "drive-backup"):
     action(_kind)(_Backup)
-for _kind in (
-    "blockdev-snapshot-internal-sync",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge",
-):
+# The bitmap actions live in qmpgraph.commands.bitmaps.
+for _kind in ("blockdev-snapshot-internal-sync",):
     action(_kind)(_NotYet)

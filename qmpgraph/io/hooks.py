@@ -8,8 +8,10 @@ edge without WRITE fails with EPERM, as does any write to a read-only node).
 
 Generic behaviour kept out of the hooks (QEMU's block/io.c): FUA emulated by
 a flush after the write, ``detect-zeroes``, discard and unmapping only on
-nodes opened with ``discard=unmap``, and flush recursing into children that
-hold write permissions.  Reads past a file's end read zeros.
+nodes opened with ``discard=unmap``, dirty bitmaps marked when a write,
+write-zeroes or discard finished on a node (``qmpgraph.bitmaps``), and flush
+recursing into children that hold write permissions.  Reads past a file's end
+read zeros.
 
 What does not live here: permission rules, bounds of the device (``backend``).
 """
@@ -25,6 +27,7 @@ from types import MappingProxyType
 
 import trio
 
+from qmpgraph.bitmaps.registry import mark_dirty
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.null import NullState
 from qmpgraph.drivers.raw import RawState
@@ -130,7 +133,10 @@ async def child_write(edge: Edge, offset: int, data: bytes, flags: int = 0) -> N
         await child_write_zeroes(edge, offset, len(data), zflags)
         return
     hook = hook_of(node)
-    await hook.write(node, offset, data, flags if hook.handles_fua else 0)
+    try:
+        await hook.write(node, offset, data, flags if hook.handles_fua else 0)
+    finally:  # bdrv_co_write_req_finish marks bitmaps whatever the outcome
+        mark_dirty(node, offset, len(data))
     if flags & REQ_FUA and not hook.handles_fua:
         await flush_node(node)
 
@@ -143,7 +149,10 @@ async def child_write_zeroes(edge: Edge, offset: int, length: int, flags: int = 
     if not node.open_flags & OpenFlag.UNMAP:
         flags &= ~REQ_MAY_UNMAP
     hook = hook_of(node)
-    await hook.write_zeroes(node, offset, length, flags & ~REQ_FUA)
+    try:
+        await hook.write_zeroes(node, offset, length, flags & ~REQ_FUA)
+    finally:
+        mark_dirty(node, offset, length)
     if flags & REQ_FUA:
         await flush_node(node)
 
@@ -153,7 +162,13 @@ async def child_discard(edge: Edge, offset: int, length: int) -> None:
     node = _check_write(edge)
     if not length or not node.open_flags & OpenFlag.UNMAP:
         return
-    await hook_of(node).discard(node, offset, length)
+    hook = hook_of(node)
+    if type(hook).discard is IOHook.discard:
+        return  # a driver without discard returns before QEMU's tracked request
+    try:
+        await hook.discard(node, offset, length)
+    finally:
+        mark_dirty(node, offset, length)
 
 
 async def flush_node(node: Node) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qmpgraph.bitmaps.registry import bitmaps_of
+from qmpgraph.bitmaps.registry import generation as bitmap_generation
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.query.facts import FileFacts, begin_query, end_query, file_facts, prune
 from qmpgraph.commands.query.image_info import Query, get_info, is_encrypted, node_length
@@ -81,6 +83,21 @@ def _bitmap(count: int, granularity: int) -> dict[str, Any]:
     }
 
 
+def _named_bitmap(bm: Any) -> dict[str, Any]:
+    """BlockDirtyInfo of a bitmap of ``qmpgraph.bitmaps``."""
+    info: dict[str, Any] = {}
+    if bm.name is not None:
+        info["name"] = bm.name
+    info["count"] = bm.count()
+    info["granularity"] = bm.granularity
+    info["recording"] = bm.recording
+    info["busy"] = bm.busy
+    info["persistent"] = bm.persistent
+    if bm.inconsistent:
+        info["inconsistent"] = True
+    return info
+
+
 def _cbw_granularity(cbw: Node) -> int:
     """block_copy_calculate_cluster_size: at least 64 KiB, else the target's cluster."""
     for edge in cbw.children:
@@ -98,7 +115,8 @@ def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
     its source (``file``) holds block-copy's copy bitmap (all set).  Without a
     data path the counts stay at their values after open.
     """
-    out: list[dict[str, Any]] = []
+    # User bitmaps first: they are usually newer than a cbw's internal ones.
+    out: list[dict[str, Any]] = [_named_bitmap(bm) for bm in bitmaps_of(node)]
     if node.format_name == "copy-before-write":
         gran = _cbw_granularity(node)
         size = node_length(node)
@@ -120,6 +138,8 @@ class _Reply:
     #: ``mutation_epoch()`` when it was built: any graph change since
     #: invalidates it.
     epoch: int
+    #: ``bitmap_generation()`` when it was built (dirty counts move on writes).
+    bitmaps: int
     #: Every file node read while building it, with the facts read then.
     files: tuple[tuple[Node, FileFacts], ...]
     reply: list[RawJSON]
@@ -143,6 +163,7 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
         cached_reply is not None
         and cached_reply.graph is graph
         and cached_reply.epoch == mutation_epoch()
+        and cached_reply.bitmaps == bitmap_generation()
         and all(file_facts(node) == facts for node, facts in cached_reply.files)
     ):
         # Nothing that the reply is made of changed since it was built.
@@ -158,7 +179,7 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
             raw = _texts[key] = RawJSON(info)
         out.append(raw)
     prune(graph, _texts)
-    _replies[reply_key] = _Reply(graph, mutation_epoch(), end_query(), out)
+    _replies[reply_key] = _Reply(graph, mutation_epoch(), bitmap_generation(), end_query(), out)
     return out
 
 
