@@ -202,7 +202,7 @@ class ServerConnection:
 
     # -- input -------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the client; returns the events they complete, in order."""
         if self.phase is Phase.CLOSED:
             return []
@@ -473,7 +473,8 @@ class ServerConnection:
         flags, cmd, cookie, offset, length = self._pending_write
         if len(self._buf) < length:
             return None
-        data = bytes(self._buf[:length])
+        with memoryview(self._buf) as view:
+            data = bytes(view[:length])  # one copy (slicing the bytearray would add one)
         del self._buf[:length]
         self._pending_write = None
         return self._validate(Request(cookie, cmd, flags, offset, length, data))

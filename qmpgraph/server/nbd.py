@@ -9,8 +9,11 @@ cancelled when the daemon stops or the server is stopped.  Outside trio
 at start-up) nothing is served until ``serve_bound_server`` is called.
 
 Each client is one task driving a ``qmpgraph.nbd.server.ServerConnection``;
-its requests run one after the other through ``qmpgraph.io.BackendIO`` on
-the export's BlockBackend (replies therefore go out in request order).
+each of its requests runs in a task of its own through ``qmpgraph.io.BackendIO``
+on the export's BlockBackend, up to ``MAX_IN_FLIGHT`` at once as in QEMU (the
+client task stops receiving while they are all busy).  Replies may therefore
+go out of request order, as QEMU's do, but each goes out whole: a reply's
+buffers are sent under the connection's send lock.
 
 What does not live here: the protocol rules (``qmpgraph.nbd``), the export
 table and QMP commands (``qmpgraph.commands.exports``).
@@ -38,6 +41,14 @@ if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
 
 _RECV_SIZE = 1 << 20
+# Received bytes are parsed this much at a time: at most 2,340 requests
+# (28 bytes each) are parsed ahead of a free slot.
+_FEED_SIZE = 1 << 16
+_IOV_MAX = 1024
+# QEMU's MAX_NBD_REQUESTS: requests of one client executing at once.  Each
+# holds at most one request's buffers (NBD_MAX_BUFFER_SIZE), which bounds
+# what a client can make the server hold.
+MAX_IN_FLIGHT = 16
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -105,35 +116,91 @@ class Runtime:
             self._slot_freed.set()
 
     async def _speak(self, stream: trio.SocketStream, client: _Client) -> None:
-        conn = ServerConnection(self.table)
-        await stream.send_all(conn.data_to_send())
-        while True:
-            data = await stream.receive_some(_RECV_SIZE)
-            if not data:
-                return
-            events = conn.receive_data(bytes(data))
-            out = [conn.data_to_send()]
+        session = _Session(ServerConnection(self.table), client, _Sender(stream.socket))
+        await session.sender.send([session.conn.data_to_send()])
+        async with trio.open_nursery() as nursery:
+            while True:
+                data = await stream.receive_some(_RECV_SIZE)
+                if not data:
+                    return
+                if not await session.dispatch(self.table, data, nursery):
+                    break
+        # Every request read before the end was answered (the nursery waited
+        # for them); what the end itself queued (an error reply) goes last.
+        await session.sender.send([session.conn.data_to_send()])
+
+
+class _Sender:
+    """Sends whole replies on one socket, one at a time (never interleaved).
+
+    A reply is a list of buffers sent with ``sendmsg`` as they are: a read's
+    data is never copied into a joined string.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.lock = trio.Lock()
+
+    async def send(self, buffers: list[bytes]) -> None:
+        """Send ``buffers`` in order, after any reply already being sent."""
+        views = [memoryview(b) for b in buffers if b]
+        if not views:
+            return
+        async with self.lock:
+            while views:
+                sent = await self.sock.sendmsg(views[:_IOV_MAX])
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+
+
+@dataclass(eq=False)
+class _Session:
+    """One client in transmission: its protocol state, its sender, its slots."""
+
+    conn: ServerConnection
+    client: _Client
+    sender: _Sender
+    slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
+
+    async def dispatch(self, table: ExportTable, data: bytes, nursery: trio.Nursery) -> bool:
+        """Feed received bytes to the connection, start a task per request; False at the end.
+
+        The bytes go in pieces, so no more requests are parsed ahead than one
+        piece holds; a request waits for a free slot before its task starts,
+        and while it waits nothing more is received: a client never has more
+        than ``MAX_IN_FLIGHT`` requests held here.
+        """
+        conn = self.conn
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED_SIZE):
+            events = conn.receive_data(view[start : start + _FEED_SIZE])
+            queued = conn.data_to_send()
             for ev in events:
                 if isinstance(ev, Ready):
-                    client.export = self.table.find(ev.export.name)
+                    self.client.export = table.find(ev.export.name)
                 elif isinstance(ev, Request):
-                    assert client.export is not None
-                    await _flush_out(stream, out)
-                    out = await execute(conn, client.export, ev)
-                    out.append(conn.data_to_send())
+                    assert self.client.export is not None
+                    await self.slots.acquire()
+                    nursery.start_soon(self._serve, self.client.export, ev)
                 elif isinstance(ev, Closed):
                     if ev.reason:
                         print(f"qmpgraph: Disconnect client, due to: {ev.reason}", file=sys.stderr)
-                    await _flush_out(stream, out)
-                    return
-            await _flush_out(stream, out)
+                    await self.sender.send([queued])
+                    return False
+            # Negotiation replies and validation errors, answered as they come.
+            await self.sender.send([queued])
+        return True
 
-
-async def _flush_out(stream: trio.SocketStream, out: list[bytes]) -> None:
-    data = b"".join(out)
-    out.clear()
-    if data:
-        await stream.send_all(data)
+    async def _serve(self, export: NBDExport, req: Request) -> None:
+        """Execute one request and send its reply; its slot is free again after."""
+        try:
+            await self.sender.send(await execute(self.conn, export, req))
+        finally:
+            self.slots.release()
 
 
 def start_runtime(daemon: Daemon, table: ExportTable, server: NBDServer) -> Runtime | None:
