@@ -4,7 +4,7 @@ Lives here: ``BlkAction`` (QEMU's BlkActionState: one action of a QMP
 transaction with ``prepare``/``commit``/``abort``/``clean``), the action
 registry (``@action(kind)``), ``run_actions`` (the 7.2 algorithm), the
 ``transaction`` command, and the actions that are not snapshots (``abort``
-and the not-yet-supported backup and internal-snapshot actions).
+and the not-yet-supported backup actions).
 
 Rules (QEMU 7.2, not 8.1):
 
@@ -184,6 +184,5 @@ class _Backup(_NotYet):
 
 for _kind in ("blockdev-backup", "drive-backup"):
     action(_kind)(_Backup)
-# The bitmap actions live in qmpgraph.commands.bitmaps.
-for _kind in ("blockdev-snapshot-internal-sync",):
-    action(_kind)(_NotYet)
+# The bitmap actions live in qmpgraph.commands.bitmaps, the internal
+# snapshot action in qmpgraph.commands.snapshot_internal.

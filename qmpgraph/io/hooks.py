@@ -76,6 +76,9 @@ class IOHook:
         """(BDRV_BLOCK_* flags, length they hold for) from ``offset``; default: data."""
         return DATA | ALLOCATED, length
 
+    def debug_event(self, node: Node, event: str) -> None:
+        """BLKDBG_EVENT fired on this node (only blkdebug acts on them)."""
+
     handles_fua = False
 
 
@@ -97,6 +100,14 @@ def hook_of(node: Node) -> IOHook:
 
 
 # -- the generic path (QEMU's bdrv_co_* on a BdrvChild) -----------------------
+
+
+def debug_event(edge: Edge | None, event: str) -> None:
+    """BLKDBG_EVENT(edge, event): tell the child's driver (blkdebug's rules)."""
+    node = edge.child if edge is not None else None
+    hook = _IO_HOOKS.get(node.format_name or "") if node is not None else None
+    if node is not None and hook is not None:
+        hook.debug_event(node, event)
 
 
 def _child(edge: Edge) -> Node:
@@ -175,6 +186,11 @@ async def flush_node(node: Node) -> None:
     """bdrv_co_flush: this node, then every child it may write through."""
     if node.read_only:
         return
+    # bdrv_co_flush's events on the primary child (fired even without new
+    # writes: the write generation is not tracked here).
+    debug_event(node.file, "flush_to_os")
+    if not node.open_flags & OpenFlag.NO_FLUSH:
+        debug_event(node.file, "flush_to_disk")
     await hook_of(node).flush(node)
     for edge in node.children:
         if edge.child is not None and edge.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
@@ -314,9 +330,11 @@ class RawIO(IOHook):
         return state.offset if isinstance(state, RawState) else 0
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
+        debug_event(node.file, "read_aio")
         return await child_read(_file_edge(node), self._base(node) + offset, length)
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        debug_event(node.file, "write_aio")
         await child_write(_file_edge(node), self._base(node) + offset, data, flags)
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
@@ -398,3 +416,4 @@ for _name in ("copy-on-read", "preallocate"):
 from qmpgraph.io import cbw_hook as _cbw_hook  # noqa: E402, F401  (copy-before-write, snapshot-access)
 from qmpgraph.io import qcow2_hook as _qcow2_hook  # noqa: E402, F401  (registers "qcow2")
 from qmpgraph.io import throttle_io as _throttle_io  # noqa: E402, F401  (registers "throttle")
+from qmpgraph.io import blkdebug_io as _blkdebug_io  # noqa: E402, F401  (registers "blkdebug")

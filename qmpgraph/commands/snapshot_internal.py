@@ -1,0 +1,324 @@
+"""Internal (qcow2) snapshots: ``blockdev-snapshot-internal-sync`` (command and
+transaction action) and ``blockdev-snapshot-delete-internal-sync``.
+
+Both follow QEMU 7.2's blockdev.c in its order: the root node lookup
+(qmp_get_root_bs), then for create the completion mode (first, in the
+action's prepare), the INTERNAL_SNAPSHOT op blocker, the read-only check,
+bdrv_can_snapshot, the empty name and the name already in use; for delete
+the missing id and name, the INTERNAL_SNAPSHOT_DELETE op blocker and the
+lookup by id and/or name.  The snapshot functions fall back to the primary
+child as block/snapshot.c does (a filter over a qcow2 node snapshots that
+node); qcow2 is the only driver with internal snapshots.
+
+The image file is changed in place by ``qmpgraph.drivers.qcow2_snapshot_write``
+through a journal (``ImageUndo``): an aborted transaction puts every byte
+back, which leaves the image exactly as QEMU's abort (deleting the new
+snapshot) leaves it for ``qemu-img check`` and ``snapshot -l``.  The node's
+``Qcow2State`` is replaced with the new header and snapshot list, so
+queries list the snapshot and the data path rebuilds its image (the
+clusters the snapshot shares lost their COPIED flags: later guest writes
+copy them).
+
+qmpgraph's own rule: a snapshot that a ``snapshot-access`` node exports
+(its ``__org.qmpgraph_snapshot`` option) cannot be deleted while that node
+exists ("Snapshot '%s' on device '%s' is in use by node '%s'").
+
+What does not live here: the qcow2 snapshot format (``qcow2_snapshot*``),
+external snapshots (``snapshot.py``), the transaction machinery.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+from qmpgraph.commands.context import CommandContext
+from qmpgraph.commands.registry import command
+from qmpgraph.commands.resize import ImageUndo
+from qmpgraph.commands.transaction import BlkAction, action, lookup_bs, single_action
+from qmpgraph.drivers import qcow2_resize
+from qmpgraph.drivers.file import FileState
+from qmpgraph.drivers.qcow2 import Qcow2State, read_snapshots
+from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry, find_snapshot, read_snapshot_table
+from qmpgraph.drivers.qcow2_snapshot_write import (
+    SnapshotFailed,
+    create_snapshot,
+    delete_snapshot,
+)
+from qmpgraph.drivers.qcow2_storage import Qcow2Error
+from qmpgraph.errors import GenericError
+from qmpgraph.graph.graph import BlockGraph
+from qmpgraph.graph.model import Node, ParentKind
+from qmpgraph.graph.perms import OpenFlag, Role
+from qmpgraph.transactions.actions import set_runtime
+from qmpgraph.transactions.engine import Transaction
+
+# The option of a snapshot-access node that exports an internal snapshot.
+SNAPSHOT_OPTION = "__org.qmpgraph_snapshot"
+_NAME_MAX = 255  # QEMUSnapshotInfo.name is a 256-byte C string
+_CHILD_ROLES = Role.DATA | Role.METADATA | Role.FILTERED
+
+
+class JournalFile:
+    """``HostFile`` over an ``ImageWriter``: every write can be undone."""
+
+    def __init__(self, io: qcow2_resize.ImageWriter) -> None:
+        self.io = io
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Bytes at ``offset`` (zeros past the end)."""
+        return self.io.read(offset, length)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write, journaling the old bytes."""
+        self.io.write(offset, bytes(data))
+
+    def size(self) -> int:
+        """The file's current length."""
+        return self.io.length
+
+    def flush(self) -> None:
+        """fdatasync the image file."""
+        os.fdatasync(self.io.fd)
+
+    def truncate(self, size: int) -> None:
+        """Set the length, journaling a cut-off tail."""
+        self.io.truncate(size)
+
+
+def _fallback(node: Node) -> Node | None:
+    """bdrv_snapshot_fallback: the primary child (file or backing), when no other
+    child holds data or metadata."""
+    primary = next((e for e in node.children if e.role & Role.PRIMARY), None)
+    if primary is None or primary.child is None:
+        return None
+    if primary is not node.file and primary is not node.backing:
+        return None
+    if any(e is not primary and e.role & _CHILD_ROLES for e in node.children):
+        return None
+    return primary.child
+
+
+def snapshot_node(node: Node) -> Node | None:
+    """The node whose driver takes ``node``'s snapshot calls (qcow2), or None."""
+    cur: Node | None = node
+    while cur is not None:
+        if cur.format_name == "qcow2":
+            return cur
+        cur = _fallback(cur)
+    return None
+
+
+def _can_snapshot(node: Node) -> bool:
+    """bdrv_can_snapshot: writable, and qcow2 itself or through the fallback."""
+    cur: Node | None = node
+    while cur is not None:
+        if cur.driver is None or cur.read_only or not cur.open_flags & OpenFlag.RDWR:
+            return False
+        if cur.format_name == "qcow2":
+            return True
+        cur = _fallback(cur)
+    return False
+
+
+def _snapshot_list(node: Node) -> tuple[Node, Qcow2State]:
+    """bdrv_snapshot_list through the fallback; errors as bdrv_snapshot_find_by_id_and_name."""
+    target = snapshot_node(node)
+    state = target.state if target is not None else None
+    if target is None or not isinstance(state, Qcow2State) or state.header.has_data_file:
+        raise GenericError(f"Failed to get a snapshot list: {os.strerror(errno.ENOTSUP)}")
+    return target, state
+
+
+def _blocked(node: Node, op: str, device: str) -> None:
+    reasons = node.op_blockers.get(op)
+    if reasons:
+        raise GenericError(f"Node '{device}' is busy: {reasons[0]}")
+
+
+def _journal(tran: Transaction, target: Node) -> JournalFile:
+    """A journaled view of ``target``'s image file (its ``file`` child)."""
+    image = target.file.child if target.file is not None else None
+    state = image.state if image is not None else None
+    if not isinstance(state, FileState) or state.lock.closed:
+        raise SnapshotFailed(errno.ENOTSUP)
+    fd = state.lock.fd
+    io = qcow2_resize.ImageWriter(fd, os.fstat(fd).st_size)
+    tran.add(ImageUndo(io))
+    return JournalFile(io)
+
+
+def _refresh(tran: Transaction, target: Node, host: JournalFile) -> None:
+    """Install the new header fields and snapshot list in ``target``'s state."""
+    state = target.state
+    assert isinstance(state, Qcow2State)
+    head = host.pread(60, 12)
+    count = int.from_bytes(head[:4], "big")
+    offset = int.from_bytes(head[4:], "big")
+    header = replace(state.header, nb_snapshots=count, snapshots_offset=offset)
+    snapshots = read_snapshots(host.pread, offset, count)
+    set_runtime(tran, target, state=replace(state, header=header, snapshots=snapshots))
+
+
+def _truncate_name(name: str) -> str:
+    """What pstrcpy keeps of ``name`` in a 256-byte buffer."""
+    raw = name.encode()
+    return raw[:_NAME_MAX].decode("utf-8", "ignore") if len(raw) > _NAME_MAX else name
+
+
+@action("blockdev-snapshot-internal-sync")
+class InternalSnapshot(BlkAction):
+    """internal_snapshot_prepare: take the snapshot at once; abort undoes it."""
+
+    def prepare(self, tran: Transaction) -> None:
+        """QEMU's checks in QEMU's order, then the snapshot itself."""
+        self.check_completion_mode()
+        device = str(self.data["device"])
+        name = str(self.data["name"])
+        node = _root(self.graph, device)
+        _blocked(node, "internal-snapshot", device)
+        if node.read_only:
+            raise GenericError(f"Device '{device}' is read only")
+        if not _can_snapshot(node):
+            raise GenericError(
+                f"Block format '{node.format_name}' used by device '{device}' "
+                "does not support internal snapshots"
+            )
+        if not name:
+            raise GenericError("Name is empty")
+        target, state = _snapshot_list(node)
+        if any(sn.name == name for sn in state.snapshots):
+            raise GenericError(f"Snapshot with name '{name}' already exists on device '{device}'")
+        # qemu-storage-daemon's virtual clock is the host clock (microseconds).
+        now = time.time_ns() // 1000 * 1000
+        try:
+            host = _journal(tran, target)
+            create_snapshot(
+                host,
+                _truncate_name(name),
+                date_sec=now // 1_000_000_000,
+                date_nsec=now % 1_000_000_000,
+                vm_clock_nsec=now,
+            )
+        except SnapshotFailed as err:
+            raise GenericError(
+                f"Failed to create snapshot '{name}' on device '{device}': {os.strerror(err.errno)}"
+            ) from err
+        except (Qcow2Error, OSError) as err:
+            code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+            raise GenericError(
+                f"Failed to create snapshot '{name}' on device '{device}': {os.strerror(code)}"
+            ) from err
+        _refresh(tran, target, host)
+
+
+def _root(graph: BlockGraph, device: str) -> Node:
+    """qmp_get_root_bs: a node whose parents are all BlockBackends."""
+    node = lookup_bs(graph, device, device)
+    if any(e.kind is not ParentKind.BLOCK_BACKEND for e in node.parents):
+        raise GenericError("Need a root block node")
+    if node.driver is None:
+        raise GenericError("Device has no medium")
+    return node
+
+
+@command("blockdev-snapshot-internal-sync")
+def blockdev_snapshot_internal_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Take an internal snapshot of a root node (a one-action transaction)."""
+    single_action(ctx, "blockdev-snapshot-internal-sync", args)
+
+
+def snapshot_users(target: Node) -> list[tuple[Node, str]]:
+    """snapshot-access nodes over ``target`` exporting one of its snapshots."""
+    users: list[tuple[Node, str]] = []
+    for edge in target.parents:
+        parent = edge.parent
+        if isinstance(parent, Node) and parent.format_name == "snapshot-access":
+            chosen = parent.options.get(SNAPSHOT_OPTION)
+            if chosen is not None:
+                users.append((parent, str(chosen)))
+    return users
+
+
+def _snapshot_info(entry: SnapshotEntry) -> dict[str, Any]:
+    """SnapshotInfo, in QAPI member order."""
+    info: dict[str, Any] = {
+        "id": entry.id,
+        "name": entry.name,
+        "vm-state-size": entry.vm_state_size,
+        "date-sec": entry.date_sec,
+        "date-nsec": entry.date_nsec,
+        "vm-clock-sec": entry.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": entry.vm_clock_nsec % 1_000_000_000,
+    }
+    if entry.icount is not None:
+        info["icount"] = entry.icount
+    return info
+
+
+@command("blockdev-snapshot-delete-internal-sync")
+def blockdev_snapshot_delete_internal_sync(
+    ctx: CommandContext, args: dict[str, Any]
+) -> dict[str, Any]:
+    """Delete an internal snapshot by id and/or name; returns what it was."""
+    device = str(args["device"])
+    ident = args.get("id")
+    name = args.get("name")
+    daemon = ctx.daemon
+    with daemon.graph_transaction("blockdev-snapshot-delete-internal-sync", args) as tran:
+        node = _root(daemon.graph, device)
+        if ident is None and name is None:
+            raise GenericError("Name or id must be provided")
+        _blocked(node, "internal-snapshot-delete", device)
+        target, state = _snapshot_list(node)
+        found = next(
+            (
+                sn
+                for sn in state.snapshots
+                if (ident is None or sn.id == ident) and (name is None or sn.name == name)
+            ),
+            None,
+        )
+        if found is None:
+            raise GenericError(
+                f"Snapshot with id '{'null' if ident is None else ident}' and name "
+                f"'{'null' if name is None else name}' does not exist on device '{device}'"
+            )
+        if target.read_only:
+            # QEMU's first write (the new table's allocation) fails with EPERM.
+            raise GenericError(
+                f"Failed to remove snapshot from snapshot list: {os.strerror(errno.EPERM)}"
+            )
+        host = _journal_or_error(tran, target)
+        _refuse_exported(target, host, found.id, device)
+        try:
+            entry = delete_snapshot(host, ident, name)
+        except (Qcow2Error, OSError) as err:
+            code = getattr(err, "errno", None) or errno.EIO
+            raise GenericError(f"Failed to remove snapshot from snapshot list: "
+                               f"{os.strerror(code)}") from err  # fmt: skip
+        _refresh(tran, target, host)
+    return _snapshot_info(entry)
+
+
+def _journal_or_error(tran: Transaction, target: Node) -> JournalFile:
+    try:
+        return _journal(tran, target)
+    except SnapshotFailed as err:
+        raise GenericError(f"Failed to get a snapshot list: {os.strerror(err.errno)}") from err
+
+
+def _refuse_exported(target: Node, host: JournalFile, ident: str, device: str) -> None:
+    """qmpgraph's rule: an exported snapshot stays while its snapshot-access node does."""
+    state = target.state
+    assert isinstance(state, Qcow2State)
+    entries = read_snapshot_table(host, state.header.snapshots_offset, state.header.nb_snapshots)
+    for user, chosen in snapshot_users(target):
+        entry = find_snapshot(entries, chosen)
+        if entry is not None and entry.id == ident:
+            raise GenericError(
+                f"Snapshot '{entry.name}' on device '{device}' is in use by node '{user.node_name}'"
+            )
