@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 
 from qmpgraph.graph.model import BlockBackend, Edge, Node
-from qmpgraph.io import hooks
+from qmpgraph.io import depth, hooks
 from qmpgraph.io.request import REQ_FUA, REQ_MAY_UNMAP, BlockIOError, eio
 
 
@@ -73,6 +73,8 @@ class BackendIO:
         await hooks.flush_node(self.node)
 
     async def block_status(self, offset: int, length: int) -> tuple[int, int]:
-        """(BDRV_BLOCK_* flags, bytes they hold for) from ``offset``."""
+        """(BDRV_BLOCK_* flags, bytes they hold for) from ``offset``: the answer
+        of the whole chain, walked as QEMU's blk_co_block_status_above does."""
         self._check(offset, length)
-        return await hooks.child_block_status(self.edge, offset, length)
+        flags, pnum, _ = await depth.status_above(self.node, offset, length)
+        return flags, pnum

@@ -1,0 +1,274 @@
+"""Real NBD clients on read-only exports of qmpgraph and qemu-storage-daemon.
+
+Both daemons export the same images (made by ``qemu-img``/``qemu-io`` in
+each daemon's directory) under the same names, and every client must see
+the same thing on both; only the socket path in the output is normalised:
+
+* a raw file with holes and data, and a raw window (offset/size) on it;
+* a three-layer qcow2 chain with zero clusters, the top larger than its
+  backing, exported directly, through raw, and through a throttle filter;
+* a qcow2 image of compressed clusters (``qemu-img convert -c``);
+* a qcow2 overlay on a raw backing file;
+* null-co with and without read-zeroes (the latter's bytes are garbage in
+  QEMU, so no content or data is compared there).
+
+Clients: ``nbdinfo`` (plain, --json, --list, --map for both meta contexts,
+--totals, --can/--is), ``qemu-img compare`` of the two exports,
+``qemu-img convert`` out of each (raw bytes, and a qcow2 whose map shows
+what the server's block status let convert skip), ``nbdcopy`` and the
+libnbd session of ``libnbd_transcript.py``.  Writes are in
+``test_clients_write.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_qemu
+from livekit import TIMEOUT, LiveDaemon, run
+
+pytestmark = pytest.mark.qemu
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+TRANSCRIPT = str(Path(__file__).with_name("libnbd_transcript.py"))
+
+SETUP = """
+set -e
+truncate -s 4M disk.raw
+qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x22 1M 4k' -c 'write -P 0x33 3M 1M' disk.raw
+qemu-img create -q -f qcow2 base.qcow2 4M
+qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -z 3M 64k' base.qcow2
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 4M
+qemu-io -f qcow2 -c 'write -P 2 512k 1M' -c 'write -z 2M 64k' mid.qcow2
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 6M
+qemu-io -f qcow2 -c 'write -P 3 256k 128k' -c 'write -z 5M 64k' top.qcow2
+truncate -s 3M src.raw
+qemu-io -f raw -c 'write -P 0x44 0 1M' -c 'write -P 0x55 2M 100k' src.raw
+qemu-img convert -c -f raw -O qcow2 src.raw comp.qcow2
+truncate -s 2M rb.raw
+qemu-io -f raw -c 'write -P 5 0 64k' rb.raw
+qemu-img create -q -f qcow2 -b rb.raw -F raw overraw.qcow2 4M
+qemu-io -f qcow2 -c 'write -P 6 1M 64k' overraw.qcow2
+"""
+
+BLOCKDEVS = [
+    "file,node-name=f-disk,filename=disk.raw,read-only=on",
+    "raw,node-name=disk,file=f-disk,read-only=on",
+    "raw,node-name=window,file=f-disk,read-only=on,offset=65536,size=1048576",
+    "qcow2,node-name=chain,file.driver=file,file.filename=top.qcow2,read-only=on",
+    "raw,node-name=raw-chain,file=chain,read-only=on",
+    "qcow2,node-name=comp,file.driver=file,file.filename=comp.qcow2,read-only=on",
+    "qcow2,node-name=overraw,file.driver=file,file.filename=overraw.qcow2,read-only=on",
+    "null-co,node-name=null,size=1048576,read-zeroes=on",
+    "null-co,node-name=null-garbage,size=2097152",
+]
+
+# (node, export name, description); every export offers qemu:allocation-depth
+# except "plain", so LIST_META_CONTEXT answers differ between them.
+EXPORTS = [
+    ("disk", "disk", "a raw file with holes"),
+    ("disk", "plain", None),
+    ("window", "window", "offset 64k, size 1M"),
+    ("chain", "chain", "three qcow2 layers"),
+    ("raw-chain", "raw-chain", None),
+    ("thr", "throttled", "throttle over the chain"),
+    ("comp", "comp", "compressed clusters"),
+    ("overraw", "overraw", None),
+    ("null", "null", None),
+    ("null-garbage", "null-garbage", None),
+]
+NAMES = [name for _, name, _ in EXPORTS]
+# QEMU reads null-co without read-zeroes into an untouched buffer.
+GARBAGE = {"null-garbage"}
+
+
+def need(tool: str) -> None:
+    """Skip without ``tool`` (fail under CI=true)."""
+    if shutil.which(tool) is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool} is required when CI=true (apt-get install libnbd-bin)")
+        pytest.skip(f"{tool} not installed (libnbd-bin)")
+
+
+def need_libnbd() -> None:
+    """Skip without python3-libnbd for the system python (fail under CI=true)."""
+    res = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, timeout=TIMEOUT, check=False
+    )
+    if res.returncode:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("python3-libnbd is required when CI=true")
+        pytest.skip("python3-libnbd not installed for /usr/bin/python3")
+
+
+def start_pair(root: Path, setup: str, blockdevs: list[str]) -> tuple[LiveDaemon, LiveDaemon]:
+    """qsd and qmpgraph, each on its own copy of the images ``setup`` makes."""
+    qsd = require_qemu()
+    daemons: list[LiveDaemon] = []
+    try:
+        for kind in ("qsd", "qmpgraph"):
+            work = root / kind
+            work.mkdir(parents=True)
+            subprocess.run(
+                ["sh", "-c", setup], cwd=work, check=True, capture_output=True, timeout=TIMEOUT
+            )
+            daemons.append(LiveDaemon(kind, qsd, work, blockdevs))
+    except BaseException:
+        for d in daemons:
+            d.stop()
+        raise
+    return daemons[0], daemons[1]
+
+
+def add_throttle(daemon: LiveDaemon, node: str, filtered: str) -> None:
+    """A throttle filter (no limits) called ``node`` over ``filtered``."""
+    daemon.ok("object-add", qom_type="throttle-group", id=f"g-{node}")
+    daemon.ok(
+        "blockdev-add", driver="throttle", node_name=node, file=filtered, throttle_group=f"g-{node}"
+    )
+
+
+def add_exports(
+    daemon: LiveDaemon, exports: list[tuple[str, str, str | None]], **opts: object
+) -> None:
+    """block-export-add each (node, name, description), with qemu:allocation-depth."""
+    for i, (node, name, desc) in enumerate(exports):
+        args: dict[str, object] = dict(opts)
+        if desc is not None:
+            args["description"] = desc
+        if name != "plain":
+            args["allocation_depth"] = True
+        daemon.ok("block-export-add", type="nbd", id=f"e{i}", node_name=node, name=name, **args)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveDaemon, LiveDaemon]]:
+    """Both daemons serving ``EXPORTS`` read-only."""
+    root = tmp_path_factory.mktemp("clients")
+    qsd, ours = start_pair(root, SETUP, BLOCKDEVS)
+    try:
+        for daemon in (qsd, ours):
+            add_throttle(daemon, "thr", "chain")
+            daemon.start_nbd()
+            add_exports(daemon, EXPORTS)
+        yield qsd, ours
+    finally:
+        qsd.stop()
+        ours.stop()
+
+
+def tool(daemon: LiveDaemon, *cmd: str) -> tuple[int, str]:
+    """Run a client; (exit status, stdout+stderr with the socket path normalised)."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return res.returncode, (res.stdout + res.stderr).replace(daemon.nbd_path, "SOCK")
+
+
+def same(pair: tuple[LiveDaemon, LiveDaemon], *cmd: str, name: str = "") -> str:
+    """Run ``cmd`` + the export's URI against both daemons; they must answer alike."""
+    qsd, ours = pair
+    want = tool(qsd, *cmd, qsd.uri(name))
+    got = tool(ours, *cmd, ours.uri(name))
+    assert got == want, (cmd, name)
+    return want[1]
+
+
+NBDINFO_ARGS = [
+    [],
+    ["--json"],
+    ["--map"],
+    ["--map", "--json"],
+    ["--map", "--totals"],
+    ["--map=qemu:allocation-depth"],
+    ["--map=qemu:allocation-depth", "--totals"],
+    ["--map=qemu:allocation-depth", "--json"],
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nbdinfo_equal_qsd(pair: tuple[LiveDaemon, LiveDaemon], name: str) -> None:
+    need("nbdinfo")
+    for args in NBDINFO_ARGS:
+        garbage = name in GARBAGE and not any(a.startswith("--map") for a in args)
+        same(pair, "nbdinfo", *args, *(["--no-content"] if garbage else []), name=name)
+
+
+def test_nbdinfo_list_equal_qsd(pair: tuple[LiveDaemon, LiveDaemon]) -> None:
+    need("nbdinfo")
+    for args in (["--list"], ["--list", "--json"]):
+        out = same(pair, "nbdinfo", "--no-content", *args)
+        assert "throttle over the chain" in out
+    # --list with contents probes every export's data: skip the garbage one.
+    shown = same(pair, "nbdinfo", "--list", "--json", name="disk")
+    assert json.loads(shown)["exports"]
+
+
+CAN = ["connect", "read", "write", "flush", "fua", "trim", "zero", "fast-zero", "df"]
+CAN += ["multi-conn", "cache", "structured-reply"]
+IS = ["read-only", "rotational", "tls"]
+
+
+@pytest.mark.parametrize("name", ["disk", "chain", "null-garbage"])
+def test_nbdinfo_can_is_equal_qsd(pair: tuple[LiveDaemon, LiveDaemon], name: str) -> None:
+    need("nbdinfo")
+    answers = []
+    for what in CAN:
+        answers.append(same(pair, "nbdinfo", "--can", what, name=name))
+    for what in IS:
+        answers.append(same(pair, "nbdinfo", "--is", what, name=name))
+    assert answers  # the exit statuses were compared by same()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in GARBAGE])
+def test_qemu_img_compare_and_convert(
+    pair: tuple[LiveDaemon, LiveDaemon], name: str, tmp_path: Path
+) -> None:
+    qsd, ours = pair
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", qsd.uri(name), ours.uri(name))
+    raws, maps = [], []
+    for daemon in pair:
+        out = tmp_path / f"{daemon.kind}.raw"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", daemon.uri(name), str(out))
+        raws.append(out.read_bytes())
+        # convert skips what the server's block status calls zero: the
+        # qcow2 it writes shows where.
+        q = tmp_path / f"{daemon.kind}.qcow2"
+        run("qemu-img", "convert", "-m", "1", "-f", "raw", "-O", "qcow2", daemon.uri(name), str(q))
+        layout = json.loads(run("qemu-img", "map", "--output=json", str(q)))
+        maps.append([{k: v for k, v in e.items() if k != "offset"} for e in layout])
+    assert raws[0] == raws[1]
+    assert maps[0] == maps[1]
+
+
+@pytest.mark.parametrize("name", ["disk", "window", "chain", "comp"])
+def test_nbdcopy_equal_qsd(pair: tuple[LiveDaemon, LiveDaemon], name: str, tmp_path: Path) -> None:
+    need("nbdcopy")
+    copies = []
+    for daemon in pair:
+        out = tmp_path / f"{daemon.kind}.raw"
+        run("nbdcopy", daemon.uri(name), str(out))
+        copies.append(out.read_bytes())
+    assert copies[0] == copies[1]
+
+
+def transcript(daemon: LiveDaemon, name: str, *extra: str) -> str:
+    """The libnbd session's JSON transcript against ``daemon``'s export."""
+    return run(SYSTEM_PYTHON, TRANSCRIPT, daemon.nbd_path, name, *extra)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_libnbd_transcript_equal_qsd(pair: tuple[LiveDaemon, LiveDaemon], name: str) -> None:
+    need_libnbd()
+    qsd, ours = pair
+    want = json.loads(transcript(qsd, name))
+    got = json.loads(transcript(ours, name))
+    if name in GARBAGE:  # QEMU's bytes are whatever its buffer held
+        for key in ("reads", "reads_df"):
+            for r in want[key] + got[key]:
+                r[3] = "?"
+    assert got == want
