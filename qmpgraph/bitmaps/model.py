@@ -51,6 +51,8 @@ class DirtyBitmap:
         "skip_store",
     )
 
+    FLAG_NAMES = ("disabled", "persistent", "busy", "readonly", "inconsistent", "skip_store")
+
     def __init__(self, name: str | None, size: int, granularity: int) -> None:
         assert granularity > 0 and granularity & (granularity - 1) == 0
         self.name = name
@@ -84,17 +86,6 @@ class DirtyBitmap:
             self.inconsistent,
             self.skip_store,
         )
-
-    def set_flags(self, flags: tuple[bool, bool, bool, bool, bool, bool]) -> None:
-        """Restore what ``flags()`` returned."""
-        (
-            self.disabled,
-            self.persistent,
-            self.busy,
-            self.readonly,
-            self.inconsistent,
-            self.skip_store,
-        ) = flags
 
     # -- bits ----------------------------------------------------------------
 

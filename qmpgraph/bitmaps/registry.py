@@ -6,7 +6,8 @@ beside the graph, keyed by the ``Node`` object, so a deleted node's bitmaps
 go with it (``forget``) and a new node of the same name starts with none.
 
 Every change made by a command goes through an engine ``Action`` holding the
-old values (``add``, ``remove``, ``set_flags``, ``set_bits``), so an aborted
+old values (``add``, ``remove``, ``change_flags``, ``change_bits``,
+``truncate_node``), so an aborted
 transaction puts the bitmaps back exactly; the bitmaps of every named node
 join the graph digest through ``register_state_source("bitmaps", ...)``.
 
@@ -34,6 +35,8 @@ from qmpgraph.transactions.engine import Action, Transaction
 _SECTOR = 512
 
 _TABLES: dict[Node, list[DirtyBitmap]] = {}
+# The graph each node with bitmaps belongs to (several daemons share a process in tests).
+_GRAPHS: dict[Node, BlockGraph] = {}
 _generation = 0
 
 
@@ -63,9 +66,17 @@ def find(node: Node, name: str) -> DirtyBitmap | None:
     return None
 
 
+def prune(graph: BlockGraph) -> None:
+    """Forget the bitmaps of nodes that left ``graph`` (deleted nodes)."""
+    alive = {id(n) for n in graph.named_nodes_oldest_first()}
+    for node in [n for n, g in _GRAPHS.items() if g is graph and id(n) not in alive]:
+        forget(node)
+
+
 def forget(node: Node) -> list[DirtyBitmap]:
     """Drop every bitmap of a closed node (bdrv_release_named_dirty_bitmaps)."""
     gone = _TABLES.pop(node, [])
+    _GRAPHS.pop(node, None)
     if gone:
         _bump()
     return gone
@@ -149,14 +160,15 @@ class RemoveBitmapUndo(Action):
 
 @dataclass(frozen=True, slots=True)
 class FlagsUndo(Action):
-    """A bitmap's flags changed; abort restores the old ones."""
+    """Some of a bitmap's flags changed; abort restores those (and only those)."""
 
     name: ClassVar[str] = "bitmap-flags"
     bitmap: DirtyBitmap
-    old: tuple[bool, bool, bool, bool, bool, bool]
+    old: tuple[tuple[str, bool], ...]
 
     def abort(self) -> None:
-        self.bitmap.set_flags(self.old)
+        for key, value in self.old:
+            setattr(self.bitmap, key, value)
         _bump()
 
 
@@ -183,8 +195,9 @@ def _unlink(node: Node, bitmap: DirtyBitmap) -> int:
     return index
 
 
-def add(tran: Transaction, node: Node, bitmap: DirtyBitmap) -> None:
-    """Put ``bitmap`` at the head of the node's list."""
+def add(tran: Transaction, graph: BlockGraph, node: Node, bitmap: DirtyBitmap) -> None:
+    """Put ``bitmap`` at the head of the list of ``node`` (a node of ``graph``)."""
+    _GRAPHS[node] = graph
     _TABLES.setdefault(node, []).insert(0, bitmap)
     _bump()
     tran.add(AddBitmapUndo(node, bitmap))
@@ -198,7 +211,8 @@ def remove(tran: Transaction, node: Node, bitmap: DirtyBitmap) -> None:
 
 def change_flags(tran: Transaction, bitmap: DirtyBitmap, **changes: bool) -> None:
     """Set some flags (``disabled=True``, ``busy=False``, ...), keeping the old ones."""
-    old = bitmap.flags()
+    assert set(changes) <= set(DirtyBitmap.FLAG_NAMES)
+    old = tuple((key, bool(getattr(bitmap, key))) for key in changes)
     for key, value in changes.items():
         setattr(bitmap, key, value)
     _bump()

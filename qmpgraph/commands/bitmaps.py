@@ -108,7 +108,9 @@ def _can_store(node: Node, name: str, granularity: int) -> None:
         raise GenericError(prefix + f"Name length exceeds maximum ({MAX_NAME_SIZE} characters)")
 
 
-def create_bitmap(tran: Transaction, node: Node, granularity: int, name: str | None) -> DirtyBitmap:
+def create_bitmap(
+    tran: Transaction, graph: BlockGraph, node: Node, granularity: int, name: str | None
+) -> DirtyBitmap:
     """bdrv_create_dirty_bitmap: a new, empty, enabled bitmap at the head of the list."""
     if name is not None:
         if registry.find(node, name) is not None:
@@ -116,12 +118,13 @@ def create_bitmap(tran: Transaction, node: Node, granularity: int, name: str | N
         if len(name.encode()) > MAX_NAME_SIZE:
             raise GenericError(f"Bitmap name too long: {name}")
     bm = DirtyBitmap(name, node_length(node), granularity)
-    registry.add(tran, node, bm)
+    registry.add(tran, graph, node, bm)
     return bm
 
 
 def do_add(tran: Transaction, graph: BlockGraph, args: dict[str, Any]) -> None:
     """qmp_block_dirty_bitmap_add."""
+    registry.prune(graph)
     name = str(args["name"])
     if not name:
         raise GenericError("Bitmap name cannot be empty")
@@ -136,7 +139,7 @@ def do_add(tran: Transaction, graph: BlockGraph, args: dict[str, Any]) -> None:
     persistent = bool(args.get("persistent", False))
     if persistent:
         _can_store(node, name, granularity)
-    bm = create_bitmap(tran, node, granularity, name)
+    bm = create_bitmap(tran, graph, node, granularity, name)
     if args.get("disabled", False) or persistent:
         registry.change_flags(
             tran, bm, disabled=bool(args.get("disabled", False)), persistent=persistent
