@@ -119,15 +119,30 @@ class Runtime:
         session = _Session(ServerConnection(self.table), client, _Sender(stream.socket))
         await session.sender.send([session.conn.data_to_send()])
         async with trio.open_nursery() as nursery:
-            while True:
-                data = await stream.receive_some(_RECV_SIZE)
-                if not data:
-                    return
-                if not await session.dispatch(self.table, data, nursery):
-                    break
+            session.scope = nursery.cancel_scope
+            try:
+                ended = await self._receive(stream, session, nursery)
+            except _GONE:
+                ended = False
+            if not ended:
+                # The client went away: its requests in flight have nobody to
+                # answer to (QEMU drops them with the connection too).
+                nursery.cancel_scope.cancel()
+                return
         # Every request read before the end was answered (the nursery waited
         # for them); what the end itself queued (an error reply) goes last.
         await session.sender.send([session.conn.data_to_send()])
+
+    async def _receive(
+        self, stream: trio.SocketStream, session: _Session, nursery: trio.Nursery
+    ) -> bool:
+        """Receive until the protocol ends (True) or the client hangs up (False)."""
+        while True:
+            data = await stream.receive_some(_RECV_SIZE)
+            if not data:
+                return False
+            if not await session.dispatch(self.table, data, nursery):
+                return True
 
 
 class _Sender:
@@ -148,7 +163,10 @@ class _Sender:
             return
         async with self.lock:
             while views:
-                sent = await self.sock.sendmsg(views[:_IOV_MAX])
+                try:
+                    sent = await self.sock.sendmsg(views[:_IOV_MAX])
+                except OSError as err:  # the client went away
+                    raise trio.BrokenResourceError from err
                 while sent:
                     if sent >= len(views[0]):
                         sent -= len(views.pop(0))
@@ -165,6 +183,7 @@ class _Session:
     client: _Client
     sender: _Sender
     slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
+    scope: trio.CancelScope | None = None  # the request tasks' nursery
 
     async def dispatch(self, table: ExportTable, data: bytes, nursery: trio.Nursery) -> bool:
         """Feed received bytes to the connection, start a task per request; False at the end.
@@ -199,6 +218,9 @@ class _Session:
         """Execute one request and send its reply; its slot is free again after."""
         try:
             await self.sender.send(await execute(self.conn, export, req))
+        except _GONE:
+            if self.scope is not None:
+                self.scope.cancel()
         finally:
             self.slots.release()
 
