@@ -42,13 +42,14 @@ from qmpgraph.commands.transaction import BlkAction, action, lookup_bs, single_a
 from qmpgraph.drivers import qcow2_resize
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State, read_snapshots
-from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry, find_snapshot, read_snapshot_table
+from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry
 from qmpgraph.drivers.qcow2_snapshot_write import (
     SnapshotFailed,
     create_snapshot,
     delete_snapshot,
 )
 from qmpgraph.drivers.qcow2_storage import Qcow2Error
+from qmpgraph.drivers.snapshot_access import exported_snapshot
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.graph.model import Node, ParentKind
@@ -56,8 +57,6 @@ from qmpgraph.graph.perms import OpenFlag, Role
 from qmpgraph.transactions.actions import set_runtime
 from qmpgraph.transactions.engine import Transaction
 
-# The option of a snapshot-access node that exports an internal snapshot.
-SNAPSHOT_OPTION = "__org.qmpgraph_snapshot"
 _NAME_MAX = 255  # QEMUSnapshotInfo.name is a 256-byte C string
 _CHILD_ROLES = Role.DATA | Role.METADATA | Role.FILTERED
 
@@ -231,16 +230,18 @@ def blockdev_snapshot_internal_sync(ctx: CommandContext, args: dict[str, Any]) -
     single_action(ctx, "blockdev-snapshot-internal-sync", args)
 
 
-def snapshot_users(target: Node) -> list[tuple[Node, str]]:
-    """snapshot-access nodes over ``target`` exporting one of its snapshots."""
-    users: list[tuple[Node, str]] = []
+def _refuse_exported(target: Node, ident: str, device: str) -> None:
+    """qmpgraph's rule: an exported snapshot stays while its snapshot-access node does."""
     for edge in target.parents:
-        parent = edge.parent
-        if isinstance(parent, Node) and parent.format_name == "snapshot-access":
-            chosen = parent.options.get(SNAPSHOT_OPTION)
-            if chosen is not None:
-                users.append((parent, str(chosen)))
-    return users
+        user = edge.parent
+        if not isinstance(user, Node) or user.format_name != "snapshot-access":
+            continue
+        exported = exported_snapshot(user)
+        if exported is not None and exported.id == ident:
+            raise GenericError(
+                f"Snapshot '{exported.name}' on device '{device}' is in use by node "
+                f"'{user.node_name}'"
+            )
 
 
 def _snapshot_info(entry: SnapshotEntry) -> dict[str, Any]:
@@ -287,13 +288,13 @@ def blockdev_snapshot_delete_internal_sync(
                 f"Snapshot with id '{'null' if ident is None else ident}' and name "
                 f"'{'null' if name is None else name}' does not exist on device '{device}'"
             )
+        _refuse_exported(target, found.id, device)
         if target.read_only:
             # QEMU's first write (the new table's allocation) fails with EPERM.
             raise GenericError(
                 f"Failed to remove snapshot from snapshot list: {os.strerror(errno.EPERM)}"
             )
         host = _journal_or_error(tran, target)
-        _refuse_exported(target, host, found.id, device)
         try:
             entry = delete_snapshot(host, ident, name)
         except (Qcow2Error, OSError) as err:
@@ -309,16 +310,3 @@ def _journal_or_error(tran: Transaction, target: Node) -> JournalFile:
         return _journal(tran, target)
     except SnapshotFailed as err:
         raise GenericError(f"Failed to get a snapshot list: {os.strerror(err.errno)}") from err
-
-
-def _refuse_exported(target: Node, host: JournalFile, ident: str, device: str) -> None:
-    """qmpgraph's rule: an exported snapshot stays while its snapshot-access node does."""
-    state = target.state
-    assert isinstance(state, Qcow2State)
-    entries = read_snapshot_table(host, state.header.snapshots_offset, state.header.nb_snapshots)
-    for user, chosen in snapshot_users(target):
-        entry = find_snapshot(entries, chosen)
-        if entry is not None and entry.id == ident:
-            raise GenericError(
-                f"Snapshot '{entry.name}' on device '{device}' is in use by node '{user.node_name}'"
-            )

@@ -357,6 +357,7 @@ class Snapshot:
     date_nsec: int
     vm_clock_nsec: int
     icount: int | None
+    disk_size: int | None = None  # None: not recorded (the image's size applies)
 
 
 def read_snapshots(read: Any, offset: int, count: int) -> tuple[Snapshot, ...]:
@@ -376,11 +377,12 @@ def read_snapshots(read: Any, offset: int, count: int) -> tuple[Snapshot, ...]:
         icount = _be64(extra, 16) if extra_len >= 24 else None
         if icount == (1 << 64) - 1:
             icount = None
+        disk_size = _be64(extra, 8) if extra_len >= 16 else None
         text = read(offset, id_len + name_len).ljust(id_len + name_len, b"\0")
         offset = (offset + id_len + name_len + 7) & ~7
         ident = text[:id_len].decode("utf-8", "replace")
         name = text[id_len:].decode("utf-8", "replace")
-        out.append(Snapshot(ident, name, vm_state, date_sec, date_nsec, clock, icount))
+        out.append(Snapshot(ident, name, vm_state, date_sec, date_nsec, clock, icount, disk_size))
     return tuple(out)
 
 

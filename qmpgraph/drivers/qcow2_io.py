@@ -174,6 +174,7 @@ class Qcow2Image(GuestMapping):
         self.snapshots: tuple[SnapshotEntry, ...] = read_snapshot_table(
             file, header.snapshots_offset, header.nb_snapshots
         )
+        self._views: dict[str, Qcow2Snapshot] = {}
         # Compressed entries: host offset bits, then (sectors - 1).
         self._csize_shift = 62 - (self.cluster_bits - 8)
         self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
@@ -533,11 +534,19 @@ class Qcow2Image(GuestMapping):
     # -- snapshots ---------------------------------------------------------
 
     def snapshot(self, id_or_name: str) -> Qcow2Snapshot:
-        """A read-only view of the internal snapshot with this id (or else name)."""
+        """A read-only view of the internal snapshot with this id (or else name).
+
+        Views are kept: a snapshot's L1 table never changes while the
+        snapshot exists, and this image's table is read once at open.
+        """
+        view = self._views.get(id_or_name)
+        if view is not None:
+            return view
         entry = find_snapshot(self.snapshots, id_or_name)
         if entry is None:
             raise Qcow2Error(f"Can't find snapshot '{id_or_name}'")
-        return Qcow2Snapshot(self, entry)
+        view = self._views[id_or_name] = Qcow2Snapshot(self, entry)
+        return view
 
 
 class Qcow2Snapshot(GuestMapping):

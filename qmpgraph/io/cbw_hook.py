@@ -20,7 +20,9 @@ the snapshot never sees new data.  Snapshot reads of copied areas come from
 
 snapshot-access (``SnapshotAccessIO``) maps reads, block status and discard
 onto its ``file`` child's snapshot API (discard only with ``discard=unmap``,
-as the generic path already checks) and refuses writes with ENOTSUP.
+as the generic path already checks) and refuses writes with ENOTSUP; with
+qmpgraph's ``__org.qmpgraph_snapshot`` option it reads a qcow2 internal
+snapshot through the qcow2 node's image instead (``qcow2_hook``).
 
 The user ``bitmap`` option is not modelled (the driver refuses every bitmap
 at open), so every cluster starts as "to be copied" and readable.
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from qmpgraph.drivers.snapshot_access import exported_snapshot
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.io import depth  # a module: depth imports hooks, which import this one
 from qmpgraph.io.hooks import (
@@ -49,6 +52,7 @@ from qmpgraph.io.hooks import (
     child_write_zeroes,
     register_hook,
 )
+from qmpgraph.io.qcow2_hook import QCOW2_IO
 from qmpgraph.io.request import ALLOCATED, OFFSET_VALID, BlockIOError
 
 # BDRV_REQ_WRITE_UNCHANGED: the write does not change guest-visible data.
@@ -250,7 +254,12 @@ def _runs(clusters: list[int]) -> list[tuple[int, int]]:
 
 
 class SnapshotAccessIO(IOHook):
-    """snapshot-access: the ``file`` child's snapshot, read-only."""
+    """snapshot-access: the ``file`` child's snapshot, read-only.
+
+    With qmpgraph's ``__org.qmpgraph_snapshot`` option the snapshot is an
+    internal snapshot of the qcow2 ``file`` node, read through that node's
+    image (``Qcow2IO.read_snapshot``); discard is then not supported.
+    """
 
     @staticmethod
     def _cbw(node: Node) -> Node:
@@ -261,6 +270,11 @@ class SnapshotAccessIO(IOHook):
         return child
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
+        internal = exported_snapshot(node)
+        if internal is not None:
+            child = _edge(node, "file").child
+            assert child is not None
+            return await QCOW2_IO.read_snapshot(child, internal.id, offset, length)
         return await CBW_IO.read_snapshot(self._cbw(node), offset, length)
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
@@ -270,9 +284,16 @@ class SnapshotAccessIO(IOHook):
         raise BlockIOError(errno.ENOTSUP)
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
+        if exported_snapshot(node) is not None:
+            raise BlockIOError(errno.ENOTSUP)
         await CBW_IO.discard_snapshot(self._cbw(node), offset, length)
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        internal = exported_snapshot(node)
+        if internal is not None:
+            child = _edge(node, "file").child
+            assert child is not None
+            return await QCOW2_IO.block_status_snapshot(child, internal.id, offset, length)
         return await CBW_IO.block_status_snapshot(self._cbw(node), offset, length)
 
 

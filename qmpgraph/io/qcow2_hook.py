@@ -15,6 +15,10 @@ or when the node was reopened (its state, children or read-only flag
 changed), and rebuilt on the next request.  The library keeps no dirty
 data of its own (metadata is write-through), so dropping needs no flush.
 
+``read_snapshot`` and ``block_status_snapshot`` read an internal snapshot
+through the same image (its lock and L2 cache), for snapshot-access nodes
+with qmpgraph's ``__org.qmpgraph_snapshot`` option.
+
 What does not live here: the qcow2 format (``qmpgraph.drivers.qcow2_io``),
 header checks at open (``qmpgraph.drivers.qcow2``), the generic request
 path (``hooks``).
@@ -212,17 +216,40 @@ class Qcow2IO(IOHook):
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
         extents = await self._call(node, lambda img: img.block_status(offset, length))
-        if not extents:
-            return DATA | ALLOCATED, length
-        first = extents[0]
-        flags = 0
-        if first.flags & Status.DATA:
-            flags |= DATA | OFFSET_VALID if first.depth == 1 else DATA
-        if first.flags & Status.ZERO:
-            flags |= ZERO
-        if first.flags & Status.ALLOCATED:
-            flags |= ALLOCATED
-        return flags, max(1, first.length)
+        return _first_status(extents, length, offset_valid=True)
+
+    # -- internal snapshots (qmpgraph's snapshot-access option) ------------
+
+    async def read_snapshot(self, node: Node, snap_id: str, offset: int, length: int) -> bytes:
+        """Guest data of internal snapshot ``snap_id`` of ``node``'s image."""
+        return await self._call(node, lambda img: img.snapshot(snap_id).read(offset, length))
+
+    async def block_status_snapshot(
+        self, node: Node, snap_id: str, offset: int, length: int
+    ) -> tuple[int, int]:
+        """Status of the first extent of internal snapshot ``snap_id`` at ``offset``.
+
+        No OFFSET_VALID: a host offset means nothing to the snapshot's readers.
+        """
+        extents = await self._call(
+            node, lambda img: img.snapshot(snap_id).block_status(offset, length)
+        )
+        return _first_status(extents, length, offset_valid=False)
+
+
+def _first_status(extents: list[Extent], length: int, *, offset_valid: bool) -> tuple[int, int]:
+    """BDRV_BLOCK_* flags of the first extent, and its length."""
+    if not extents:
+        return DATA | ALLOCATED, length
+    first = extents[0]
+    flags = 0
+    if first.flags & Status.DATA:
+        flags |= DATA | OFFSET_VALID if first.depth == 1 and offset_valid else DATA
+    if first.flags & Status.ZERO:
+        flags |= ZERO
+    if first.flags & Status.ALLOCATED:
+        flags |= ALLOCATED
+    return flags, max(1, first.length)
 
 
 QCOW2_IO = Qcow2IO()

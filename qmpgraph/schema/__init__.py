@@ -16,6 +16,9 @@ returns holds:
 * the ``query-qmp-schema`` reply for the implemented commands (``introspect``),
   serialized once.
 
+qmpgraph's downstream members (``data/downstream.json``, ``__org.qmpgraph_``
+names) are merged into QEMU's entities before any of these is built.
+
 The flow of ``validate_arguments``: validator accepts -> the arguments are
 passed on as they are (the JSON Schema is never looser than QEMU, so QEMU
 would pass them unchanged); validator refuses -> the visitor decides. The
@@ -36,13 +39,14 @@ from importlib import resources
 from typing import Any
 
 from qmpgraph.protocol.qjson import RawJSON
+from qmpgraph.schema import downstream
 from qmpgraph.schema.introspect import qemu_key_order, restrict
 from qmpgraph.schema.jsonschemas import compile_validators
 from qmpgraph.schema.keyval_visitor import visit_keyval
 from qmpgraph.schema.types import ObjectType, build_types
 from qmpgraph.schema.visitor import visit_arguments
 
-__all__ = ["Schema", "load"]
+__all__ = ["Schema", "load", "load_qemu"]
 
 
 class Schema:
@@ -123,5 +127,14 @@ def _read(name: str) -> Any:
 
 @cache
 def load() -> Schema:
-    """The schema generated from QEMU 7.2's qemu-storage-daemon (loaded once)."""
+    """The schema generated from QEMU 7.2's qemu-storage-daemon (loaded once),
+    with qmpgraph's downstream extensions merged (``downstream``)."""
+    entities = downstream.apply(_read("qmp-schema.json"), _read("downstream.json"))
+    return Schema(entities, _read("qsd-probed.json"))
+
+
+@cache
+def load_qemu() -> Schema:
+    """QEMU 7.2's schema alone, without qmpgraph's downstream members (for
+    comparisons with qemu-storage-daemon's own introspection)."""
     return Schema(_read("qmp-schema.json"), _read("qsd-probed.json"))
