@@ -23,6 +23,7 @@ from qmpgraph import __version__, replay
 from qmpgraph.cmdline.errors import CmdlineError
 from qmpgraph.cmdline.qsd import PROG, Exit, pre_pass, process_options
 from qmpgraph.daemon import Daemon
+from qmpgraph.jobs.clock import make_clock
 from qmpgraph.server.run import serve_prepared
 from qmpgraph.server.startup import Daemonizer, PidFile, Startup, write_pidfile
 
@@ -45,7 +46,7 @@ def run_daemon_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     if pre.daemonize:
         daemonizer.start()
     try:
-        daemon = Daemon(transaction_log=pre.transaction_log)
+        daemon = Daemon(transaction_log=pre.transaction_log, clock=make_clock(pre.clock))
     except OSError as e:
         err.write(f"{PROG}: --transaction-log {pre.transaction_log}: {e.strerror}\n")
         err.flush()

@@ -8,6 +8,12 @@ succeeds and aborted when it raises; with a transaction log configured
 actions, outcome and the graph digest afterwards.  Without a log no digest is
 computed, so a command's cost does not grow with the graph.
 
+Event timestamps come from ``Daemon.clock`` (``qmpgraph.jobs.clock``: the
+wall clock, or a virtual clock for reproducible runs).  ``job_runner`` holds
+the daemon's ``qmpgraph.jobs.core.JobRunner`` once a job exists; the monitor
+calls ``before_reply``/``after_reply`` around each reply so that jobs a
+command entered run as they would in QEMU's main loop.
+
 What does not live here: sockets and tasks (``qmpgraph.server``), the
 command-line parsing (``qmpgraph.cmdline``).
 """
@@ -15,7 +21,6 @@ command-line parsing (``qmpgraph.cmdline``).
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +30,7 @@ from qmpgraph import QEMU_VERSION, __version__
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.digest import graph_digest
 from qmpgraph.graph.graph import BlockGraph
+from qmpgraph.jobs.clock import Clock, WallClock
 from qmpgraph.schema import Schema
 from qmpgraph.schema import load as load_schema
 from qmpgraph.transactions.engine import Transaction
@@ -42,6 +48,7 @@ class Daemon:
         *,
         name_seed: int | None = None,
         transaction_log: str | Path | Sink | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.schema = schema if schema is not None else load_schema()
         # A seed is always chosen, so that a log can record it for replay.
@@ -54,6 +61,10 @@ class Daemon:
         self.quit_requested = False
         self._quit_callbacks: list[Callable[[], None]] = []
         self._event_sinks: list[EventSink] = []
+        self.clock: Clock = clock if clock is not None else WallClock()
+        # A qmpgraph.jobs.core.JobRunner, set by job_runner() on first use
+        # (typed Any: the daemon must not import the trio side).
+        self.job_runner: Any = None
 
     @contextmanager
     def graph_transaction(self, command: str, arguments: dict[str, Any]) -> Iterator[Transaction]:
@@ -80,6 +91,16 @@ class Daemon:
         tran.commit()
         if log is not None:
             log.record(command, arguments, actions, graph_digest(self.graph))
+
+    async def before_reply(self) -> None:
+        """Let the jobs a command entered run up to their first I/O (the reply waits)."""
+        if self.job_runner is not None:
+            await self.job_runner.quiesce()
+
+    async def after_reply(self) -> None:
+        """The reply is queued: held jobs go on (a virtual clock runs them to idle)."""
+        if self.job_runner is not None:
+            await self.job_runner.after_reply()
 
     def version_info(self) -> dict[str, Any]:
         """The ``query-version`` reply (and the greeting's ``version``)."""
@@ -110,11 +131,10 @@ class Daemon:
         return lambda: self._event_sinks.remove(sink)
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        """Send event ``name`` to every subscribed session, timestamped now."""
-        now = time.time()
-        seconds = int(now)
+        """Send event ``name`` to every subscribed session, timestamped by the clock."""
+        seconds, microseconds = self.clock.event_time()
         event: dict[str, Any] = {
-            "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1e6)},
+            "timestamp": {"seconds": seconds, "microseconds": microseconds},
             "event": name,
         }
         if data is not None:

@@ -8,10 +8,10 @@ else in order, each option fully (parsed *and* acted on) before the next is
 read: an option can refer only to what an earlier one created, and the
 first failure, whatever its kind, is the one reported.
 
-qmpgraph adds one option of its own, ``--transaction-log PATH``: matched
-only when spelled in full (so no qsd abbreviation becomes ambiguous) and
-taken in the first pass, since the daemon's log must exist before the first
-``--blockdev`` runs.
+qmpgraph adds options of its own, ``--transaction-log PATH`` and ``--clock
+realtime|virtual``: matched only when spelled in full (so no qsd
+abbreviation becomes ambiguous) and taken in the first pass, since the
+daemon's log and clock must exist before the first ``--blockdev`` runs.
 
 ``process_options`` does the parsing and the bookkeeping QEMU does in its
 registries (chardev ids, which chardev a monitor uses); it hands every
@@ -70,8 +70,10 @@ OPTIONS = (
     OptSpec("version", "V", False),
     # qmpgraph's own: matched only in full, handled in the pre-pass.
     OptSpec("transaction-log", None, True, exact=True),
+    OptSpec("clock", None, True, exact=True),
 )
-_PRE_PASS = frozenset({"help", "version", "daemonize", "pidfile", "transaction-log"})
+_PRE_PASS = frozenset({"help", "version", "daemonize", "pidfile", "transaction-log", "clock"})
+_OWN = frozenset({"transaction-log", "clock"})
 
 
 class Exit(Exception):
@@ -176,6 +178,13 @@ qmpgraph extensions (spelled in full, never abbreviated):
                          those of --blockdev) to <path> as JSON Lines, for
                          audit and `qmpgraph replay <path>`
 
+  --clock realtime|virtual
+                         where event timestamps and job timers take their
+                         time from; `virtual` starts at 0, moves 1 us per
+                         event and jumps over job sleeps, and runs jobs in a
+                         fixed order, so the same script gives the same
+                         transcript byte for byte (default: realtime)
+
 With no options at all, a QMP monitor listens on $XDG_RUNTIME_DIR/qmpgraph.sock
 (or /tmp/qmpgraph.sock).
 """
@@ -189,6 +198,8 @@ class PrePass:
     pidfile: str | None = None
     #: ``--transaction-log PATH`` (qmpgraph's extension; the last one wins).
     transaction_log: str | None = None
+    #: ``--clock NAME`` (qmpgraph's extension): "realtime" or "virtual".
+    clock: str = "realtime"
     #: Whether any qsd option (anything but qmpgraph's own) was given.
     qsd_options: bool = False
 
@@ -209,7 +220,7 @@ def pre_pass(argv: list[str], out: TextIO, err: TextIO) -> PrePass:
         if isinstance(opt, CmdlineError):
             _error(err, opt.msg)
             raise Exit(1)
-        if opt.name != "transaction-log":
+        if opt.name not in _OWN:
             result.qsd_options = True
         if opt.name not in _PRE_PASS:
             continue
@@ -227,6 +238,11 @@ def pre_pass(argv: list[str], out: TextIO, err: TextIO) -> PrePass:
             result.pidfile = opt.arg
         elif opt.name == "transaction-log":
             result.transaction_log = opt.arg
+        elif opt.name == "clock":
+            if opt.arg not in ("realtime", "virtual"):
+                _error(err, f"--clock {opt.arg}: expected 'realtime' or 'virtual'")
+                raise Exit(1)
+            result.clock = opt.arg
     return result
 
 

@@ -109,8 +109,10 @@ async def serve_qmp_client(
                     break
                 for request in session.receive_data(bytes(data)):
                     reply = dispatcher.dispatch(session, request)
+                    await daemon.before_reply()
                     if reply is not None:
                         outbox.put(session.encode(reply), wake_writer=False)
+                    await daemon.after_reply()
                     if daemon.quit_requested:
                         break
                 await outbox.flush()

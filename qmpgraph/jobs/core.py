@@ -1,0 +1,699 @@
+"""The job core: ``Job`` (QEMU's job.c) and the runner that drives job tasks.
+
+How a job type plugs in
+=======================
+
+Subclass ``Job`` (or ``qmpgraph.jobs.blockjob.BlockJob`` for a block job),
+set ``job_type`` (the QAPI JobType: "stream", "commit", "mirror", ...), and
+override what QEMU's JobDriver would provide:
+
+* ``async run()``: the job's coroutine.  Return normally on success; raise
+  ``JobFailed(errno, message)`` (or ``BlockIOError``) to fail.  It must call
+  ``await self.pause_point()`` (or ``sleep_ns``/``yield_``, which include
+  one) regularly, check ``self.is_cancelled()`` after each, and call
+  ``await self.io_point()`` right before each piece of real data I/O (see
+  "Ordering" below).  Progress: ``progress_set_remaining``/``progress_update``.
+* ``prepare()`` (may raise ``JobFailed``), ``commit()``, ``abort()``,
+  ``clean()``: synchronous finalization steps, called from the QMP side
+  (graph changes go through ``daemon.graph_transaction``).
+* ``complete()`` for jobs that go ``ready`` (call ``self.transition_to_ready()``
+  from ``run``, then ``await self.yield_()`` until completion is asked for);
+  ``cancel(force) -> bool`` to turn a soft cancel into a completion (mirror);
+  ``on_pause``/``on_resume``/``on_user_resume`` hooks; ``free()`` when the
+  job is dismissed (BlockJob drops its nodes there).
+* The event hooks ``event_ready``/``event_pending``/``event_completed``/
+  ``event_cancelled`` (BlockJob sends the BLOCK_JOB_* events from them).
+
+The command creates the job (``Job.__init__`` registers it in the daemon's
+``JobRunner`` and sends ``created``), sets up its graph state, then calls
+``job.start()`` (``running``); the runner runs ``run`` as a trio system task
+(started at once inside trio, or when the runner first runs otherwise).
+
+Ordering (why ``io_point`` exists)
+==================================
+
+In qemu-storage-daemon a job coroutine entered by a command (``job_start``,
+a resume, a speed change, a cancel) runs synchronously until it first waits
+for real I/O, and a job that ends that way is finalized before the command's
+reply.  The monitor reproduces that: after dispatching a command it awaits
+``runner.quiesce()`` (every job that is busy runs until it parks, reaches an
+``io_point`` or ends), writes the reply, then calls ``runner.after_reply()``
+(jobs held at an io point go on; with a virtual clock the runner then runs
+every job until all are idle, one step at a time in creation order).
+
+What does not live here: the state tables (``state``), the clock (``clock``),
+block-job specifics (``blockjob``), QMP commands (``qmpgraph.commands.jobs``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from qmpgraph.errors import GenericError
+from qmpgraph.jobs.state import COMPLETED, READY, JobStatus, JobVerb, check_verb
+from qmpgraph.jobs.state import transition_allowed as _allowed
+
+if TYPE_CHECKING:
+    from qmpgraph.daemon import Daemon
+
+S = JobStatus
+
+# Where a job's task is, as the runner sees it.
+_BUSY = "busy"  # running Python code (or not started yet)
+_PARKED = "parked"  # waiting to be entered (or for its timer)
+_AT_IO = "at_io"  # held before real I/O until the command's reply is out
+_DONE = "done"  # run() returned and the job was handed to completion
+
+
+class JobFailed(Exception):
+    """Raised by a job's ``run``/``prepare``: the job fails with ``-errno`` and ``message``."""
+
+    def __init__(self, errno_: int, message: str | None = None) -> None:
+        super().__init__(message or os.strerror(errno_))
+        self.errno = errno_
+        self.message = message or os.strerror(errno_)
+
+
+class JobTxn:
+    """A group of jobs that finalize together (job_txn); single jobs get their own."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.aborting = False
+
+
+class Job:
+    """One job (QEMU's Job): status, verbs, progress, finalization and events.
+
+    Rules: ``status`` changes only through ``_transition`` (which asserts the
+    transition table and sends JOB_STATUS_CHANGE for named jobs); the QMP
+    verbs check ``VERBS`` before touching anything.
+    """
+
+    job_type = "undefined"
+    is_block_job = False
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        job_id: str | None,
+        *,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+        txn: JobTxn | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.runner = job_runner(daemon)
+        self.id = job_id
+        self.status = S.UNDEFINED
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.pause_count = 1
+        self.paused = True
+        self.busy = False
+        self.user_paused = False
+        self.cancelled = False
+        self.force_cancel = False
+        self.deferred = False
+        self.started = False
+        self.ret = 0
+        self.err: str | None = None
+        self.progress_current = 0
+        self.progress_total = 0
+        self._task_state = _BUSY
+        self._enter: trio.Event | None = None
+        self._go: trio.Event | None = None
+        self._deadline: int | None = None
+        self._transition(S.CREATED)
+        self.runner.add(self)
+        self.txn = txn if txn is not None else JobTxn()
+        self.txn.jobs.insert(0, self)
+
+    # -- what job types override ---------------------------------------------------
+
+    async def run(self) -> None:
+        """The job's work (JobDriver.run)."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Before commit/abort of the whole txn; raise ``JobFailed`` to fail it."""
+
+    def commit(self) -> None:
+        """The job succeeded (all jobs of its txn did)."""
+
+    def abort(self) -> None:
+        """The job failed or was cancelled."""
+
+    def clean(self) -> None:
+        """After commit or abort, always."""
+
+    def complete(self) -> None:
+        """job-complete on a ready job; jobs without it cannot be completed."""
+        raise GenericError(f"The active block job '{self.id}' cannot be completed")
+
+    has_complete = False
+
+    def cancel_hook(self, force: bool) -> bool:
+        """JobDriver.cancel: may downgrade a cancel; the default forces it."""
+        return True
+
+    def on_pause(self) -> None:
+        """Called at a pause point before the job pauses."""
+
+    def on_resume(self) -> None:
+        """Called at a pause point after the job resumes (or did not pause)."""
+
+    def on_user_resume(self) -> None:
+        """Called when the user resumes (or cancels) a user-paused job."""
+
+    def event_ready(self) -> None:
+        """The job went ready (BlockJob: BLOCK_JOB_READY)."""
+
+    def event_pending(self) -> None:
+        """The job is pending and needs job-finalize (BlockJob: BLOCK_JOB_PENDING)."""
+
+    def event_completed(self) -> None:
+        """The job finished, successfully or not (BlockJob: BLOCK_JOB_COMPLETED)."""
+
+    def event_cancelled(self) -> None:
+        """The job was cancelled (BlockJob: BLOCK_JOB_CANCELLED)."""
+
+    # -- status --------------------------------------------------------------------
+
+    def _transition(self, new: JobStatus) -> None:
+        old = self.status
+        assert _allowed(old, new), f"job {self.id}: {old.value} -> {new.value}"
+        self.status = new
+        if self.id is not None and new is not old:
+            self.daemon.emit_event("JOB_STATUS_CHANGE", {"id": self.id, "status": new.value})
+
+    def is_cancelled(self) -> bool:
+        """job_is_cancelled: cancelled and forced (a soft cancel is a request only)."""
+        return self.cancelled and self.force_cancel
+
+    def cancel_requested(self) -> bool:
+        """job_cancel_requested: any cancel was asked for."""
+        return self.cancelled
+
+    def is_ready(self) -> bool:
+        """Ready or standby."""
+        return self.status in READY
+
+    def is_completed(self) -> bool:
+        """The run is over (waiting and later)."""
+        return self.status in COMPLETED
+
+    def transition_to_ready(self) -> None:
+        """job_transition_to_ready: called by ``run`` when the job can be completed."""
+        self._transition(S.READY)
+        self.event_ready()
+
+    # -- progress ------------------------------------------------------------------
+
+    def progress_update(self, done: int) -> None:
+        """``done`` more bytes (or units) of work were done."""
+        self.progress_current += done
+
+    def progress_set_remaining(self, remaining: int) -> None:
+        """``remaining`` units of work are left."""
+        self.progress_total = self.progress_current + remaining
+
+    def progress_increase_remaining(self, delta: int) -> None:
+        """``delta`` more units of work appeared."""
+        self.progress_total += delta
+
+    # -- the job's side: yielding -----------------------------------------------------
+
+    def _should_pause(self) -> bool:
+        return self.pause_count > 0
+
+    async def _park(self, deadline: int | None) -> None:
+        """job_do_yield: wait until entered (or until ``deadline`` on the clock)."""
+        self.busy = False
+        self._deadline = deadline
+        self._enter = trio.Event()
+        self._set_task_state(_PARKED)
+        await self.runner.wait_entered(self)
+        self._enter = None
+        self._deadline = None
+        self.busy = True
+        self._set_task_state(_BUSY)
+
+    async def pause_point(self) -> None:
+        """job_pause_point: pause here if a pause was requested (and not cancelled)."""
+        await trio.lowlevel.checkpoint()
+        if not self._should_pause() or self.is_cancelled():
+            return
+        self.on_pause()
+        if self._should_pause() and not self.is_cancelled():
+            status = self.status
+            self._transition(S.STANDBY if status is S.READY else S.PAUSED)
+            self.paused = True
+            await self._park(None)
+            self.paused = False
+            self._transition(status)
+        self.on_resume()
+
+    async def yield_(self) -> None:
+        """job_yield: wait until entered (e.g. ready, waiting for job-complete)."""
+        if self.is_cancelled():
+            return
+        if not self._should_pause():
+            await self._park(None)
+        await self.pause_point()
+
+    async def sleep_ns(self, ns: int) -> None:
+        """job_sleep_ns: sleep ``ns`` on the daemon's clock, or until entered."""
+        if self.is_cancelled():
+            return
+        if not self._should_pause():
+            await self._park(self.daemon.clock.now_ns() + ns)
+        await self.pause_point()
+
+    async def io_point(self) -> None:
+        """Call before real data I/O: lets the command that entered the job reply first."""
+        if self.runner.must_hold(self):
+            self._go = trio.Event()
+            self._set_task_state(_AT_IO)
+            await self._go.wait()
+            self._go = None
+            self._set_task_state(_BUSY)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _set_task_state(self, state: str) -> None:
+        self._task_state = state
+        self.runner.changed()
+
+    # -- the QMP side: entering -------------------------------------------------------
+
+    def enter(self, *, only_if_no_timer: bool = False, only_if_timer: bool = False) -> None:
+        """job_enter(_cond): wake the job if it is parked (not if busy or finishing)."""
+        if not self.started or self.deferred or self._task_state != _PARKED:
+            return
+        if only_if_no_timer and self._deadline is not None:
+            return
+        if only_if_timer and self._deadline is None:
+            return
+        self.busy = True
+        self._task_state = _BUSY
+        self.runner.kicked.add(self)
+        assert self._enter is not None
+        self._enter.set()
+
+    def start(self) -> None:
+        """job_start: the job runs (its task is started by the runner)."""
+        assert not self.started and self.paused
+        self.started = True
+        self.pause_count -= 1
+        self.busy = True
+        self.paused = False
+        self._transition(S.RUNNING)
+        self.runner.kicked.add(self)
+        self.runner.spawn(self)
+
+    async def _main(self) -> None:
+        """job_co_entry, then job_exit once the run is over."""
+        try:
+            await self.pause_point()
+            await self.run()
+        except JobFailed as exc:
+            self.ret, self.err = -exc.errno, exc.message
+        except OSError as exc:  # BlockIOError and friends
+            code = exc.errno or errno.EIO
+            self.ret, self.err = -code, os.strerror(code)
+        self.deferred = True
+        self.busy = False
+        self._completed()
+        self._set_task_state(_DONE)
+
+    # -- verbs ----------------------------------------------------------------------
+
+    def user_pause(self) -> None:
+        """job_user_pause."""
+        check_verb(self.id, self.status, JobVerb.PAUSE)
+        if self.user_paused:
+            raise GenericError("Job is already paused")
+        self.user_paused = True
+        self.pause()
+
+    def pause(self) -> None:
+        """job_pause: one more pause request; a running job is kicked to its pause point."""
+        self.pause_count += 1
+        if not self.paused:
+            self.enter()
+
+    def resume(self) -> None:
+        """job_resume: one pause request fewer; the last one wakes the job."""
+        assert self.pause_count > 0
+        self.pause_count -= 1
+        if self.pause_count:
+            return
+        self.enter(only_if_no_timer=True)
+
+    def user_resume(self) -> None:
+        """job_user_resume."""
+        if not self.user_paused or self.pause_count <= 0:
+            raise GenericError("Can't resume a job that was not paused")
+        check_verb(self.id, self.status, JobVerb.RESUME)
+        self.on_user_resume()
+        self.user_paused = False
+        self.resume()
+
+    def user_cancel(self, force: bool) -> None:
+        """job_user_cancel."""
+        check_verb(self.id, self.status, JobVerb.CANCEL)
+        self.cancel(force)
+
+    def cancel(self, force: bool) -> None:
+        """job_cancel."""
+        if self.status is S.CONCLUDED:
+            self._do_dismiss()
+            return
+        self._cancel_async(force)
+        if not self.started:
+            self._completed()
+        elif self.deferred:
+            if self.is_cancelled():
+                self._txn_abort()
+        else:
+            self.enter()
+
+    def _cancel_async(self, force: bool) -> None:
+        force = self.cancel_hook(force)
+        if self.user_paused:
+            self.on_user_resume()
+            self.user_paused = False
+            assert self.pause_count > 0
+            self.pause_count -= 1
+        # A soft cancel of a job that is already done is ignored.
+        if not self.deferred:
+            self.cancelled = True
+            self.force_cancel |= force
+
+    def user_complete(self) -> None:
+        """job_complete."""
+        check_verb(self.id, self.status, JobVerb.COMPLETE)
+        if self.pause_count or self.cancel_requested() or not self.has_complete:
+            raise GenericError(f"The active block job '{self.id}' cannot be completed")
+        self.complete()
+
+    def user_finalize(self) -> None:
+        """job_finalize."""
+        check_verb(self.id, self.status, JobVerb.FINALIZE)
+        self._do_finalize()
+
+    def user_dismiss(self) -> None:
+        """job_dismiss."""
+        check_verb(self.id, self.status, JobVerb.DISMISS)
+        self._do_dismiss()
+
+    # -- completion (job_completed and its txn logic) ----------------------------------
+
+    def _update_rc(self) -> None:
+        if not self.ret and self.is_cancelled():
+            self.ret = -errno.ECANCELED
+        if self.ret:
+            if self.err is None:
+                self.err = os.strerror(-self.ret)
+            self._transition(S.ABORTING)
+
+    def _completed(self) -> None:
+        assert not self.is_completed()
+        self._update_rc()
+        if self.ret:
+            self._txn_abort()
+        else:
+            self._txn_success()
+
+    def _txn_success(self) -> None:
+        self._transition(S.WAITING)
+        if any(not j.is_completed() for j in self.txn.jobs):
+            return
+        for j in list(self.txn.jobs):
+            j._transition(S.PENDING)
+            if not j.auto_finalize:
+                j.event_pending()
+        if all(j.auto_finalize for j in self.txn.jobs):
+            self._do_finalize()
+
+    def _txn_abort(self) -> None:
+        txn = self.txn
+        if txn.aborting:
+            return
+        txn.aborting = True
+        for other in txn.jobs:
+            if other is not self:
+                other._cancel_async(True)
+        while txn.jobs:
+            other = txn.jobs[0]
+            if not other.is_completed():
+                # A job of a group still running: it is finished synchronously
+                # in QEMU (job_finish_sync); here it ends as cancelled at once.
+                other.deferred = True
+                other._update_rc()
+            other._finalize_single()
+
+    def _do_finalize(self) -> None:
+        failed: Job | None = None
+        for j in list(self.txn.jobs):
+            if j.ret == 0:
+                try:
+                    j.prepare()
+                except JobFailed as exc:
+                    j.ret, j.err = -exc.errno, exc.message
+                j._update_rc()
+            if j.ret:
+                failed = j
+                break
+        if failed is not None:
+            failed._txn_abort()
+        else:
+            for j in list(self.txn.jobs):
+                j._finalize_single()
+
+    def _finalize_single(self) -> None:
+        assert self.is_completed()
+        self._update_rc()
+        if not self.ret:
+            self.commit()
+        else:
+            self.abort()
+        self.clean()
+        if self.started:
+            if self.is_cancelled():
+                self.event_cancelled()
+            else:
+                self.event_completed()
+        if self in self.txn.jobs:
+            self.txn.jobs.remove(self)
+        self._transition(S.CONCLUDED)
+        if self.auto_dismiss or not self.started:
+            self._do_dismiss()
+
+    def _do_dismiss(self) -> None:
+        self.busy = False
+        self.paused = False
+        self.deferred = True
+        if self in self.txn.jobs:
+            self.txn.jobs.remove(self)
+        self._transition(S.NULL)
+        self.runner.remove(self)
+        self.free()
+
+    def free(self) -> None:
+        """The job is gone (job_unref's free): release what it still holds."""
+
+    def early_fail(self) -> None:
+        """job_early_fail: a job that failed before it started just goes away."""
+        assert self.status is S.CREATED
+        self._do_dismiss()
+
+    # -- queries --------------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        """This job's JobInfo (query-jobs)."""
+        info: dict[str, Any] = {
+            "id": self.id,
+            "type": self.job_type,
+            "status": self.status.value,
+            "current-progress": self.progress_current,
+            "total-progress": self.progress_total,
+        }
+        if self.err is not None:
+            info["error"] = self.err
+        return info
+
+
+class JobRunner:
+    """A daemon's jobs and the trio tasks that run them (see the module docstring)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.jobs: list[Job] = []  # newest first, as QEMU's job list
+        self.holding = False
+        self.kicked: set[Job] = set()
+        self._unspawned: list[Job] = []
+        self._changed = trio.Event()
+        self._last: Job | None = None
+
+    # -- the table ------------------------------------------------------------------
+
+    def add(self, job: Job) -> None:
+        """Register a new job (``Job.__init__`` does it)."""
+        self.jobs.insert(0, job)
+
+    def remove(self, job: Job) -> None:
+        """Forget a dismissed job."""
+        if job in self.jobs:
+            self.jobs.remove(job)
+        if job in self._unspawned:
+            self._unspawned.remove(job)
+
+    def get(self, job_id: str) -> Job | None:
+        """job_get: the job called ``job_id``."""
+        for job in self.jobs:
+            if job.id == job_id:
+                return job
+        return None
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self.jobs))
+
+    # -- tasks ----------------------------------------------------------------------
+
+    def spawn(self, job: Job) -> None:
+        """Run ``job._main`` as a trio system task (later, if not inside trio)."""
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            self._unspawned.append(job)
+            return
+        trio.lowlevel.spawn_system_task(job._main, name=f"job {job.id}")
+
+    def _spawn_pending(self) -> None:
+        pending, self._unspawned = self._unspawned, []
+        for job in pending:
+            trio.lowlevel.spawn_system_task(job._main, name=f"job {job.id}")
+
+    def changed(self) -> None:
+        """A job's task changed state: wake whoever waits on the runner."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def must_hold(self, job: Job) -> bool:
+        """Whether ``job`` stops at an io point (a reply is pending, or the clock is virtual)."""
+        return self.holding or self.daemon.clock.virtual
+
+    async def wait_entered(self, job: Job) -> None:
+        """Park ``job`` until entered, or until its deadline passes."""
+        assert job._enter is not None
+        deadline = job._deadline
+        if deadline is None or self.daemon.clock.virtual:
+            # Virtual timers are fired by ``settle`` (it enters the job).
+            await job._enter.wait()
+            return
+        seconds = max(0, deadline - self.daemon.clock.now_ns()) / 1e9
+        with trio.move_on_after(seconds):
+            await job._enter.wait()
+        if not job._enter.is_set():
+            # The timer fired: the job enters itself.
+            job._task_state = _BUSY
+
+    def _busy(self, jobs: Iterable[Job]) -> bool:
+        return any(j.started and j._task_state == _BUSY for j in jobs)
+
+    async def _until_idle(self, jobs: Iterable[Job] | None = None) -> None:
+        while self._busy(self.jobs if jobs is None else list(jobs)):
+            await self._changed.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until no job's task is busy (every job parked, held or done)."""
+        self._spawn_pending()
+        await self._until_idle()
+
+    async def quiesce(self) -> None:
+        """Before a reply: jobs the command entered run until they park, reach I/O or end."""
+        if not self.kicked and not self._unspawned:
+            return
+        self.holding = True
+        self._spawn_pending()
+        await self._until_idle(self.kicked)
+        self.kicked.clear()
+
+    async def after_reply(self) -> None:
+        """After a reply: held jobs go on; with a virtual clock, run everything to idle."""
+        if not self.holding and not self.daemon.clock.virtual:
+            return
+        self.holding = False
+        if self.daemon.clock.virtual:
+            await self.settle()
+            return
+        for job in self.jobs:
+            if job._task_state == _AT_IO and job._go is not None:
+                job._task_state = _BUSY
+                job._go.set()
+
+    def _runnable(self, job: Job, now: int) -> bool:
+        state = job._task_state
+        if state == _AT_IO:
+            return True
+        return state == _PARKED and job._deadline is not None and job._deadline <= now
+
+    async def settle(self) -> None:
+        """Run every job until none can go on without a command (virtual clock).
+
+        One job at a time, in creation order, round robin; when all wait and
+        some wait for a timer, the clock jumps to the earliest timer.
+        """
+        self._spawn_pending()
+        await self._until_idle()
+        clock = self.daemon.clock
+        while True:
+            order = list(reversed(self.jobs))  # oldest first
+            if self._last in order:
+                i = order.index(self._last) + 1
+                order = order[i:] + order[:i]
+            now = clock.now_ns()
+            job = next((j for j in order if self._runnable(j, now)), None)
+            if job is None:
+                timers = [
+                    j._deadline
+                    for j in self.jobs
+                    if j._task_state == _PARKED and j._deadline is not None
+                ]
+                if not timers:
+                    return
+                advance = getattr(clock, "advance_to", None)
+                assert advance is not None
+                advance(min(timers))
+                continue
+            self._last = job
+            job._task_state = _BUSY
+            if job._go is not None and not job._go.is_set():
+                job._go.set()
+            else:
+                job.busy = True
+                assert job._enter is not None
+                job._enter.set()
+            await self._until_idle()
+
+
+def job_runner(daemon: Daemon) -> JobRunner:
+    """The daemon's job runner (created on first use; the daemon's monitor calls it)."""
+    runner = daemon.job_runner
+    if runner is None:
+        runner = daemon.job_runner = JobRunner(daemon)
+    assert isinstance(runner, JobRunner)
+    return runner
+
+
+def find_job(daemon: Daemon, job_id: str) -> Job | None:
+    """The job called ``job_id``, if any."""
+    runner = daemon.job_runner
+    return runner.get(job_id) if isinstance(runner, JobRunner) else None
