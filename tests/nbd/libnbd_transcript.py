@@ -135,7 +135,7 @@ def _reads(h: Any, ranges: list[tuple[int, int]], flags: int = 0) -> list[Any]:
     return out
 
 
-def _writes(h: Any, size: int) -> list[Any]:
+def _writes(h: Any, size: int, fast_zero: bool) -> list[Any]:
     mid = (size // 2) & ~4095
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("pwrite_fua", lambda: h.pwrite(b"\x5a" * 8192, 4096, nbd.CMD_FLAG_FUA)),
@@ -146,10 +146,11 @@ def _writes(h: Any, size: int) -> list[Any]:
         ("zero", lambda: h.zero(65536, 131072, 0)),
         ("zero_no_hole", lambda: h.zero(65536, 262144, nbd.CMD_FLAG_NO_HOLE)),
         ("zero_fua", lambda: h.zero(4096, 8192, nbd.CMD_FLAG_FUA)),
-        ("zero_fast", lambda: h.zero(4096, 12288, nbd.CMD_FLAG_FAST_ZERO)),
         ("cache", lambda: h.cache(65536, 0)),
         ("pwrite_past_end", lambda: h.pwrite(b"x" * 512, size, 0)),
     ]
+    if fast_zero:
+        steps.insert(-2, ("zero_fast", lambda: h.zero(4096, 12288, nbd.CMD_FLAG_FAST_ZERO)))
     out: list[Any] = []
     for name, fn in steps:
         res = _try(fn)
@@ -158,9 +159,11 @@ def _writes(h: Any, size: int) -> list[Any]:
 
 
 def main() -> None:
-    """Connect to ``argv[1]``'s export ``argv[2]``; ``argv[3] == "rw"`` also writes."""
+    """Connect to ``argv[1]``'s export ``argv[2]``; ``argv[3]`` "rw" also writes
+    ("rw-nofast": without the FAST_ZERO request)."""
     sock, name = sys.argv[1], sys.argv[2]
-    writable = len(sys.argv) > 3 and sys.argv[3] == "rw"
+    mode = sys.argv[3] if len(sys.argv) > 3 else "ro"
+    writable = mode.startswith("rw")
     h = nbd.NBD()
     h.set_opt_mode(True)
     h.connect_unix(sock)
@@ -173,7 +176,7 @@ def main() -> None:
     transcript["reads"] = _reads(h, ranges)
     transcript["reads_df"] = _reads(h, ranges[:1], nbd.CMD_FLAG_DF)
     if writable:
-        transcript["writes"] = _writes(h, size)
+        transcript["writes"] = _writes(h, size, mode != "rw-nofast")
         transcript["status_after"] = _status(h)
         transcript["reads_after"] = _reads(h, ranges)
     h.shutdown()
