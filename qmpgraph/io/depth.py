@@ -30,6 +30,7 @@ from qmpgraph.drivers import qcow2_read
 from qmpgraph.drivers.base import node_size
 from qmpgraph.graph.graph import filter_child, filter_or_cow_child
 from qmpgraph.graph.model import Node
+from qmpgraph.io.blkdebug_io import rule_check
 from qmpgraph.io.hooks import node_block_status
 from qmpgraph.io.qcow2_hook import QCOW2_IO
 from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, ZERO, eio
@@ -68,6 +69,8 @@ async def own_status(node: Node, offset: int, length: int) -> tuple[int, int]:
     if drv is not None and drv.is_filter:
         edge = filter_child(node)
         if edge is not None and edge.child is not None:
+            if node.format_name == "blkdebug":  # its rules may fail block status
+                rule_check(node, offset, length, "block-status")
             flags, pnum = await own_status(edge.child, offset, length)
             return flags, min(pnum, length)
     if node.format_name == "qcow2":
