@@ -136,33 +136,50 @@ class DirtyBitmap:
         """hbitmap_sha256: the digest of the bit array's bytes."""
         return hashlib.sha256(self.bits).hexdigest()
 
-    def granule_runs(self) -> Iterator[tuple[int, int]]:
-        """Runs of dirty granules as (first, end) granule numbers, in order."""
+    def granule_runs(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Runs of dirty granules as (first, end) granule numbers, in order.
+
+        Only granules in ``[first, end)`` are looked at (runs are clipped).
+        """
+        nbits = len(self.bits) * 8
+        end = nbits if end is None else min(end, nbits)
+        if first >= end:
+            return
         start = -1
         prev_end = -1
-        for span in _NONZERO.finditer(self.bits):
-            base = span.start()
-            for part in _FULL_OR_BYTE.finditer(self.bits, base, span.end()):
+        lo_byte, hi_byte = first >> 3, (end + 7) >> 3
+        for span in _NONZERO.finditer(self.bits, lo_byte, hi_byte):
+            for part in _FULL_OR_BYTE.finditer(self.bits, span.start(), span.end()):
                 pos = part.start()
                 if part.group()[0] == 0xFF:
                     runs = [(pos * 8, part.end() * 8)]
                 else:
                     runs = _byte_runs(part.group()[0], pos * 8)
-                for first, end in runs:
-                    if first == prev_end:
-                        prev_end = end
+                for run_lo, run_hi in runs:
+                    lo, hi = max(run_lo, first), min(run_hi, end)
+                    if lo >= hi:
+                        continue
+                    if lo == prev_end:
+                        prev_end = hi
                         continue
                     if start >= 0:
                         yield start, prev_end
-                    start, prev_end = first, end
+                    start, prev_end = lo, hi
         if start >= 0:
             yield start, prev_end
 
-    def dirty_ranges(self) -> Iterator[tuple[int, int]]:
-        """Dirty byte ranges (start, end), clipped to the bitmap's size."""
-        for first, end in self.granule_runs():
-            lo = first << self.shift
-            hi = min(end << self.shift, self.size)
+    def dirty_ranges(self, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Dirty byte ranges (start, end) inside ``[offset, end)`` and the bitmap's size.
+
+        QEMU's bdrv_dirty_bitmap_next_dirty_area, repeated: granules are
+        clipped to the window.
+        """
+        end = self.size if end is None else min(end, self.size)
+        if offset >= end:
+            return
+        for g0, g1 in self.granule_runs(offset >> self.shift, ((end - 1) >> self.shift) + 1):
+            lo = max(g0 << self.shift, offset)
+            hi = min(g1 << self.shift, end)
             if lo < hi:
                 yield lo, hi
 

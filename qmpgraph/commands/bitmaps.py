@@ -15,13 +15,16 @@ action whose prepare fails after finding its bitmap (busy, read-only) leaves
 (A failed lookup in ``enable``/``disable`` actions crashes qemu-storage-daemon
 7.2, as does a merge with an empty list; qmpgraph answers with the error.)
 
-What does not live here: the bitmap model and write tracking
+Also here, for ``block-export-add``: the lookup and busy marking of an NBD
+export's ``bitmaps`` and the extents of a ``qemu:dirty-bitmap:NAME`` block
+status.  What does not live here: the bitmap model and write tracking
 (``qmpgraph.bitmaps``), persistence in qcow2 images
-(``qmpgraph.drivers.qcow2_bitmaps``), NBD export of bitmaps.
+(``qmpgraph.drivers.qcow2_bitmaps``), the NBD protocol.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from qmpgraph.bitmaps import registry
@@ -32,9 +35,12 @@ from qmpgraph.commands.registry import command
 from qmpgraph.commands.transaction import BlkAction, action, lookup_bs
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.errors import GenericError
-from qmpgraph.graph.graph import BlockGraph
+from qmpgraph.graph.graph import BlockGraph, filter_or_cow_child
 from qmpgraph.graph.model import Node
 from qmpgraph.transactions.engine import Transaction
+
+# NBD_STATE_DIRTY of qemu:dirty-bitmap contexts.
+STATE_DIRTY = 1
 
 # BDRV_BITMAP_* check flags.
 BUSY = 1
@@ -164,6 +170,7 @@ def do_remove(
 def do_merge(tran: Transaction, graph: BlockGraph, args: dict[str, Any]) -> DirtyBitmap:
     """block_dirty_bitmap_merge: sources into an anonymous bitmap, then into the target."""
     node, dst = bitmap_lookup(graph, str(args["node"]), str(args["target"]))
+    check(dst, DEFAULT)  # 7.2 checks the target before any source (seen on qsd)
     anon = DirtyBitmap(None, node_length(node), dst.granularity)
     for src_spec in args["bitmaps"]:
         if isinstance(src_spec, str):
@@ -346,3 +353,60 @@ class MergeAction(BlkAction):
         """block_dirty_bitmap_merge_prepare."""
         self.check_completion_mode()
         do_merge(tran, self.graph, self.data)
+
+
+# -- NBD exports (nbd_export_create / nbd_export_delete) --------------------------------
+
+
+def export_bitmaps(
+    tran: Transaction, graph: BlockGraph, node: Node, specs: list[Any], readonly: bool
+) -> tuple[DirtyBitmap, ...]:
+    """The bitmaps an NBD export serves, checked as QEMU 7.2 checks them, then busy.
+
+    A plain name is looked up on the exported node and down its filtered or
+    COW chain; a node/name pair by ``block_dirty_bitmap_lookup``.
+    """
+    found: list[DirtyBitmap] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            cur: Node | None = node
+            bm: DirtyBitmap | None = None
+            while cur is not None:
+                bm = registry.find(cur, spec)
+                if bm is not None:
+                    break
+                edge = filter_or_cow_child(cur)
+                cur = edge.child if edge is not None else None
+            if bm is None or cur is None:
+                raise GenericError(f"Bitmap '{spec}' is not found")
+            if readonly and not cur.read_only and not bm.disabled:
+                raise GenericError(f"Enabled bitmap '{spec}' incompatible with readonly export")
+        else:
+            _, bm = bitmap_lookup(graph, str(spec["node"]), str(spec["name"]))
+        check(bm, ALLOW_RO)
+        found.append(bm)
+    for bm in found:
+        registry.change_flags(tran, bm, busy=True)
+    return tuple(found)
+
+
+def release_export_bitmaps(tran: Transaction, bitmaps: tuple[DirtyBitmap, ...]) -> None:
+    """nbd_export_delete: the export's bitmaps are no longer busy."""
+    for bm in bitmaps:
+        registry.change_flags(tran, bm, busy=False)
+
+
+def bitmap_extents(
+    bm: DirtyBitmap, offset: int, length: int, add: Callable[[int, int], bool]
+) -> None:
+    """bitmap_to_extents: clean and dirty extents of ``[offset, offset+length)``.
+
+    ``add(length, flags)`` returns False once the reply is full (then stop).
+    """
+    end = offset + length
+    start = offset
+    for lo, hi in bm.dirty_ranges(offset, end):
+        if not add(lo - start, 0) or not add(hi - lo, STATE_DIRTY):
+            return
+        start = hi
+    add(end - start, 0)

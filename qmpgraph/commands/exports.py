@@ -25,6 +25,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from qmpgraph.bitmaps.model import DirtyBitmap
+from qmpgraph.commands.bitmaps import export_bitmaps, release_export_bitmaps
 from qmpgraph.commands.registry import command
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Edge, Node
@@ -73,6 +75,13 @@ class NBDExport:
     nbdflags: int
     request_alignment: int = 1
     max_transfer: int = nbdc.MAX_BUFFER_SIZE
+    # The exported dirty bitmaps (busy while exported), in context-id order.
+    bitmaps: tuple[DirtyBitmap, ...] = ()
+
+    @property
+    def bitmap_names(self) -> tuple[str, ...]:
+        """Their names, as the ``qemu:dirty-bitmap:NAME`` contexts show them."""
+        return tuple(str(bm.name) for bm in self.bitmaps)
 
     @property
     def node_name(self) -> str:
@@ -329,9 +338,7 @@ def _add_export(
     size = _node_size(node)
     # Resizing is not shared while exported: the export's size is fixed.
     set_edge_perms_checked(tran, graph, edge, int(perm), PERM_ALL & ~Perm.RESIZE)
-    for bitmap in args.get("bitmaps", []):
-        bname = bitmap if isinstance(bitmap, str) else bitmap.get("name")
-        raise GenericError(f"Bitmap '{bname}' is not found")
+    bitmaps = export_bitmaps(tran, graph, node, list(args.get("bitmaps", [])), not writable)
     exp = NBDExport(
         id=export_id,
         name=name,
@@ -343,6 +350,7 @@ def _add_export(
         size=size // nbdc.SECTOR_SIZE * nbdc.SECTOR_SIZE,
         nbdflags=_export_flags(writable, server.max_connections),
         request_alignment=node.driver.request_alignment(node) if node.driver else 1,
+        bitmaps=bitmaps,
     )
     table.exports.insert(0, exp)
     tran.add(ExportAdded(table, exp))
@@ -356,6 +364,7 @@ def _delete_export(tran: Transaction, daemon: Daemon, table: ExportTable, exp: N
     if edge is not None:
         detach_child(tran, graph, edge)
     remove_root_parent(tran, graph, exp.backend)
+    release_export_bitmaps(tran, exp.bitmaps)
     index = table.exports.index(exp)
     del table.exports[index]
     tran.add(ExportRemoved(table, exp, index))

@@ -117,10 +117,14 @@ REPLY_TYPE_ERROR = (1 << 15) | 1
 # base:allocation extent flags.
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
+# qemu:dirty-bitmap:NAME's one flag.
+STATE_DIRTY = 1 << 0
 
 # QEMU's context ids (nbd/server.c): base:allocation first, then depth.
 META_ID_BASE_ALLOCATION = 0
 META_ID_ALLOCATION_DEPTH = 1
+# Exported bitmap i answers as context META_ID_DIRTY_BITMAP + i.
+META_ID_DIRTY_BITMAP = 2
 
 # NBD error values.
 NBD_EPERM = 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from qmpgraph.nbd import constants as c
@@ -59,6 +59,10 @@ class ExportInfo(Protocol):
     def max_transfer(self) -> int: ...
     @property
     def allocation_depth(self) -> bool: ...
+    @property
+    def bitmap_names(self) -> tuple[str, ...]:
+        """Names of the exported dirty bitmaps (context ``qemu:dirty-bitmap:NAME``)."""
+        ...
 
 
 class ExportDirectory(Protocol):
@@ -157,6 +161,8 @@ class _Meta:
     export: str | None = None
     base_allocation: bool = False
     allocation_depth: bool = False
+    # Selected exported bitmaps, by their index in the export's list.
+    bitmaps: set[int] = field(default_factory=set)
     count: int = 0
 
 
@@ -414,6 +420,7 @@ class ServerConnection:
         if listing and not queries:
             meta.base_allocation = True
             meta.allocation_depth = exp.allocation_depth
+            meta.bitmaps = set(range(len(exp.bitmap_names)))
         else:
             for _ in range(queries):
                 self._meta_query(reader, meta, exp, listing)
@@ -423,8 +430,13 @@ class ServerConnection:
         if meta.allocation_depth:
             ctx_id = 0 if listing else c.META_ID_ALLOCATION_DEPTH
             self._out.append(wire.meta_context_reply(option, ctx_id, "qemu:allocation-depth"))
+        for i, bitmap in enumerate(exp.bitmap_names):
+            if i in meta.bitmaps:
+                ctx_id = 0 if listing else c.META_ID_DIRTY_BITMAP + i
+                context = f"qemu:dirty-bitmap:{bitmap}"
+                self._out.append(wire.meta_context_reply(option, ctx_id, context))
         self._out.append(wire.option_reply(option, c.REP_ACK))
-        meta.count = int(meta.base_allocation) + int(meta.allocation_depth)
+        meta.count = int(meta.base_allocation) + int(meta.allocation_depth) + len(meta.bitmaps)
 
     def _meta_query(
         self, reader: _OptionReader, meta: _Meta, exp: ExportInfo, listing: bool
@@ -442,6 +454,16 @@ class ServerConnection:
             rest = query[5:]
             if (not rest and listing) or rest == b"allocation-depth":
                 meta.allocation_depth = exp.allocation_depth
+            if not rest and listing:
+                meta.bitmaps = set(range(len(exp.bitmap_names)))
+            elif rest.startswith(b"dirty-bitmap:"):
+                wanted = rest[len(b"dirty-bitmap:") :]
+                if not wanted and listing:
+                    meta.bitmaps = set(range(len(exp.bitmap_names)))
+                for i, bitmap in enumerate(exp.bitmap_names):
+                    if wanted and bitmap.encode() == wanted:
+                        meta.bitmaps.add(i)
+                        break
 
     # -- transmission ------------------------------------------------------------
 
@@ -564,6 +586,7 @@ class ServerConnection:
             ids.append(c.META_ID_BASE_ALLOCATION)
         if self.meta.allocation_depth:
             ids.append(c.META_ID_ALLOCATION_DEPTH)
+        ids.extend(c.META_ID_DIRTY_BITMAP + i for i in sorted(self.meta.bitmaps))
         return ids
 
 

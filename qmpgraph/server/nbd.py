@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from qmpgraph.commands.bitmaps import bitmap_extents
 from qmpgraph.commands.exports import export_table
 from qmpgraph.io.backend import BackendIO
 from qmpgraph.io.depth import status_above
@@ -278,7 +279,7 @@ async def execute(conn: ServerConnection, export: NBDExport, req: Request) -> li
             message = "caching data failed"
             await io.read(req.offset, req.length)
         else:
-            return await _block_status(conn, io, req)
+            return await _block_status(conn, io, req, export)
     except BlockIOError as err:
         return [conn.reply_error(cookie, c.nbd_errno(err.errno), message)]
     return [conn.reply_ok(cookie)]
@@ -309,13 +310,19 @@ async def _read(conn: ServerConnection, io: BackendIO, req: Request) -> list[byt
     return conn.reply_read(req.cookie, req.offset, pieces)
 
 
-async def _block_status(conn: ServerConnection, io: BackendIO, req: Request) -> list[bytes]:
+async def _block_status(
+    conn: ServerConnection, io: BackendIO, req: Request, export: NBDExport
+) -> list[bytes]:
     contexts = conn.meta_contexts()
     max_count = 1 if req.flags & c.CMD_FLAG_REQ_ONE else c.MAX_BLOCK_STATUS_EXTENTS
     out: list[bytes] = []
     for i, ctx_id in enumerate(contexts):
         extents = ExtentArray(max_count)
         pos, end = req.offset, req.offset + req.length
+        if ctx_id >= c.META_ID_DIRTY_BITMAP:  # qemu:dirty-bitmap:NAME
+            bitmap = export.bitmaps[ctx_id - c.META_ID_DIRTY_BITMAP]
+            bitmap_extents(bitmap, pos, req.length, extents.add)
+            pos = end
         try:
             while pos < end:
                 # The chain walked as QEMU does: filters count as layers, raw stops it.

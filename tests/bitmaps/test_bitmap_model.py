@@ -104,3 +104,22 @@ def test_clear_copy_restore() -> None:
     assert bm.count() == 0
     bm.restore_bits(saved)
     assert bm.count() == 4 * 65536
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    gran=GRANS,
+    size=SIZES,
+    writes=st.lists(st.tuples(st.integers(0, 3 << 20), st.integers(1, 1 << 19)), max_size=8),
+    window=st.tuples(st.integers(0, 3 << 20), st.integers(0, 3 << 20)),
+)
+def test_dirty_ranges_in_a_window(
+    gran: int, size: int, writes: list[tuple[int, int]], window: tuple[int, int]
+) -> None:
+    bm = DirtyBitmap("b", size, gran)
+    for offset, length in writes:
+        bm.set_range(offset, length)
+    lo, hi = min(window), max(window)
+    whole = list(bm.dirty_ranges())
+    want = [(max(a, lo), min(b, hi)) for a, b in whole if max(a, lo) < min(b, hi)]
+    assert list(bm.dirty_ranges(lo, hi)) == want

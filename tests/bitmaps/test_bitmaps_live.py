@@ -11,6 +11,8 @@ qmpgraph's qcow2 data path writes its file without the generic path.)
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,3 +109,58 @@ def test_same_writes_same_bitmaps_as_qsd(tmp_path: Path) -> None:
         assert got == want
     # The writes did dirty something, so the comparison is not vacuous.
     assert results["qsd"][1]["a/b0"] != results["qsd"][0]["a/b0"]
+
+
+def _need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool} is required when CI=true (apt-get install libnbd-bin)")
+        pytest.skip(f"{tool} not installed (libnbd-bin)")
+
+
+def _nbd_session(d: LiveDaemon) -> list[str]:
+    d.ok("block-dirty-bitmap-add", node="a", name="b0")
+    d.ok("block-dirty-bitmap-add", node="a", name="b512", granularity=512)
+    d.ok("block-dirty-bitmap-add", node="a", name="frozen", disabled=True)
+    d.start_nbd()
+    d.ok("block-export-add", type="nbd", id="w", node_name="a", name="w", writable=True)
+    run("qemu-io", "-f", "raw", *[a for w in WRITES for a in ("-c", w)], d.uri("w"))
+    d.ok("block-dirty-bitmap-merge", node="a", target="frozen", bitmaps=["b512"])
+    d.ok("block-export-add", type="nbd", id="e", node_name="a", name="e",
+         bitmaps=["frozen", {"node": "a", "name": "b0"}])  # fmt: skip
+    d.ok("block-export-add", type="nbd", id="e2", node_name="a", name="e2",
+         bitmaps=["b512"], writable=True)  # fmt: skip
+    out = [
+        run("nbdinfo", "--map=qemu:dirty-bitmap:frozen", d.uri("e")),
+        run("nbdinfo", "--map=qemu:dirty-bitmap:b0", d.uri("e")),
+        run("nbdinfo", "--map=qemu:dirty-bitmap:b512", d.uri("e2")),
+        run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={d.nbd_path}").replace(
+            d.nbd_path, "SOCK"
+        ),
+        run(
+            "qemu-img",
+            "map",
+            "--output=json",
+            "--image-opts",
+            f"driver=nbd,server.type=unix,server.path={d.nbd_path},export=e,"
+            "x-dirty-bitmap=qemu:dirty-bitmap:b0",
+        ),
+    ]
+    d.ok("block-export-del", id="e")
+    out.append(str(d.ok("query-named-block-nodes")[-1].get("dirty-bitmaps")))
+    return out
+
+
+def test_bitmaps_over_nbd_as_qsd(tmp_path: Path) -> None:
+    """qemu:dirty-bitmap:NAME contexts (listing, maps, qemu-img's x-dirty-bitmap)."""
+    qsd = require_qemu()
+    _need("nbdinfo")
+    results = {}
+    for kind in ("qsd", "qmpgraph"):
+        d = _start(kind, qsd, tmp_path / kind)
+        try:
+            results[kind] = _nbd_session(d)
+        finally:
+            d.stop()
+    assert results["qmpgraph"] == results["qsd"]
+    assert "dirty" in results["qsd"][0]

@@ -32,6 +32,7 @@ class Exp:
     request_alignment: int = 1
     max_transfer: int = 1 << 31
     allocation_depth: bool = False
+    bitmap_names: tuple[str, ...] = ()
 
 
 class Dir:
