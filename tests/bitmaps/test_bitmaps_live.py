@@ -26,7 +26,7 @@ from livekit import LiveDaemon, run  # tests/nbd helpers, put on sys.path above
 
 pytestmark = pytest.mark.qemu
 
-BITMAPS = [
+BITMAPS: list[tuple[str, str, dict[str, Any]]] = [
     ("a", "b0", {}),
     ("a", "b512", {"granularity": 512}),
     ("a", "off", {"disabled": True}),
