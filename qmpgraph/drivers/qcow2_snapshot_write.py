@@ -284,7 +284,7 @@ def create_snapshot(
     ``name`` is stored as given (the caller truncates it as QEMU's 256-byte
     buffer would).  Errors: ``SnapshotFailed`` with QEMU's errno (EFBIG for
     too many snapshots, ENOTSUP for images this library cannot snapshot,
-    ERANGE when a refcount would overflow).
+    EINVAL when a refcount would overflow, as update_refcount).
     """
     img = _Image(host)
     header = img.header
@@ -299,7 +299,7 @@ def create_snapshot(
         img.update_refcounts(l1_offset, l1_size, 1)
     except Qcow2Error as err:
         if "would become" in str(err):
-            raise SnapshotFailed(errno.ERANGE) from err
+            raise SnapshotFailed(errno.EINVAL) from err
         raise
     # Everything the new table points at must be durable before it is current.
     host.flush()

@@ -62,7 +62,19 @@ def _add_snapshot_access(daemon: LiveDaemon, name: str, snapshot: str | None) ->
 
 
 def _convert(image: Path, snapshot: str, out: Path) -> bytes:
-    run("qemu-img", "convert", "-U", "-f", "qcow2", "-l", snapshot, "-O", "raw", str(image), str(out))
+    run(
+        "qemu-img",
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-l",
+        snapshot,
+        "-O",
+        "raw",
+        str(image),
+        str(out),
+    )
     return out.read_bytes()
 
 
@@ -190,11 +202,10 @@ def test_open_errors_and_schema(image_daemon: tuple[LiveDaemon, Path]) -> None:
     reply = _add_snapshot_access(daemon, "sa", "nope")
     assert reply["error"]["desc"] == "Can't find snapshot 'nope' on node 'q0'"
     daemon.ok("blockdev-add", driver="null-co", node_name="n0")
-    reply = _raw(daemon, "blockdev-add",
-                 {"driver": "snapshot-access", "node-name": "sn", "file": "n0", OPTION: "1"})  # fmt: skip
+    args = {"driver": "snapshot-access", "node-name": "sn", "file": "n0", OPTION: "1"}
+    reply = _raw(daemon, "blockdev-add", args)
     assert reply["error"]["desc"] == f"'{OPTION}' needs a qcow2 node as 'file', not 'null-co'"
-    reply = _raw(daemon, "blockdev-add",
-                 {"driver": "raw", "node-name": "r", "file": "n0", OPTION: "1"})  # fmt: skip
+    reply = _raw(daemon, "blockdev-add", {**args, "driver": "raw", "node-name": "r"})
     assert reply["error"]["desc"] == f"Parameter '{OPTION}' is unexpected"
     schema = daemon.ok("query-qmp-schema")
     by_name = {e["name"]: e for e in schema}

@@ -1,0 +1,172 @@
+"""Internal snapshots at library level, checked against QEMU's tools.
+
+The messages and check order are compared live with qemu-storage-daemon by
+the snapshot-internal-*.qmp differential scripts; replies carrying dates
+(``blockdev-snapshot-delete-internal-sync`` of a snapshot taken over QMP,
+``query-named-block-nodes`` after one) cannot be, so here the expected
+values come from ``qemu-img info --output=json`` and ``qemu-img snapshot
+-l`` of the same image, and ``qemu-img check`` must find it clean.  The
+copy-on-write of shared clusters after a snapshot is checked with
+``qemu-img convert -l`` against the image as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cmdkit import Client
+
+from qmpgraph.drivers.qcow2_io import open_image
+from qmpgraph.drivers.qcow2_snapshot_write import create_snapshot, delete_snapshot
+from qmpgraph.drivers.qcow2_storage import FdFile
+from qmpgraph.graph.digest import graph_digest
+
+pytestmark = pytest.mark.qemu
+
+
+def _tool(*cmd: str) -> str:
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, (cmd, res.stdout, res.stderr)
+    return res.stdout
+
+
+def _image(path: Path, *writes: str, opts: str = "") -> Path:
+    _tool("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []),
+          str(path), "4M")  # fmt: skip
+    if writes:
+        _tool("qemu-io", "-f", "qcow2", *[a for w in writes for a in ("-c", w)], str(path))
+    return path
+
+
+def _qemu_snapshots(path: Path) -> list[dict[str, Any]]:
+    info = json.loads(_tool("qemu-img", "info", "-U", "--output=json", str(path)))
+    return list(info.get("snapshots", []))
+
+
+def _node_snapshots(client: Client, name: str) -> list[dict[str, Any]]:
+    nodes = client.ok("query-named-block-nodes", {"flat": True})
+    node = next(n for n in nodes if n["node-name"] == name)
+    return list(node["image"].get("snapshots", []))
+
+
+def _check(path: Path) -> None:
+    _tool("qemu-img", "check", "-U", "-f", "qcow2", str(path))
+
+
+def _open(client: Client, path: Path, name: str = "q") -> None:
+    client.ok("blockdev-add", {"driver": "qcow2", "node-name": name,
+                               "file": {"driver": "file", "filename": str(path)}})  # fmt: skip
+
+
+def test_snapshots_listed_and_deleted_as_qemu_img_sees_them(tmp_path: Path, qsd_path: str) -> None:
+    del qsd_path
+    image = _image(tmp_path / "a.qcow2", "write -P 0x11 0 1M", "write -c -P 0x22 2M 64k")
+    client = Client()
+    _open(client, image)
+    before = time.time()
+    client.ok("blockdev-snapshot-internal-sync", {"device": "q", "name": "s1"})
+    client.ok("blockdev-snapshot-internal-sync", {"device": "q", "name": "s2"})
+    listed = _qemu_snapshots(image)
+    assert [(s["id"], s["name"]) for s in listed] == [("1", "s1"), ("2", "s2")]
+    assert _node_snapshots(client, "q") == listed
+    # qemu-storage-daemon's virtual clock is its host clock: vm-clock = date.
+    for snap in listed:
+        assert before - 1 <= snap["date-sec"] <= time.time() + 1
+        assert (snap["vm-clock-sec"], snap["vm-clock-nsec"]) == (snap["date-sec"],
+                                                                snap["date-nsec"])  # fmt: skip
+        assert "icount" not in snap
+    _check(image)
+    assert client.ok("blockdev-snapshot-delete-internal-sync",
+                     {"device": "q", "name": "s1"}) == listed[0]  # fmt: skip
+    assert _qemu_snapshots(image) == listed[1:] == _node_snapshots(client, "q")
+    _check(image)
+    # A new id is one more than the largest left.
+    client.ok("blockdev-snapshot-internal-sync", {"device": "q", "name": "s3"})
+    assert [s["id"] for s in _qemu_snapshots(image)] == ["2", "3"]
+    assert client.ok("blockdev-snapshot-delete-internal-sync",
+                     {"device": "q", "id": "2", "name": "s2"}) == listed[1]  # fmt: skip
+    client.ok("blockdev-snapshot-delete-internal-sync", {"device": "q", "id": "3"})
+    assert _qemu_snapshots(image) == [] == _node_snapshots(client, "q")
+    _check(image)
+
+
+def test_failed_transaction_leaves_the_image_as_it_was(tmp_path: Path, qsd_path: str) -> None:
+    del qsd_path
+    image = _image(tmp_path / "a.qcow2", "write -P 0x11 0 1M")
+    client = Client()
+    _open(client, image)
+    client.ok("blockdev-snapshot-internal-sync", {"device": "q", "name": "kept"})
+    raw = image.read_bytes()
+    digest = graph_digest(client.daemon.graph)
+    actions = [
+        {"type": "blockdev-snapshot-internal-sync", "data": {"device": "q", "name": "t1"}},
+        {"type": "blockdev-snapshot-internal-sync", "data": {"device": "q", "name": "t2"}},
+        {"type": "abort", "data": {}},
+    ]
+    client.fails("transaction", {"actions": actions}, "Transaction aborted using Abort action")
+    assert image.read_bytes() == raw
+    assert graph_digest(client.daemon.graph) == digest
+    assert [s["name"] for s in _node_snapshots(client, "q")] == ["kept"]
+    _check(image)
+
+
+def test_refcount_overflow_fails_cleanly(tmp_path: Path, qsd_path: str) -> None:
+    del qsd_path
+    image = _image(tmp_path / "a.qcow2", "write -P 1 0 128k", opts="refcount_bits=1")
+    client = Client()
+    _open(client, image)
+    raw = image.read_bytes()
+    client.fails("blockdev-snapshot-internal-sync", {"device": "q", "name": "x"},
+                 "Failed to create snapshot 'x' on device 'q': Invalid argument")  # fmt: skip
+    assert image.read_bytes() == raw
+
+
+def test_writes_after_a_snapshot_copy_shared_clusters(tmp_path: Path, qsd_path: str) -> None:
+    """Data, compressed and zero clusters are shared after a snapshot; writes to
+    the active layer copy them, and convert -l still gives the old data."""
+    del qsd_path
+    image = _image(tmp_path / "a.qcow2", "write -P 0x11 0 1M", "write -c -P 0x22 2M 64k",
+                   "write -z 3M 64k", "write -P 0x44 3136k 64k")  # fmt: skip
+    orig = tmp_path / "orig.raw"
+    _tool("qemu-img", "convert", "-O", "raw", str(image), str(orig))
+    host = FdFile.open(image)
+    try:
+        now = time.time_ns()
+        create_snapshot(host, "a", date_sec=now // 10**9, date_nsec=now % 10**9)
+        create_snapshot(host, "b", date_sec=now // 10**9, date_nsec=now % 10**9)
+    finally:
+        host.close()
+    _check(image)
+    with open_image(image) as img:
+        img.write(0, b"\x33" * 70000)  # data clusters, partly
+        img.write(2 * (1 << 20) + 100, b"\x55" * 10)  # the compressed cluster
+        img.write_zeroes(512 << 10, 128 << 10, may_unmap=True)
+        img.discard(3136 << 10, 64 << 10)
+        img.write(3 << 20, b"\x66" * 4096)  # the zero cluster
+    _check(image)
+    for name in ("a", "b"):
+        snap = tmp_path / f"{name}.raw"
+        _tool("qemu-img", "convert", "-l", name, "-O", "raw", str(image), str(snap))
+        assert snap.read_bytes() == orig.read_bytes()
+    out = _tool("qemu-io", "-f", "qcow2", "-c", "read -P 0x33 0 70000",
+                "-c", "read -P 0x55 2097252 10", "-c", "read -P 0 512k 128k",
+                "-c", "read -P 0x66 3M 4k", str(image))  # fmt: skip
+    assert "verification failed" not in out, out
+    # Deleting every snapshot leaves the clusters to the active layer alone.
+    host = FdFile.open(image)
+    try:
+        delete_snapshot(host, None, "a")
+        _check(image)
+        delete_snapshot(host, "2", None)
+    finally:
+        host.close()
+    _check(image)
+    with open_image(image) as img:
+        img.write(0, b"\x77" * 4096)  # in place now (COPIED again)
+    _check(image)
+    assert _qemu_snapshots(image) == []
