@@ -8,6 +8,7 @@ from qmpgraph.commands import block as block
 from qmpgraph.commands import core as core
 from qmpgraph.commands import exports as exports
 from qmpgraph.commands import jobs as jobs
+from qmpgraph.commands import mirror as mirror
 from qmpgraph.commands import qom as qom
 from qmpgraph.commands import query as query
 from qmpgraph.commands import quorum as quorum

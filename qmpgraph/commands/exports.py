@@ -85,8 +85,11 @@ class NBDExport:
 
     @property
     def node_name(self) -> str:
-        """The exported node's name (as query-block-exports shows it)."""
-        return self.node.node_name
+        """The exported node's name (as query-block-exports shows it): the
+        BlockBackend's current root, which a mirror's pivot may have moved."""
+        root = self.backend.root
+        node = root.child if root is not None and root.child is not None else self.node
+        return node.node_name
 
 
 @dataclass(eq=False)

@@ -8,8 +8,11 @@ default rule while its job runs.  The jobs themselves live elsewhere.
 
 from __future__ import annotations
 
-from qmpgraph.drivers.base import FILTERED, ChildSpec, Driver
+from qmpgraph.drivers.base import FILTERED, ChildSpec, Driver, node_size
 from qmpgraph.drivers.filter_base import TakesNothing
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.graph.permissions import ReopenQueue, default_perms
+from qmpgraph.graph.perms import PERM_ALL
 
 
 class _JobFilter(Driver):
@@ -18,6 +21,11 @@ class _JobFilter(Driver):
     is_filter = True
     filtered_child_is_backing = True
     children = (ChildSpec("backing", FILTERED),)
+
+    def size(self, node: Node) -> int:
+        """The filtered (backing) child's size."""
+        edge = node.backing
+        return node_size(edge.child if edge is not None else None)
 
 
 class CommitTop(TakesNothing, _JobFilter):
@@ -30,6 +38,22 @@ class MirrorTop(_JobFilter):
     """mirror_top: the mirror job's implicit filter (default rule while running)."""
 
     format_name = "mirror_top"
+
+    def child_perm(
+        self,
+        node: Node,
+        edge: Edge | None,
+        role: int,
+        perm: int,
+        shared: int,
+        *,
+        queue: ReopenQueue | None,
+    ) -> tuple[int, int]:
+        """The default rule; nothing at all once the job stops (``state.stop``)."""
+        del edge
+        if getattr(node.state, "stop", False):
+            return 0, PERM_ALL
+        return default_perms(node, role, queue, perm, shared)
 
 
 INTERNAL_DRIVERS = (CommitTop(), MirrorTop())

@@ -1,0 +1,195 @@
+"""The data path of ``mirror_top`` and the mirror job's dirty map (QEMU 7.2).
+
+``mirror_top`` (``MirrorTopIO``) passes every request to its ``backing``
+child.  While its job runs, each write, write-zeroes or discard that reached
+the source also tells the job about it (QEMU's ``bdrv_mirror_top_do_write``):
+
+* ``copy-mode=background`` (the default): the range is marked dirty in the
+  job's ``DirtyMap`` (even when the write failed, as QEMU does), and the
+  job's copy loop copies it again later;
+* ``copy-mode=write-blocking``: once the source write succeeded, the same
+  request goes to the target as well, under the job's copy lock, so a
+  background copy of an overlapping range cannot land after it.
+
+Once the job stops (``MirrorTopState.stop``) or has failed, writes go to the
+source only.
+
+``DirtyMap`` is one byte per ``granularity`` chunk (QEMU's HBitmap at the
+job's granularity); ``on_dirty`` (set by the job) wakes an idle copy loop
+when something became dirty (QEMU's ready mirror polls every 100 ms
+instead; waking it keeps a virtual clock from spinning).
+
+What does not live here: the driver's permissions
+(``qmpgraph.drivers.job_filters``), the job and its copy loop
+(``qmpgraph.jobs.mirror``).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from qmpgraph.graph.model import Edge, Node
+from qmpgraph.io.hooks import (
+    IOHook,
+    child_block_status,
+    child_discard,
+    child_read,
+    child_write,
+    child_write_zeroes,
+    register_hook,
+)
+from qmpgraph.io.request import BlockIOError
+
+
+class DirtyMap:
+    """Chunks still to be copied, one byte per ``granularity`` bytes."""
+
+    def __init__(self, length: int, granularity: int) -> None:
+        self.length = length
+        self.granularity = granularity
+        self.bits = bytearray(math.ceil(length / granularity) if length else 0)
+        self._dirty = 0  # number of dirty chunks
+        self.on_dirty: Callable[[], None] | None = None
+
+    def _chunks(self, offset: int, length: int) -> range:
+        first = offset // self.granularity
+        end = min(len(self.bits), math.ceil((offset + length) / self.granularity))
+        return range(first, end)
+
+    def mark(self, offset: int, length: int) -> None:
+        """Mark every chunk the byte range touches dirty; tells ``on_dirty``."""
+        if length <= 0:
+            return
+        for c in self._chunks(offset, length):
+            if not self.bits[c]:
+                self.bits[c] = 1
+                self._dirty += 1
+        if self.on_dirty is not None:
+            self.on_dirty()
+
+    def clear_chunks(self, first: int, end: int) -> None:
+        """Clear chunks ``first``..``end`` (exclusive)."""
+        for c in range(first, end):
+            if self.bits[c]:
+                self.bits[c] = 0
+                self._dirty -= 1
+
+    def dirty_bytes(self) -> int:
+        """Bytes covered by dirty chunks (the last chunk counts in full)."""
+        return self._dirty * self.granularity
+
+    def dirty_chunk_count(self) -> int:
+        """Number of dirty chunks."""
+        return self._dirty
+
+    def next_run(self, start: int, max_chunks: int) -> tuple[int, int] | None:
+        """The first run of dirty chunks at or after chunk ``start`` (wrapping
+        round once), at most ``max_chunks`` long, as (first, end); None if clean."""
+        if not self._dirty:
+            return None
+        n = len(self.bits)
+        for first in _wrapped(start, n):
+            if self.bits[first]:
+                end = first + 1
+                while end < n and end - first < max_chunks and self.bits[end]:
+                    end += 1
+                return first, end
+        return None
+
+
+def _wrapped(start: int, n: int) -> Iterator[int]:
+    yield from range(start, n)
+    yield from range(0, min(start, n))
+
+
+@dataclass(slots=True)
+class MirrorTopState:
+    """What a ``mirror_top`` node knows of its job (QEMU's MirrorBDSOpaque)."""
+
+    # Once set, the filter takes nothing on its child (the job is stopping).
+    stop: bool = False
+    # The job's dirty map; None before the job set it up and after it ended.
+    dirty: DirtyMap | None = None
+    # write-blocking mode: where guest writes go besides the source.
+    active_target: Edge | None = None
+    # Set when the job failed or was cancelled: no more copying to the target.
+    detached: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def _backing(node: Node) -> Edge:
+    edge = node.backing
+    if edge is None or edge.child is None:
+        raise BlockIOError(errno.ENOMEDIUM)
+    return edge
+
+
+def _state(node: Node) -> MirrorTopState | None:
+    state = node.state
+    return state if isinstance(state, MirrorTopState) else None
+
+
+class MirrorTopIO(IOHook):
+    """mirror_top: requests go to ``backing``; writes are reported to the job."""
+
+    handles_fua = True
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        return await child_read(_backing(node), offset, length)
+
+    async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        return await child_block_status(_backing(node), offset, length)
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        st = _state(node)
+        active = self._active(st)
+        try:
+            await child_write(_backing(node), offset, data, flags)
+        finally:
+            self._mark(st, active, offset, len(data))
+        if active is not None and st is not None:
+            async with st.lock:
+                await child_write(active, offset, data, flags)
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        st = _state(node)
+        active = self._active(st)
+        try:
+            await child_write_zeroes(_backing(node), offset, length, flags)
+        finally:
+            self._mark(st, active, offset, length)
+        if active is not None and st is not None:
+            async with st.lock:
+                await child_write_zeroes(active, offset, length, flags)
+
+    async def discard(self, node: Node, offset: int, length: int) -> None:
+        st = _state(node)
+        active = self._active(st)
+        try:
+            await child_discard(_backing(node), offset, length)
+        finally:
+            self._mark(st, active, offset, length)
+        if active is not None and st is not None:
+            async with st.lock:
+                await child_discard(active, offset, length)
+
+    @staticmethod
+    def _active(st: MirrorTopState | None) -> Edge | None:
+        """The target edge a write-blocking job copies guest writes to, if any."""
+        if st is None or st.stop or st.detached or st.dirty is None:
+            return None
+        return st.active_target
+
+    @staticmethod
+    def _mark(st: MirrorTopState | None, active: Edge | None, offset: int, length: int) -> None:
+        if st is not None and active is None and st.dirty is not None and not st.stop:
+            st.dirty.mark(offset, length)
+
+
+MIRROR_TOP_IO = MirrorTopIO()
+register_hook("mirror_top", MIRROR_TOP_IO)
