@@ -10,7 +10,9 @@ the same thing on both; only the socket path in the output is normalised:
 * a qcow2 image of compressed clusters (``qemu-img convert -c``);
 * a qcow2 overlay on a raw backing file;
 * null-co with and without read-zeroes (the latter's bytes are garbage in
-  QEMU, so no content or data is compared there).
+  QEMU, so no content or data is compared there);
+* copy-before-write over a copy of the chain's top, and snapshot-access
+  over it (a fleecing export that sees only what the top layer holds).
 
 Clients: ``nbdinfo`` (plain, --json, --list, --map for both meta contexts,
 --totals, --can/--is), ``qemu-img compare`` of the two exports,
@@ -55,6 +57,8 @@ truncate -s 2M rb.raw
 qemu-io -f raw -c 'write -P 5 0 64k' rb.raw
 qemu-img create -q -f qcow2 -b rb.raw -F raw overraw.qcow2 4M
 qemu-io -f qcow2 -c 'write -P 6 1M 64k' overraw.qcow2
+cp top.qcow2 active.qcow2
+qemu-img create -q -f qcow2 fleece.qcow2 6M
 """
 
 BLOCKDEVS = [
@@ -67,6 +71,10 @@ BLOCKDEVS = [
     "qcow2,node-name=overraw,file.driver=file,file.filename=overraw.qcow2,read-only=on",
     "null-co,node-name=null,size=1048576,read-zeroes=on",
     "null-co,node-name=null-garbage,size=2097152",
+    "qcow2,node-name=active,file.driver=file,file.filename=active.qcow2",
+    "qcow2,node-name=fleece,file.driver=file,file.filename=fleece.qcow2",
+    "copy-before-write,node-name=cbw,file=active,target=fleece",
+    "snapshot-access,node-name=snap,file=cbw",
 ]
 
 # (node, export name, description); every export offers qemu:allocation-depth
@@ -82,6 +90,8 @@ EXPORTS = [
     ("overraw", "overraw", None),
     ("null", "null", None),
     ("null-garbage", "null-garbage", None),
+    ("cbw", "cbw", "copy-before-write over a copy of the chain"),
+    ("snap", "snap", "its snapshot"),
 ]
 NAMES = [name for _, name, _ in EXPORTS]
 # QEMU reads null-co without read-zeroes into an untouched buffer.
@@ -272,3 +282,38 @@ def test_libnbd_transcript_equal_qsd(pair: tuple[LiveDaemon, LiveDaemon], name: 
             for r in want[key] + got[key]:
                 r[3] = "?"
     assert got == want
+
+
+def test_blkdebug_block_status_error_equal_qsd(tmp_path: Path) -> None:
+    """A blkdebug rule failing block status (armed by the first read) fails
+    NBD block status and the sparse read that needs it, as in QEMU."""
+    need("nbdinfo")
+    setup = "truncate -s 1M d.raw; qemu-io -f raw -c 'write 0 64k' d.raw"
+    qsd, ours = start_pair(tmp_path, setup, [])
+    try:
+        image = {"driver": "file", "filename": "d.raw"}
+        rule = {"event": "read_aio", "iotype": "block-status", "errno": 5}
+        dbg = {"driver": "blkdebug", "node-name": "bd", "image": image, "inject-error": [rule]}
+        for daemon in (qsd, ours):
+            daemon.ok("blockdev-add", driver="raw", node_name="r", file=dbg)
+            daemon.start_nbd()
+            add_exports(daemon, [("r", "r", None)])
+        pair = (qsd, ours)
+        same(pair, "nbdinfo", "--map", name="r")
+        same(
+            pair,
+            "qemu-io",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -q 0 512",
+            "-c",
+            "read -q 0 512",
+            name="r",
+        )
+        out = same(pair, "nbdinfo", "--map", name="r")
+        assert "Input/output error" in out
+    finally:
+        qsd.stop()
+        ours.stop()
