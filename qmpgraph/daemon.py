@@ -30,6 +30,7 @@ from qmpgraph import QEMU_VERSION, __version__
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.digest import graph_digest
 from qmpgraph.graph.graph import BlockGraph
+from qmpgraph.io.events import register_event_sink
 from qmpgraph.jobs.clock import Clock, WallClock
 from qmpgraph.schema import Schema
 from qmpgraph.schema import load as load_schema
@@ -54,6 +55,8 @@ class Daemon:
         # A seed is always chosen, so that a log can record it for replay.
         self.name_seed = name_seed if name_seed is not None else secrets.randbits(32)
         self.graph = BlockGraph(name_seed=self.name_seed)
+        # I/O on the graph's nodes may raise events (quorum's).
+        register_event_sink(self.graph, self.emit_event)
         self.transaction_log: TransactionLog | None = None
         if transaction_log is not None:
             self.transaction_log = TransactionLog(transaction_log, name_seed=self.name_seed)

@@ -10,20 +10,23 @@ lengths fail the open as QEMU's length refresh does.
 
 ``QuorumState.next_index`` is the index the next ``x-blockdev-change`` add
 uses; the add/remove rules themselves live in ``qmpgraph.commands.quorum``.
-What does not live here: voting, the data path.
+What does not live here: voting, the data path (``qmpgraph.io.quorum_io``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from qmpgraph.drivers.base import ChildSpec, Driver, OpenContext
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue
 from qmpgraph.graph.perms import PERM_PASSTHROUGH, PERM_UNCHANGED, Perm, Role
+
+if TYPE_CHECKING:
+    from qmpgraph.graph.graph import BlockGraph
 
 CHILD_PREFIX = "children."
 
@@ -38,6 +41,8 @@ class QuorumState:
     read_pattern: str
     next_index: int
     size: int
+    # The graph the node lives in: its daemon receives the node's I/O events.
+    graph: BlockGraph | None = field(default=None, compare=False, repr=False)
 
 
 def quorum_children(node: Node) -> list[Edge]:
@@ -96,7 +101,9 @@ class Quorum(Driver):
         # quorum_co_getlength: every child must report the first one's length.
         if any(s != sizes[0] for s in sizes):
             raise GenericError("Could not refresh total sector count: Input/output error")
-        node.state = QuorumState(threshold, blkverify, rewrite, pattern, count, sizes[0])
+        node.state = QuorumState(
+            threshold, blkverify, rewrite, pattern, count, sizes[0], graph=ctx.graph
+        )
 
     def child_perm(
         self,

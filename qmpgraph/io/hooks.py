@@ -80,6 +80,8 @@ class IOHook:
         """BLKDBG_EVENT fired on this node (only blkdebug acts on them)."""
 
     handles_fua = False
+    # The driver flushes its children itself (QEMU's bdrv_co_flush): quorum.
+    flushes_children = False
 
 
 _IO_HOOKS: dict[str, IOHook] = {}
@@ -191,7 +193,10 @@ async def flush_node(node: Node) -> None:
     debug_event(node.file, "flush_to_os")
     if not node.open_flags & OpenFlag.NO_FLUSH:
         debug_event(node.file, "flush_to_disk")
-    await hook_of(node).flush(node)
+    hook = hook_of(node)
+    await hook.flush(node)
+    if hook.flushes_children:
+        return
     for edge in node.children:
         if edge.child is not None and edge.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
             await flush_node(edge.child)
@@ -417,3 +422,4 @@ from qmpgraph.io import cbw_hook as _cbw_hook  # noqa: E402, F401  (copy-before-
 from qmpgraph.io import qcow2_hook as _qcow2_hook  # noqa: E402, F401  (registers "qcow2")
 from qmpgraph.io import throttle_io as _throttle_io  # noqa: E402, F401  (registers "throttle")
 from qmpgraph.io import blkdebug_io as _blkdebug_io  # noqa: E402, F401  (registers "blkdebug")
+from qmpgraph.io import quorum_io as _quorum_io  # noqa: E402, F401  (registers "quorum")
