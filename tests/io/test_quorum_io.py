@@ -156,3 +156,45 @@ def test_quorum_like_qsd(tmp_path: Path, name: str) -> None:
     assert sorted(got["events"], key=json.dumps) == sorted(want["events"], key=json.dumps)
     assert got["outputs"] == want["outputs"]
     assert got["images"] == want["images"]
+
+
+def test_blkverify_mismatch_ends_the_daemon(tmp_path: Path) -> None:
+    """blkverify=on: QEMU 7.2 prints the mismatch and exits with status 1."""
+    require_qemu()
+    seen = {}
+    for kind in ("qsd", "qmpgraph"):
+        d = tmp_path / kind
+        _prepare(d, {1: ["write -P 0x12 70000 10"]})
+        daemon = LiveDaemon(kind, require_qemu(), d, [])
+        try:
+            spec = _quorum([_child(0), _child(1)], blkverify=True)
+            daemon.ok("blockdev-add", **spec)
+            daemon.start_nbd()
+            daemon.ok("block-export-add", type="nbd", id="e", name="e", node_name="q")
+            res = subprocess.run(
+                [
+                    "qemu-io",
+                    "-r",
+                    "-f",
+                    "raw",
+                    daemon.uri("e"),
+                    "-c",
+                    "read 0 64k",
+                    "-c",
+                    "read 64k 64k",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            status = daemon.proc.wait(TIMEOUT)
+        finally:
+            daemon.stop()
+        seen[kind] = (
+            _TIMING.sub("", res.stdout + res.stderr).strip(),
+            status,
+            (d / "stderr.txt").read_text(),
+        )
+    assert seen["qmpgraph"] == seen["qsd"]
+    assert seen["qsd"][1] == 1
