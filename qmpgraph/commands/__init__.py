@@ -16,5 +16,6 @@ from qmpgraph.commands import reopen as reopen
 from qmpgraph.commands import resize as resize
 from qmpgraph.commands import snapshot as snapshot
 from qmpgraph.commands import snapshot_internal as snapshot_internal
+from qmpgraph.commands import stream as stream
 from qmpgraph.commands import transaction as transaction
 from qmpgraph.commands.registry import REGISTRY as REGISTRY

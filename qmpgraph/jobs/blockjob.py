@@ -127,6 +127,7 @@ class BlockJob(Job):
         txn: JobTxn | None = None,
     ) -> None:
         graph = daemon.graph
+        self._freed = False
         self.blk = BlockBackend()
         add_root_parent(tran, graph, self.blk)
         self.blk_edge: Edge = root_attach(
@@ -172,8 +173,16 @@ class BlockJob(Job):
                 _unblock(tran, edge.child, self.blocker, OP_TYPES)
             detach_child(tran, graph, edge)
 
+    def early_fail(self) -> None:
+        """job_early_fail inside the creating command: its transaction undoes the graph side."""
+        self._freed = True
+        super().early_fail()
+
     def free(self) -> None:
         """block_job_free: the job edges and the BlockBackend go away."""
+        if self._freed:
+            return
+        self._freed = True
         with self.daemon.graph_transaction("job-free", {"id": self.id}) as tran:
             self.remove_all_nodes(tran)
             graph = self.daemon.graph

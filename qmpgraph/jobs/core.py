@@ -57,6 +57,7 @@ import trio
 from qmpgraph.errors import GenericError
 from qmpgraph.jobs.state import COMPLETED, READY, JobStatus, JobVerb, check_verb
 from qmpgraph.jobs.state import transition_allowed as _allowed
+from qmpgraph.objects import id_wellformed
 
 if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
@@ -109,6 +110,11 @@ class Job:
     ) -> None:
         self.daemon = daemon
         self.runner = job_runner(daemon)
+        if job_id is not None:
+            if not id_wellformed(job_id):
+                raise GenericError(f"Invalid job ID '{job_id}'")
+            if self.runner.get(job_id) is not None:
+                raise GenericError(f"Job ID '{job_id}' already in use")
         self.id = job_id
         self.status = S.UNDEFINED
         self.auto_finalize = auto_finalize

@@ -108,8 +108,10 @@ async def test_manual_finalize_and_dismiss() -> None:
 async def test_pause_resume_cancel_with_speed() -> None:
     c = make_client()
     start_job(c, speed=1)
+    with trio.fail_after(10):
+        while (info := (await c.aok("query-block-jobs"))[0])["offset"] < CHUNK:
+            await trio.sleep(0.001)
     await c.idle()
-    info = (await c.aok("query-block-jobs"))[0]
     # The first chunk went through, then the speed limit holds the job.
     assert (info["offset"], info["status"], info["speed"]) == (CHUNK, "running", 1)
     assert (await c.arun("job-resume", {"id": "j"}))["error"]["desc"] == (
