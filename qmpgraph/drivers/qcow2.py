@@ -480,6 +480,19 @@ class Qcow2(Driver):
             header.nb_snapshots,
         )
         node.state = Qcow2State(header, snapshots, header.backing_file or "")
+        # Persistent dirty bitmaps stored in the image (qcow2_load_dirty_bitmaps).
+        from qmpgraph.drivers import qcow2_bitmaps  # noqa: PLC0415 (it imports this module)
+
+        qcow2_bitmaps.load(ctx, node, child)
+
+    def close(self, node: Node) -> None:
+        """qcow2_close: store the persistent dirty bitmaps, then drop the node's."""
+        from qmpgraph.bitmaps import registry  # noqa: PLC0415 (only closing needs it)
+        from qmpgraph.drivers import qcow2_bitmaps  # noqa: PLC0415 (it imports this module)
+
+        qcow2_bitmaps.store(node)
+        qcow2_bitmaps.forget(node)
+        registry.forget(node)
 
     def read(self, node: Node, offset: int, length: int) -> bytes:
         """Guest data for format probes: zeros (clusters are not mapped here)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from qmpgraph.commands.query.facts import cached, file_facts_now, qcow2_facts
 from qmpgraph.commands.query.filenames import PROTOCOLS, Filenames, primary_child
+from qmpgraph.drivers import qcow2_bitmaps
 from qmpgraph.drivers.luks import LuksHeader, LuksState
 from qmpgraph.drivers.qcow2 import Qcow2State, Snapshot
 from qmpgraph.graph.graph import filter_child, filter_or_cow_child
@@ -239,6 +240,9 @@ def _qcow2_specific(node: Node, state: Qcow2State) -> dict[str, Any]:
         data["lazy-refcounts"] = facts.lazy_refcounts
         data["corrupt"] = facts.corrupt
     data["refcount-bits"] = facts.refcount_bits
+    bitmaps = qcow2_bitmaps.image_bitmaps(node)
+    if bitmaps is not None:
+        data["bitmaps"] = bitmaps
     data["compression-type"] = facts.compression_type
     return {"type": "qcow2", "data": data}
 
