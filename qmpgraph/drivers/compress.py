@@ -4,7 +4,7 @@ QEMU 7.2 (block/filter-compress.c): ``file`` (FILTERED|PRIMARY) opens first;
 its driver must be able to write compressed clusters
 (``block_driver_can_compress``), else "Compression is not supported for
 underlying format: %s".  Permissions: the default filter rule.  Not
-reopenable.  No data path lives here.
+reopenable.  The data path: ``qmpgraph.io.filters_io``.
 """
 
 from __future__ import annotations

@@ -423,3 +423,4 @@ from qmpgraph.io import qcow2_hook as _qcow2_hook  # noqa: E402, F401  (register
 from qmpgraph.io import throttle_io as _throttle_io  # noqa: E402, F401  (registers "throttle")
 from qmpgraph.io import blkdebug_io as _blkdebug_io  # noqa: E402, F401  (registers "blkdebug")
 from qmpgraph.io import quorum_io as _quorum_io  # noqa: E402, F401  (registers "quorum")
+from qmpgraph.io import filters_io as _filters_io  # noqa: E402, F401  (compress, preallocate)
