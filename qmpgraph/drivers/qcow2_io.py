@@ -67,6 +67,8 @@ from qmpgraph.drivers.qcow2_read import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    UNALLOCATED,
+    ZERO,
     GuestMapping,
 )
 from qmpgraph.drivers.qcow2_refcount import Refcounts
@@ -407,12 +409,15 @@ class Qcow2Image(GuestMapping):
             self._free_entry(entry)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        """Make [offset, offset + length) read as zeros.
+        """Make [offset, offset + length) read as zeros, as qcow2_co_pwrite_zeroes.
 
         Whole clusters of a v3 image get the zero flag (their host cluster is
-        kept when allocated, unless ``may_unmap``); partial clusters, v2
-        images and images with a raw data file get explicit zeros where the
-        range does not already read as zeros.
+        kept when allocated, unless ``may_unmap``).  A piece of a cluster
+        does too, for the whole cluster, when the rest of the cluster reads
+        as zeros and this layer holds no data there; otherwise zeros are
+        written over the piece (QEMU's fallback).  v2 images and images with
+        a raw data file get explicit zeros where the range does not already
+        read as zeros.
         """
         self._check_writable()
         self._check_range(offset, length)
@@ -424,11 +429,33 @@ class Qcow2Image(GuestMapping):
         start = -(-offset // cs) * cs
         stop = end if end == self.size else end // cs * cs
         if stop <= start:
-            self._write_zero_bytes(offset, end)
+            # No whole cluster: the piece up to the next boundary, then the rest.
+            boundary = min(end, start)
+            self._zero_piece(offset, boundary, may_unmap)
+            self._zero_piece(boundary, end, may_unmap)
             return
-        self._write_zero_bytes(offset, start)
+        self._zero_piece(offset, start, may_unmap)
         self._zero_clusters(start, stop, unmap=may_unmap)
-        self._write_zero_bytes(stop, end)
+        self._zero_piece(stop, end, may_unmap)
+
+    def _zero_piece(self, start: int, stop: int, may_unmap: bool) -> None:
+        """Zero [start, stop) inside one cluster (qcow2's misaligned zero write)."""
+        if stop <= start:
+            return
+        first = start - start % self.cluster_size
+        last = min(first + self.cluster_size, self.size)
+        if self._reads_zero(first, start) and self._reads_zero(stop, last):
+            kind = self._runs(first, last - first)[0][0]
+            if kind in (UNALLOCATED, ZERO):
+                self._zero_clusters(first, last, unmap=may_unmap)
+                return
+        self.write(start, bytes(stop - start))
+
+    def _reads_zero(self, start: int, stop: int) -> bool:
+        """Whether [start, stop) reads as zeros by block status (QEMU's is_zero)."""
+        if stop <= start:
+            return True
+        return all(ext.flags & Status.ZERO for ext in self.block_status(start, stop - start))
 
     def _write_zero_bytes(self, start: int, stop: int) -> None:
         """Write zeros where [start, stop) does not read as zeros already."""
@@ -446,16 +473,14 @@ class Qcow2Image(GuestMapping):
     def _zero_clusters(self, start: int, stop: int, *, unmap: bool) -> None:
         """Zero flags on the clusters of [start, stop) (cluster aligned, v3)."""
 
-        has_backing = self.backing_source is not None
-
         def new_entry(entry: int) -> int:
+            # Unallocated clusters get the flag too, backing file or not, as
+            # QEMU's zero_in_l2_slice does (qemu-img map shows them present).
             host = self._has_host(entry)
-            if not has_backing and not host and not entry & OFLAG_COMPRESSED:
-                return entry  # unallocated without a backing file reads as zeros
             keep = not unmap and host and entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED
             return (entry | OFLAG_ZERO) if keep else OFLAG_ZERO
 
-        self._rewrite_entries(start, stop, new_entry, need_table=has_backing)
+        self._rewrite_entries(start, stop, new_entry, need_table=True)
 
     def discard(self, offset: int, length: int) -> None:
         """Discard the whole clusters of [offset, offset + length), as QEMU's discard."""

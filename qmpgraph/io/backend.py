@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 
 from qmpgraph.graph.model import BlockBackend, Edge, Node
-from qmpgraph.io import depth, hooks
+from qmpgraph.io import depth, fastzero, hooks
 from qmpgraph.io.request import REQ_FUA, REQ_MAY_UNMAP, BlockIOError, eio
 
 
@@ -56,10 +56,19 @@ class BackendIO:
         await hooks.child_write(self.edge, offset, data, REQ_FUA if fua else 0)
 
     async def write_zeroes(
-        self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        no_fallback: bool = False,
     ) -> None:
-        """Zero a range (holes allowed with ``may_unmap`` where the node discards)."""
+        """Zero a range (holes allowed with ``may_unmap`` where the node discards);
+        with ``no_fallback``, ENOTSUP where zeroing would mean writing zeros."""
         self._check(offset, length)
+        if no_fallback and not await fastzero.supported(self.node, offset, length):
+            raise BlockIOError(errno.ENOTSUP)
         flags = (REQ_MAY_UNMAP if may_unmap else 0) | (REQ_FUA if fua else 0)
         await hooks.child_write_zeroes(self.edge, offset, length, flags)
 

@@ -266,6 +266,7 @@ async def execute(conn: ServerConnection, export: NBDExport, req: Request) -> li
                 req.length,
                 may_unmap=not req.flags & c.CMD_FLAG_NO_HOLE,
                 fua=bool(req.flags & c.CMD_FLAG_FUA),
+                no_fallback=bool(req.flags & c.CMD_FLAG_FAST_ZERO),
             )
         elif req.type == c.CMD_FLUSH:
             message = "flush failed"

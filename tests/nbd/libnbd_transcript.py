@@ -150,7 +150,13 @@ def _writes(h: Any, size: int, fast_zero: bool) -> list[Any]:
         ("pwrite_past_end", lambda: h.pwrite(b"x" * 512, size, 0)),
     ]
     if fast_zero:
-        steps.insert(-2, ("zero_fast", lambda: h.zero(4096, 12288, nbd.CMD_FLAG_FAST_ZERO)))
+        fast = nbd.CMD_FLAG_FAST_ZERO
+        steps[-2:-2] = [
+            ("zero_fast", lambda: h.zero(4096, 12288, fast)),
+            ("zero_fast_aligned", lambda: h.zero(65536, mid & ~65535, fast)),
+            ("zero_fast_near_end", lambda: h.zero(4096, size - 8192, fast)),
+            ("zero_fast_at_5m", lambda: h.zero(4096, (5 << 20) + 4096, fast)),
+        ]
     out: list[Any] = []
     for name, fn in steps:
         res = _try(fn)
