@@ -240,6 +240,9 @@ def test_qemu_img_compare_and_convert(
 ) -> None:
     qsd, ours = pair
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", qsd.uri(name), ours.uri(name))
+    # QEMU's NBD client maps with base:allocation and qemu:allocation-depth.
+    for fmt in ("json", "human"):
+        same(pair, "qemu-img", "map", "-f", "raw", f"--output={fmt}", name=name)
     raws, maps = [], []
     for daemon in pair:
         out = tmp_path / f"{daemon.kind}.raw"
