@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import struct
 import sys
@@ -367,16 +369,31 @@ def _write_bits(
         table.append(offset)
     blob = struct.pack(f">{n}Q", *table)
     t_off = refcounts.allocate((len(blob) + cluster - 1) // cluster)
-    host.pwrite(t_off, blob.ljust((len(blob) + cluster - 1) // cluster * cluster, b"\0"))
+    host.pwrite(t_off, blob)  # bitmap_table_store writes the entries only
     return t_off, n
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01
+
+
+def _punch(host: FdFile, offset: int, length: int) -> None:
+    """Discard freed data clusters (QCOW2_DISCARD_ALWAYS), best effort."""
+    _libc.fallocate(
+        ctypes.c_int(host.fd),
+        ctypes.c_int(_PUNCH_HOLE_KEEP_SIZE),
+        ctypes.c_int64(offset),
+        ctypes.c_int64(length),
+    )
+
+
 def _free_table(host: FdFile, refcounts: Refcounts, t_off: int, t_size: int) -> None:
-    """free_bitmap_clusters: the data clusters, then the table."""
+    """free_bitmap_clusters: the data clusters (discarded), then the table."""
     table = struct.unpack(f">{t_size}Q", pread_full(host, t_off, t_size * 8))
     for entry in table:
         if entry & _OFFSET_MASK:
             refcounts.free_bytes(entry & _OFFSET_MASK, 1)
+            _punch(host, entry & _OFFSET_MASK, refcounts.cluster_size)
     refcounts.free_bytes(t_off, t_size * 8)
 
 

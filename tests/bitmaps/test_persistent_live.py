@@ -7,8 +7,7 @@ the bitmaps read back.  Compared with qsd, live: ``query-named-block-nodes``
 (``dirty-bitmaps`` and the image's format-specific ``bitmaps`` with their
 ``in-use``/``auto`` flags), every sha256 before the store and after the
 reload, and ``qemu-img info`` after a removal and after the daemon quits.
-``qemu-img check`` must find each image clean.  (Only the allocation layout,
-``actual-size`` and the image end offset, may differ.)
+``qemu-img check`` must find each image clean.
 """
 
 from __future__ import annotations
