@@ -289,20 +289,30 @@ def store(node: Node) -> None:
     """qcow2_store_persistent_dirty_bitmaps: write the node's persistent bitmaps."""
     file_node = node.file.child if node.file is not None else _FILES.get(node)
     fd = _file_fd(file_node)
-    if fd is None or node.read_only:
+    if fd is None:
         return
     old = _STORED.get(node)
     bitmaps = [bm for bm in registry.bitmaps_of(node) if bm.persistent and not bm.skip_store]
     if old is None and not bitmaps:
         return
-    try:
-        _write(fd, node, old, bitmaps)
-    except (OSError, ValueError, struct.error, Qcow2Error) as err:
-        # QEMU reports and goes on closing (qcow2_inactivate).
-        print(
-            f"Lost persistent bitmaps during inactivation of node '{node.node_name}': {err}",
-            file=sys.stderr,
-        )
+    message = None
+    if node.read_only:
+        # bdrv_has_changed_persistent_bitmaps: loaded ones are read-only here.
+        if any(not bm.readonly for bm in bitmaps):
+            message = "No write access"
+    else:
+        try:
+            _write(fd, node, old, bitmaps)
+        except (OSError, ValueError, struct.error, Qcow2Error) as err:
+            message = str(err)
+    if message is not None or node.read_only:
+        if message is not None:
+            # QEMU reports and goes on closing (qcow2_inactivate).
+            print(
+                f"qmpgraph: Lost persistent bitmaps during inactivation of node "
+                f"'{node.node_name}': {message}",
+                file=sys.stderr,
+            )
         return
     # The image now holds what was written; a later store frees these clusters.
     raw = _read_header(fd)
