@@ -4,15 +4,23 @@ QEMU 7.2 (block/preallocate.c): ``file`` (FILTERED|PRIMARY) opens first,
 then ``prealloc-align``/``prealloc-size`` (QemuOpts sizes) are checked:
 non-negative, the alignment a multiple of 512 and of the child's request
 alignment.  Reopen re-reads both.  Permissions: the default rule, with
-WRITE|RESIZE taken and unshared when the parents take both.  No data path
-lives here.
+WRITE|RESIZE taken and unshared when the parents take both.
+
+``PreallocateState`` holds the options and the data path's bookkeeping
+(``data_end``, ``zero_start``, ``file_end``; -1 while unknown); the node's
+length is ``data_end`` once known.  ``close`` truncates the file back to
+``data_end`` as preallocate_close does.  The data path itself:
+``qmpgraph.io.filters_io``.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qmpgraph.drivers.base import OpenContext, file_child, node_alignment
+from qmpgraph.drivers.base import OpenContext, file_child, node_alignment, node_size
+from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.filter_base import FilterDriver
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
@@ -23,7 +31,46 @@ if TYPE_CHECKING:
     from qmpgraph.graph.graph import BlockGraph
 
 _DEFAULT_ALIGN = 1 << 20
+_DEFAULT_SIZE = 128 << 20
 _NOT_512 = "prealloc-align parameter of preallocate filter is not aligned to 512"
+
+
+@dataclass(eq=False, slots=True)
+class PreallocateState:
+    """BDRVPreallocateState: the options and the ends the data path tracks."""
+
+    align: int
+    size: int
+    data_end: int = -1
+    zero_start: int = -1
+    file_end: int = -1
+    # The file node, still reachable at close (its edge is gone by then).
+    file_node: Node | None = None
+
+    def invalidate(self) -> None:
+        """Forget the ends (the permissions were lost)."""
+        self.data_end = self.zero_start = self.file_end = -1
+
+
+def child_length(node: Node | None) -> int:
+    """bdrv_getlength of the filtered child."""
+    return node_size(node)
+
+
+def _truncate_to_data_end(state: PreallocateState) -> None:
+    """preallocate_truncate_to_real_size, for a file child (errors ignored)."""
+    child = state.file_node
+    file_state = child.state if child is not None else None
+    if state.data_end < 0 or not isinstance(file_state, FileState) or file_state.lock.closed:
+        return
+    if state.file_end < 0:
+        state.file_end = child_length(child)
+    if state.data_end < state.file_end:
+        try:
+            os.ftruncate(file_state.lock.fd, state.data_end)
+        except OSError:
+            return
+        state.file_end = state.data_end
 
 
 class Preallocate(FilterDriver):
@@ -47,15 +94,36 @@ class Preallocate(FilterDriver):
                 "prealloc-align parameter of preallocate filter is not aligned to request "
                 f"alignment of underlying node ({child_align})"
             )
+        size = int(options.get("prealloc-size", _DEFAULT_SIZE))
+        node.state = PreallocateState(align, size, file_node=file_child(node))
 
     def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
-        """preallocate_reopen_prepare: re-reads both sizes (neither is mutable)."""
-        del graph, node
+        """preallocate_reopen_prepare: re-reads both sizes (the new state carries them)."""
+        del graph
         align = options.pop("prealloc-align", _DEFAULT_ALIGN)
-        options.pop("prealloc-size", None)
+        size = options.pop("prealloc-size", _DEFAULT_SIZE)
         if int(align) % 512:
             raise GenericError(_NOT_512)
-        return None
+        old = node.state
+        if not isinstance(old, PreallocateState):
+            return None
+        # New options; the preallocation bookkeeping carries over.
+        return PreallocateState(
+            int(align), int(size), old.data_end, old.zero_start, old.file_end, old.file_node
+        )
+
+    def size(self, node: Node) -> int:
+        """preallocate_co_getlength: the end of the data once known, else the file's."""
+        state = node.state
+        if isinstance(state, PreallocateState) and state.data_end >= 0:
+            return state.data_end
+        return super().size(node)
+
+    def close(self, node: Node) -> None:
+        """preallocate_close: drop the preallocation past the data."""
+        state = node.state
+        if isinstance(state, PreallocateState):
+            _truncate_to_data_end(state)
 
     def adjust_default_perms(
         self, node: Node, perm: int, shared: int, nperm: int, nshared: int

@@ -13,8 +13,9 @@ RESIZE on it (so it holds both, unshared, on ``file``), a write or
 write-zeroes ending past the end of the data (``data_end``) first extends
 ``file`` with zeros up to the end plus ``prealloc-size``, aligned to
 ``prealloc-align`` (a write-zeroes that starts in the preallocated area
-is then already done); the node's length is ``data_end``.  ``close`` and
-losing the permissions truncate ``file`` back to ``data_end``.  The state
+is then already done); the node's length is ``data_end``.  Flushes do not
+truncate; ``close`` truncates ``file`` back to ``data_end`` (QEMU also does
+when the permissions are lost; here the bookkeeping is just dropped then).  The state
 lives in the node's ``PreallocateState`` (``qmpgraph.drivers.preallocate``).
 
 What does not live here: the drivers' open and permission rules.
@@ -25,12 +26,14 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from qmpgraph.drivers.base import node_alignment
+from qmpgraph.drivers.preallocate import PreallocateState, child_length
 from qmpgraph.drivers.qcow2_compress import CompressedWriteError, write_compressed
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.perms import Perm
-from qmpgraph.io.hooks import PassThroughIO, child_read, register_hook
+from qmpgraph.io.hooks import PassThroughIO, child_read, child_write_zeroes, register_hook
 from qmpgraph.io.qcow2_hook import QCOW2_IO
-from qmpgraph.io.request import BlockIOError, eperm
+from qmpgraph.io.request import REQ_NO_FALLBACK, BlockIOError, eperm
 
 
 def _file(node: Node) -> Edge:
@@ -90,4 +93,65 @@ class CompressIO(PassThroughIO):
             raise BlockIOError(err)
 
 
+def _can_write_resize(edge: Edge) -> bool:
+    both = Perm.WRITE | Perm.RESIZE
+    return edge.perm & both == both
+
+
+class PreallocateIO(PassThroughIO):
+    """preallocate: grows ``file`` ahead of writes past the data's end."""
+
+    @staticmethod
+    async def _handle_write(node: Node, offset: int, length: int, merge_zero: bool) -> bool:
+        """handle_write: True when a write-zeroes is already done by the preallocation."""
+        state = node.state
+        edge = _file(node)
+        if not isinstance(state, PreallocateState):
+            return False
+        if not _can_write_resize(edge):
+            state.invalidate()
+            return False
+        child = edge.child
+        assert child is not None
+        end = offset + length
+        if state.data_end < 0:
+            state.data_end = child_length(child)
+            if state.file_end < 0:
+                state.file_end = state.data_end
+        if end <= state.data_end:
+            return False
+        state.data_end = end
+        if state.zero_start < 0 or not merge_zero:
+            state.zero_start = end
+        if state.file_end < 0:
+            state.file_end = child_length(child)
+        if end <= state.file_end:
+            return merge_zero and offset >= state.zero_start
+        file_align = node_alignment(child)
+        align = max(state.align, file_align)
+        start = min(offset, state.file_end) if merge_zero else state.file_end
+        start = -(-start // file_align) * file_align
+        stop = -(-(max(start, end) + state.size) // align) * align
+        merge_zero = merge_zero and start <= offset
+        try:
+            await child_write_zeroes(edge, start, stop - start, REQ_NO_FALLBACK)
+        except BlockIOError:
+            state.file_end = -1
+            return False
+        state.file_end = stop
+        return merge_zero
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        await self._handle_write(node, offset, len(data), False)
+        await super().write(node, offset, data, flags)
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        # Only a plain write-zeroes may be merged with the preallocation.
+        merge = not flags & ~REQ_NO_FALLBACK
+        if await self._handle_write(node, offset, length, merge):
+            return
+        await super().write_zeroes(node, offset, length, flags)
+
+
 register_hook("compress", CompressIO())
+register_hook("preallocate", PreallocateIO())
