@@ -4,7 +4,7 @@ A protocol driver (``bdrv_file_open``) and a filter: ``raw`` is the filtered
 child (FILTERED|PRIMARY, so it lands in ``bs->file``), ``test`` is a DATA
 child with the default storage rule.  The node's length is the test image's.
 Its exact filename is ``blkverify:<raw>:<test>`` when both children have one.
-What does not live here: the comparison itself (no data path).
+What does not live here: the comparison itself (``qmpgraph.io.filters_io``).
 """
 
 from __future__ import annotations

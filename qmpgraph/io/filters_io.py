@@ -1,4 +1,5 @@
-"""Data paths of the small filters that change requests: compress, preallocate.
+"""Data paths of the small filters that change requests: compress,
+preallocate, blkverify.
 
 compress (block/filter-compress.c): writes reach the ``file`` child (a
 qcow2 node) as compressed writes (``qmpgraph.drivers.qcow2_compress``);
@@ -18,22 +19,43 @@ truncate; ``close`` truncates ``file`` back to ``data_end`` (QEMU also does
 when the permissions are lost; here the bookkeeping is just dropped then).  The state
 lives in the node's ``PreallocateState`` (``qmpgraph.drivers.preallocate``).
 
+blkverify (block/blkverify.c): reads and writes go to ``test``, then to
+``raw``.  Different outcomes (``return value mismatch -5 != 0``) or, for a
+read, different data (``contents mismatch at offset N``) print QEMU's
+message and end the process with status 1, as QEMU 7.2 does.  A
+write-zeroes aborts the process on an assertion in QEMU 7.2; so it does
+here.  Discards do nothing, flushes reach ``test`` only.
+QEMU runs both requests at once; here ``test`` goes first.
+
 What does not live here: the drivers' open and permission rules.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Any
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 from qmpgraph.drivers.base import node_alignment
 from qmpgraph.drivers.preallocate import PreallocateState, child_length
 from qmpgraph.drivers.qcow2_compress import CompressedWriteError, write_compressed
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.perms import Perm
-from qmpgraph.io.hooks import PassThroughIO, child_read, child_write_zeroes, register_hook
+from qmpgraph.io.hooks import (
+    IOHook,
+    PassThroughIO,
+    child_read,
+    child_write,
+    child_write_zeroes,
+    flush_node,
+    register_hook,
+)
 from qmpgraph.io.qcow2_hook import QCOW2_IO
-from qmpgraph.io.request import REQ_NO_FALLBACK, BlockIOError, eperm
+from qmpgraph.io.request import ALLOCATED, DATA, REQ_NO_FALLBACK, BlockIOError, eperm
+
+T = TypeVar("T")
 
 
 def _file(node: Node) -> Edge:
@@ -153,5 +175,83 @@ class PreallocateIO(PassThroughIO):
         await super().write_zeroes(node, offset, length, flags)
 
 
+def _named(node: Node, name: str) -> Edge:
+    for edge in node.children:
+        if edge.name == name and edge.child is not None:
+            return edge
+    raise BlockIOError(errno.ENOMEDIUM)
+
+
+def _blkverify_abort(kind: str, offset: int, length: int, what: str) -> NoReturn:
+    """blkverify_err: the message on stderr, then exit(1) as QEMU 7.2."""
+    print(f"blkverify: {kind} offset={offset} bytes={length} {what}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class BlkverifyIO(IOHook):
+    """blkverify: requests go to ``test`` and ``raw``; any difference ends the process."""
+
+    flushes_children = True
+
+    @staticmethod
+    async def _both(
+        node: Node, kind: str, offset: int, length: int, run: Callable[[Edge], Awaitable[T]]
+    ) -> tuple[T | None, T | None]:
+        """blkverify_co_prwv: the test request, then the raw one; their errors must agree."""
+        results: list[T | None] = []
+        errs: list[int] = []
+        for name in ("test", "raw"):
+            try:
+                results.append(await run(_named(node, name)))
+                errs.append(0)
+            except BlockIOError as err:
+                results.append(None)
+                errs.append(err.errno)
+        if errs[0] != errs[1]:
+            _blkverify_abort(
+                kind, offset, length, f"return value mismatch {-errs[0]} != {-errs[1]}"
+            )
+        if errs[0]:
+            raise BlockIOError(errs[0])
+        return results[0], results[1]
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        test, raw = await self._both(
+            node, "read", offset, length, lambda e: child_read(e, offset, length)
+        )
+        assert test is not None and raw is not None
+        if test != raw:
+            at = next(i for i in range(length) if test[i] != raw[i])
+            _blkverify_abort("read", offset, length, f"contents mismatch at offset {offset + at}")
+        return test
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        await self._both(
+            node, "write", offset, len(data), lambda e: child_write(e, offset, data, flags)
+        )
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        """QEMU 7.2 fails an assertion here (blkverify claims zero flags without
+        a write-zeroes of its own): the same message, then abort()."""
+        del node, offset, length, flags
+        print(
+            "qemu-storage-daemon: ../../block/io.c:1908: bdrv_co_do_pwrite_zeroes: "
+            "Assertion `!bs->supported_zero_flags' failed.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.abort()
+
+    async def flush(self, node: Node) -> None:
+        """Only the test image is flushed (the raw one "is not important")."""
+        child = _named(node, "test").child
+        assert child is not None
+        await flush_node(child)
+
+    async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
+        return DATA | ALLOCATED, length
+
+
 register_hook("compress", CompressIO())
 register_hook("preallocate", PreallocateIO())
+register_hook("blkverify", BlkverifyIO())

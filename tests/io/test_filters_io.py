@@ -19,6 +19,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -216,3 +217,73 @@ async def test_preallocate_needs_write_and_resize(tmp_path: Path) -> None:
     with trio.fail_after(10):
         await io.write(0, b"x" * 4096)
     assert image.stat().st_size == 65536
+
+
+# -- blkverify (live) -----------------------------------------------------------
+
+_BLKDEBUG_WRITE_EIO = {"inject-error": [{"event": "pwritev", "errno": 5}]}
+BLKVERIFY: dict[str, tuple[list[str], bool, list[str]]] = {
+    # name: (corruption of test, blkdebug on test, qemu-io commands)
+    "agree": (
+        [],
+        False,
+        ["read -P 0x11 0 64k", "write -P 0x22 0 4k", "read -P 0x22 0 4k", "flush"],
+    ),
+    "contents-mismatch": (["write -P 0x12 70000 10"], False, ["read 0 64k", "read 64k 64k"]),
+    "return-value-mismatch": ([], True, ["read 0 4k", "write 0 4k"]),
+    "write-zeroes-abort": ([], False, ["write -z 4k 4k"]),
+}
+
+
+def _blkverify_session(
+    kind: str, d: Path, corrupt: list[str], debug: bool, cmds: list[str]
+) -> tuple[Any, ...]:
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        img = str(d / f"c{i}.raw")
+        run("qemu-img", "create", "-f", "raw", img, "1M")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", img)
+    for cmd in corrupt:
+        run("qemu-io", "-f", "raw", "-c", cmd, str(d / "c1.raw"))
+    test: dict[str, Any] = {"driver": "file", "filename": "c1.raw"}
+    if debug:
+        test = {"driver": "blkdebug", "image": test, **_BLKDEBUG_WRITE_EIO}
+    daemon = LiveDaemon(kind, require_qemu(), d, [])
+    try:
+        daemon.ok(
+            "blockdev-add",
+            driver="blkverify",
+            node_name="v",
+            raw={"driver": "file", "filename": "c0.raw"},
+            test=test,
+        )
+        daemon.start_nbd()
+        daemon.ok("block-export-add", type="nbd", id="e", name="e", node_name="v", writable=True)
+        args = [a for c in cmds for a in ("-c", c)]
+        res = subprocess.run(
+            ["qemu-io", "-f", "raw", daemon.uri("e"), *args],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        try:
+            status = daemon.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            status = None  # still running: nothing ended it
+    finally:
+        daemon.stop()
+    output = _TIMING.sub("", res.stdout + res.stderr).strip()
+    images = [(d / f"c{i}.raw").read_bytes() for i in range(2)]
+    return output, status, (d / "stderr.txt").read_text(), images
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name", sorted(BLKVERIFY))
+def test_blkverify_like_qsd(tmp_path: Path, name: str) -> None:
+    """Same answers, the same end of the process (status, message), same images."""
+    require_qemu()
+    corrupt, debug, cmds = BLKVERIFY[name]
+    want = _blkverify_session("qsd", tmp_path / "qsd", corrupt, debug, cmds)
+    got = _blkverify_session("qmpgraph", tmp_path / "qmpgraph", corrupt, debug, cmds)
+    assert got == want
