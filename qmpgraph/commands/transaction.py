@@ -182,7 +182,7 @@ class _Backup(_NotYet):
             lookup_bs(self.graph, target, target)
 
 
-for _kind in ("blockdev-backup", "drive-backup"):
-    action(_kind)(_Backup)
+# blockdev-backup is registered by qmpgraph.commands.backup.
+action("drive-backup")(_Backup)
 # The bitmap actions live in qmpgraph.commands.bitmaps, the internal
 # snapshot action in qmpgraph.commands.snapshot_internal.

@@ -42,13 +42,13 @@ from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.names import is_well_formed
 from qmpgraph.graph.perms import PERM_ALL, OpenFlag, Perm
 from qmpgraph.io import mirror_hook as _mirror_hook  # noqa: F401  (registers "mirror_top")
+from qmpgraph.io.depth import own_status
 from qmpgraph.io.hooks import (
     child_block_status,
     child_read,
     child_write,
     child_write_zeroes,
     flush_node,
-    node_block_status,
 )
 from qmpgraph.io.mirror_hook import DirtyMap, MirrorTopState
 from qmpgraph.io.request import ALLOCATED, DATA, REQ_MAY_UNMAP, ZERO
@@ -476,7 +476,9 @@ async def _allocated_above(chain: list[Node], offset: int, length: int) -> tuple
     """bdrv_is_allocated_above over ``chain`` (top first): (allocated, bytes)."""
     count = length
     for node in chain:
-        flags, pnum = await node_block_status(node, offset, count)
+        flags, pnum = await own_status(node, offset, count)
+        if not pnum:  # past a shorter layer's end: nothing allocated there
+            continue
         if flags & ALLOCATED:
             return True, pnum
         count = min(count, pnum)

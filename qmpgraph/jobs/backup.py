@@ -1,0 +1,393 @@
+"""The backup job (QEMU 7.2's block/backup.c over block-copy): ``BackupJob``.
+
+``backup_job_create``'s checks and steps run in QEMU's order inside the
+creating command's transaction: source and target differ, compression
+support, the backup-source and backup-target op blockers, ``x-perf``, the
+sync bitmap, equal sizes, then a ``copy-before-write`` filter opened with
+the source as ``file`` and the target as ``target`` and inserted above the
+source (every parent of the source moves onto it; "Could not create node:"
+and "Could not replace node:" prefixes), ``max-chunk`` against the cluster
+size, the job (main node: the filter, perm 0, sharing everything) and its
+"target" job edge.
+
+The copy (``run``) shares the filter's cluster bitmaps
+(``qmpgraph.io.cbw_hook``): a cluster copied because a guest wrote over it
+is not copied again, and one the job copied is not copied again before a
+guest write.  ``sync=full`` copies every cluster, ``top`` first drops the
+clusters the top image does not allocate, ``bitmap`` starts from the sync
+bitmap, ``none`` copies nothing itself and runs until cancelled (the filter
+alone keeps the target a point-in-time copy: old-style fleecing).  Clusters
+go one at a time (64 KiB by default) under the speed limit, as block-copy's
+READ_WRITE_CLUSTER method does; zero clusters are written as zeroes.
+
+When the job ends (``clean``) the filter is dropped: its parents move back
+onto the source.
+
+What does not live here: argument checks of the QMP commands and the
+transaction actions (``qmpgraph.commands.backup``).
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qmpgraph.bitmaps import registry as bitmap_registry
+from qmpgraph.bitmaps.model import DirtyBitmap
+from qmpgraph.drivers.base import node_size
+from qmpgraph.drivers.open import TreeOpenContext, open_one
+from qmpgraph.errors import GenericError
+from qmpgraph.graph.model import BlockBackend, Node
+from qmpgraph.graph.perms import PERM_ALL
+from qmpgraph.io.cbw_hook import CBW_IO
+from qmpgraph.io.depth import own_status
+from qmpgraph.io.hooks import (
+    child_block_status,
+    child_read,
+    child_write,
+    child_write_zeroes,
+)
+from qmpgraph.io.request import ALLOCATED, DATA, ZERO
+from qmpgraph.jobs.blockjob import BlockJob
+from qmpgraph.jobs.core import JobFailed, JobTxn
+from qmpgraph.transactions.actions import ref_node, unref_node
+from qmpgraph.transactions.composite import drop_filter, insert_node
+from qmpgraph.transactions.engine import Transaction
+
+if TYPE_CHECKING:
+    from qmpgraph.daemon import Daemon
+
+INT_MAX = (1 << 31) - 1
+
+
+@dataclass(slots=True)
+class BackupParams:
+    """What do_backup_common decided."""
+
+    sync: str = "full"  # full | top | none | bitmap
+    bitmap: DirtyBitmap | None = None
+    bitmap_mode: str | None = None
+    speed: int = 0
+    compress: bool = False
+    filter_node_name: str | None = None
+    max_workers: int = 64
+    max_chunk: int = 0
+    on_source_error: str = "report"
+    on_target_error: str = "report"
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+
+
+def _blocked(node: Node, op: str) -> None:
+    """bdrv_op_is_blocked: "Node '%s' is busy: <first reason>"."""
+    reasons = node.op_blockers.get(op)
+    if reasons:
+        name = _device_name(node) or node.node_name
+        raise GenericError(f"Node '{name}' is busy: {reasons[0]}")
+
+
+def _device_name(node: Node) -> str:
+    """bdrv_get_device_name: the name of a named BlockBackend on ``node``, else ""."""
+    for edge in node.parents:
+        if isinstance(edge.parent, BlockBackend) and edge.parent.name:
+            return edge.parent.name
+    return ""
+
+
+def insert_cbw(
+    tran: Transaction, daemon: Daemon, source: Node, target: Node, filter_node_name: str | None
+) -> Node:
+    """bdrv_cbw_append: open the filter over ``source``/``target`` and insert it."""
+    graph = daemon.graph
+    options: dict[str, Any] = {
+        "driver": "copy-before-write",
+        "file": source.node_name,
+        "target": target.node_name,
+    }
+    if filter_node_name is not None:
+        options["node-name"] = filter_node_name
+    try:
+        cbw = open_one(TreeOpenContext(graph, tran), options, None)
+    except GenericError as err:
+        raise GenericError(f"Could not create node: {err.desc}") from err
+    insert_node(tran, graph, source, cbw)
+    return cbw
+
+
+def start_backup(
+    daemon: Daemon,
+    tran: Transaction,
+    job_id: str | None,
+    *,
+    source: Node,
+    target: Node,
+    params: BackupParams,
+    txn: JobTxn | None = None,
+) -> BackupJob:
+    """backup_job_create inside ``tran``: the job, created but not started."""
+    if source is target:
+        raise GenericError("Source and target cannot be the same")
+    if params.compress:
+        # No qmpgraph driver writes compressed clusters for a backup yet.
+        raise GenericError(f"Compression is not supported for this drive {_device_name(target)}")
+    _blocked(source, "backup-source")
+    _blocked(target, "backup-target")
+    if params.max_workers < 1 or params.max_workers > INT_MAX:
+        raise GenericError(f"max-workers must be between 1 and {INT_MAX}")
+    if params.max_chunk < 0:
+        raise GenericError("max-chunk must be zero (which means no limit) or positive")
+    if params.bitmap is not None and params.bitmap_mode != "never":
+        check_bitmap_usable(params.bitmap)
+    if node_size(source) != node_size(target):
+        raise GenericError("Source and target image have different sizes")
+    cbw = insert_cbw(tran, daemon, source, target, params.filter_node_name)
+    cluster = _cluster_size(target)
+    if params.max_chunk and params.max_chunk < cluster:
+        raise GenericError(
+            f"Required max-chunk ({params.max_chunk}) is less than backup cluster size ({cluster})"
+        )
+    if job_id is None:
+        job_id = _device_name(cbw)
+    job = BackupJob(
+        daemon, job_id, tran, cbw=cbw, source=source, target=target, params=params, txn=txn
+    )
+    job.cluster = cluster
+    # The job's edge holds the filter now.
+    unref_node(tran, daemon.graph, cbw)
+    job.add_node(tran, "target", target, 0, PERM_ALL)
+    job.setup_bitmap(tran)
+    return job
+
+
+def _cluster_size(target: Node) -> int:
+    """block_copy_calculate_cluster_size: at least 64 KiB, else the target's cluster."""
+    state = target.state
+    for holder in (state, getattr(state, "header", None)):
+        size = getattr(holder, "cluster_size", None)
+        if isinstance(size, int) and size:
+            return max(65536, size)
+    return 65536
+
+
+def check_bitmap_usable(bitmap: DirtyBitmap) -> None:
+    """bdrv_dirty_bitmap_check(BDRV_BITMAP_DEFAULT) for a bitmap the job will write."""
+    name = bitmap.name
+    if bitmap.busy:
+        raise GenericError(f"Bitmap '{name}' is currently in use by another operation")
+    if bitmap.readonly:
+        raise GenericError(f"Bitmap '{name}' is readonly and cannot be modified")
+    if bitmap.inconsistent:
+        raise GenericError(
+            f"Bitmap '{name}' is inconsistent and cannot be used\n"
+            "Try block-dirty-bitmap-remove to delete this bitmap from disk"
+        )
+
+
+class BackupJob(BlockJob):
+    """A blockdev-backup/drive-backup job."""
+
+    job_type = "backup"
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        job_id: str | None,
+        tran: Transaction,
+        *,
+        cbw: Node,
+        source: Node,
+        target: Node,
+        params: BackupParams,
+        txn: JobTxn | None = None,
+    ) -> None:
+        # While the creating command's transaction is open, its abort takes
+        # back every graph change the job made (see ``free`` and ``clean``).
+        self.creating = True
+        super().__init__(
+            daemon,
+            job_id,
+            tran,
+            cbw,
+            perm=0,
+            shared=PERM_ALL,
+            speed=params.speed,
+            on_error=params.on_source_error,
+            auto_finalize=params.auto_finalize,
+            auto_dismiss=params.auto_dismiss,
+            txn=txn,
+        )
+        self.cbw = cbw
+        self.source = source
+        self.target = target
+        self.params = params
+        self.cluster = 65536
+        self.length = node_size(source)
+        self.dropped = False
+        self.successor: DirtyBitmap | None = None
+
+    # -- the copy ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """backup_run."""
+        st = CBW_IO.state(self.cbw)
+        if self.params.sync == "bitmap" and self.params.bitmap is not None:
+            _init_from_bitmap(st.to_copy, st.cluster, self.params.bitmap, self.length)
+        self.progress_set_remaining(sum(st.to_copy) * st.cluster)
+        if self.params.sync == "top":
+            await self._reset_unallocated(st.to_copy, st.cluster)
+            if self.is_cancelled():
+                return
+        if self.params.sync == "none":
+            while not self.is_cancelled():
+                await self.yield_()
+            return
+        await self._copy_all(st)
+
+    async def _reset_unallocated(self, to_copy: bytearray, cluster: int) -> None:
+        """block_copy_reset_unallocated over the whole source, cluster by cluster."""
+        for c in range(len(to_copy)):
+            await self.pause_point()
+            if self.is_cancelled():
+                return
+            if not to_copy[c]:
+                continue
+            pos = c * cluster
+            n = min(cluster, self.length - pos)
+            flags, pnum = await own_status(self.source, pos, n)
+            if not flags & ALLOCATED and pnum >= n:
+                to_copy[c] = 0
+                self.progress_set_remaining(sum(to_copy) * cluster)
+
+    async def _copy_all(self, st: Any) -> None:
+        """block_copy over every cluster still to be copied, one cluster per task."""
+        cbw = self.cbw
+        source_edge = _child_edge(cbw, "file")
+        target_edge = _child_edge(cbw, "target")
+        cluster = st.cluster
+        for c in range(len(st.to_copy)):
+            await self.pause_point()
+            if self.is_cancelled():
+                return
+            if not st.to_copy[c]:
+                continue
+            delay = self.ratelimit_delay(0)
+            if delay:
+                await self.sleep_ns(delay)
+                if self.is_cancelled():
+                    return
+            pos = c * cluster
+            n = min(cluster, self.length - pos)
+            async with st.lock:
+                if not st.to_copy[c]:
+                    continue
+                await self.io_point()
+                try:
+                    flags, pnum = await child_block_status(source_edge, pos, n)
+                    if flags & ZERO and not flags & DATA and pnum >= n:
+                        await child_write_zeroes(target_edge, pos, n)
+                    else:
+                        data = await child_read(source_edge, pos, n)
+                        await child_write(target_edge, pos, data)
+                except OSError as err:
+                    raise JobFailed(err.errno or errno.EIO) from err
+                st.to_copy[c], st.done[c] = 0, 1
+            self.progress_update(cluster)
+            self.ratelimit_delay(cluster)
+
+    # -- the end --------------------------------------------------------------------
+
+    def setup_bitmap(self, tran: Transaction) -> None:
+        """bdrv_dirty_bitmap_create_successor: the sync bitmap is frozen (busy,
+        not recording) and an anonymous successor records writes meanwhile."""
+        bitmap = self.params.bitmap
+        if bitmap is None:
+            return
+        successor = DirtyBitmap(None, bitmap.size, bitmap.granularity)
+        successor.disabled = bitmap.disabled
+        bitmap_registry.add(tran, self.daemon.graph, self.source, successor)
+        bitmap_registry.change_flags(tran, bitmap, disabled=True, busy=True)
+        self.successor = successor
+
+    def commit(self) -> None:
+        """backup_commit: backup_cleanup_sync_bitmap after success."""
+        self._cleanup_sync_bitmap(success=True)
+
+    def abort(self) -> None:
+        """backup_abort: backup_cleanup_sync_bitmap after failure or cancel."""
+        self._cleanup_sync_bitmap(success=False)
+
+    def _cleanup_sync_bitmap(self, *, success: bool) -> None:
+        """Abdicate (the bitmap becomes its successor) when the job succeeded or
+        ``bitmap-mode=always``, else reclaim (the successor merges back); a failed
+        ``always`` job also keeps what it did not copy."""
+        bitmap, successor = self.params.bitmap, self.successor
+        if bitmap is None or successor is None or self.creating:
+            return
+        mode = self.params.bitmap_mode
+        sync = (success or mode == "always") and mode != "never"
+        with self.daemon.graph_transaction("backup-bitmap", {"id": self.id}) as tran:
+            if sync:
+                merged = DirtyBitmap(None, bitmap.size, bitmap.granularity)
+                merged.merge_from(successor)
+            else:
+                merged = DirtyBitmap(None, bitmap.size, bitmap.granularity)
+                merged.restore_bits(bitmap.copy_bits())
+                merged.merge_from(successor)
+            if not success and mode == "always":
+                st = CBW_IO.state(self.cbw)
+                for c in range(len(st.to_copy)):
+                    if st.to_copy[c]:
+                        pos = c * st.cluster
+                        merged.set_range(pos, min(st.cluster, self.length - pos))
+            bitmap_registry.change_bits(tran, bitmap, merged.bits)
+            bitmap_registry.change_flags(tran, bitmap, disabled=successor.disabled, busy=False)
+            bitmap_registry.remove(tran, self.source, successor)
+        self.successor = None
+
+    def clean(self) -> None:
+        """backup_clean: drop the copy-before-write filter."""
+        if self.creating or self.dropped:
+            return
+        self.dropped = True
+        graph = self.daemon.graph
+        cbw = self.cbw
+        self._drain_txn_peers()
+        with self.daemon.graph_transaction("backup-clean", {"id": self.id}) as tran:
+            ref_node(tran, cbw)
+            self.remove_all_nodes(tran)
+            if cbw.file is not None and cbw.file.child is not None:
+                drop_filter(tran, graph, cbw)
+            unref_node(tran, graph, cbw)
+        CBW_IO.drop(cbw)
+
+    def _drain_txn_peers(self) -> None:
+        """Dropping the filter drains the graph: in QEMU the cancelled jobs of
+        the same group run to their end then, before this job's last events."""
+        for other in list(self.txn.jobs):
+            if other is not self and other.cancel_requested() and not other.is_completed():
+                other.deferred = True
+                other._update_rc()
+
+    def free(self) -> None:
+        """block_job_free, unless the creating transaction is still open."""
+        if not self.creating:
+            super().free()
+
+
+def _child_edge(node: Node, name: str) -> Any:
+    for edge in node.children:
+        if edge.name == name and edge.child is not None:
+            return edge
+    raise JobFailed(errno.ENOMEDIUM)
+
+
+def _init_from_bitmap(to_copy: bytearray, cluster: int, bitmap: DirtyBitmap, length: int) -> None:
+    """backup_init_bcs_bitmap for sync=bitmap: only the bitmap's dirty clusters."""
+    for c in range(len(to_copy)):
+        to_copy[c] = 0
+    for offset, size in bitmap.dirty_ranges(0, length):
+        first = offset // cluster
+        end = min(len(to_copy), -(-(offset + size) // cluster))
+        for c in range(first, end):
+            to_copy[c] = 1
