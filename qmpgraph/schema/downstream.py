@@ -8,12 +8,14 @@ the introspected entity list with them merged, so argument validation, the
 keyval visitor (``--blockdev``) and ``query-qmp-schema`` all see one schema.
 
 Only one kind of addition exists so far, ``variant-members``: optional
-members added to one variant of every flat union tagged ``tag`` (the
-``driver`` unions: blockdev-add's and blockdev-reopen's BlockdevOptions).
-QEMU shares one masked object type between many variants (``snapshot-access``
-uses the generic format options of bochs, cloop, ...), so the variant gets
-a new object type of its own: the shared type's members plus the added
-ones, named with the next free masked number.  Every other entity is left
+members added to one variant of one flat union, named as "arg-type of
+COMMAND" (``blockdev-add``'s BlockdevOptions, which ``blockdev-reopen`` and
+``--blockdev`` use too; other unions tagged ``driver``, such as
+BlockdevCreateOptions, are not touched).  QEMU shares one masked object
+type between many variants (``snapshot-access`` uses the generic format
+options of bochs, cloop, ...), so the variant gets a new object type of its
+own: the shared type's members plus the added ones, named with the next
+free masked number.  Every other entity is left
 exactly as QEMU printed it.
 
 What does not live here: the generated data (``tools/gen_schema.py``), what
@@ -32,31 +34,29 @@ def _next_name(entities: list[Entity]) -> int:
     return 1 + max((int(e["name"]) for e in entities if str(e["name"]).isdigit()), default=0)
 
 
+def _union(by_name: dict[str, Entity], where: str) -> Entity:
+    """The union named by ``where``: "arg-type of COMMAND"."""
+    what, _, command = where.partition(" of ")
+    if what != "arg-type" or command not in by_name:
+        raise ValueError(f"downstream.json: cannot find the union '{where}'")
+    return by_name[by_name[command]["arg-type"]]
+
+
 def apply(entities: list[Entity], overlay: dict[str, Any]) -> list[Entity]:
     """``entities`` (QEMU's SchemaInfo list) with ``overlay``'s additions merged."""
     out = copy.deepcopy(entities)
     by_name = {e["name"]: e for e in out}
     for addition in overlay.get("variant-members", []):
-        tag, case = addition["tag"], addition["case"]
-        added = [{k: v for k, v in m.items()} for m in addition["members"]]
-        made: dict[str, str] = {}  # QEMU's variant type -> its extended copy
-        for ent in list(out):
-            if ent["meta-type"] != "object" or ent.get("tag") != tag:
-                continue
-            for variant in ent.get("variants", []):
-                if variant["case"] != case:
-                    continue
-                old = variant["type"]
-                if old not in made:
-                    name = str(_next_name(out))
-                    base = by_name[old]
-                    new = {
-                        "name": name,
-                        "members": [*copy.deepcopy(base["members"]), *added],
-                        "meta-type": "object",
-                    }
-                    out.append(new)
-                    by_name[name] = new
-                    made[old] = name
-                variant["type"] = made[old]
+        union = _union(by_name, addition["union"])
+        variant = next(v for v in union["variants"] if v["case"] == addition["case"])
+        name = str(_next_name(out))
+        new = {
+            "name": name,
+            "members": [*copy.deepcopy(by_name[variant["type"]]["members"]),
+                        *copy.deepcopy(addition["members"])],
+            "meta-type": "object",
+        }  # fmt: skip
+        out.append(new)
+        by_name[name] = new
+        variant["type"] = name
     return out

@@ -25,8 +25,10 @@ from qmpgraph.drivers.qcow2_io import open_image
 from qmpgraph.drivers.qcow2_snapshot_write import create_snapshot, delete_snapshot
 from qmpgraph.drivers.qcow2_storage import FdFile
 from qmpgraph.graph.digest import graph_digest
+from qmpgraph.schema import load, load_qemu
 
 pytestmark = pytest.mark.qemu
+OPTION = "__org.qmpgraph_snapshot"
 
 
 def _tool(*cmd: str) -> str:
@@ -170,3 +172,24 @@ def test_writes_after_a_snapshot_copy_shared_clusters(tmp_path: Path, qsd_path: 
         img.write(0, b"\x77" * 4096)  # in place now (COPIED again)
     _check(image)
     assert _qemu_snapshots(image) == []
+
+
+def test_downstream_member_only_on_blockdev_adds_snapshot_access() -> None:
+    """The overlay adds one type and retargets one variant; QEMU's rest is intact."""
+    qemu, ours = load_qemu().entities, load().entities
+    assert len(ours) == len(qemu) + 1
+    new = ours[-1]
+    assert new["members"][-1] == {"name": OPTION, "default": None, "type": "str"}
+    changed = [(a, b) for a, b in zip(qemu, ours, strict=False) if a != b]
+    assert len(changed) == 1
+    old_union, union = changed[0]
+    add = next(e for e in qemu if e["name"] == "blockdev-add")
+    assert union["name"] == add["arg-type"]
+    moved = [
+        (a["case"], a["type"], b["type"])
+        for a, b in zip(old_union["variants"], union["variants"], strict=True)
+        if a != b
+    ]
+    assert len(moved) == 1 and moved[0][0] == "snapshot-access" and moved[0][2] == new["name"]
+    base = next(e for e in qemu if e["name"] == moved[0][1])
+    assert new["members"][:-1] == base["members"]
