@@ -7,6 +7,7 @@ from qmpgraph.commands import backup as backup
 from qmpgraph.commands import bitmaps as bitmaps
 from qmpgraph.commands import block as block
 from qmpgraph.commands import core as core
+from qmpgraph.commands import create as create
 from qmpgraph.commands import exports as exports
 from qmpgraph.commands import jobs as jobs
 from qmpgraph.commands import mirror as mirror

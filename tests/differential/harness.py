@@ -27,6 +27,9 @@ picks it up automatically. One step per line::
   (e.g. ``pretty=on``).
 * ``#! xfail:`` the reason qmpgraph is known not to match yet; the test is
   then reported as xfail, and fails once it matches (remove the line then).
+* ``#! settle:`` milliseconds of silence that end a command's step once its
+  reply came (default ``QMPGRAPH_DIFF_SETTLE_MS``), for scripts whose jobs
+  send events a while after the reply (e.g. after an fsync).
 * ``#! quiet:`` milliseconds of silence that end a step which is not a plain
   command (default ``QMPGRAPH_DIFF_QUIET_MS`` or 200).
 * ``> text`` sends ``text`` plus ``"\\n"``.
@@ -134,6 +137,7 @@ class Script:
     steps: tuple[Step, ...] = ()
     monitor_options: str = ""
     xfail: str | None = None
+    settle: float | None = None
 
     def daemon_args(self, tmp: str) -> list[str]:
         """The extra daemon arguments, with ``$TMP`` replaced."""
@@ -155,6 +159,7 @@ def parse_script(text: str, name: str = "<script>") -> Script:
     quiet: float | None = None
     monitor = ""
     xfail: str | None = None
+    settle: float | None = None
     steps: list[Step] = []
     # A reply is only predictable while every earlier step was one whole JSON
     # value: after raw bytes the streamer may be mid-token.
@@ -173,6 +178,8 @@ def parse_script(text: str, name: str = "<script>") -> Script:
                 setup.append(value)
             elif key == "quiet":
                 quiet = int(value) / 1000.0
+            elif key == "settle":
+                settle = int(value) / 1000.0
             elif key == "monitor":
                 monitor = value
             elif key == "xfail":
@@ -192,7 +199,7 @@ def parse_script(text: str, name: str = "<script>") -> Script:
             clean = clean and is_command
         else:
             raise ValueError(f"{where}: a line starts with '#', '> ' or '>> '")
-    return Script(name, tuple(args), tuple(setup), quiet, tuple(steps), monitor, xfail)
+    return Script(name, tuple(args), tuple(setup), quiet, tuple(steps), monitor, xfail, settle)
 
 
 def load_script(path: Path) -> Script:
@@ -464,7 +471,8 @@ class DaemonRun:
             quiet = self.script.quiet if self.script.quiet is not None else QUIET
             if expects_reply:
                 conn.wait(lambda: conn.complete_messages() > 0 or conn.closed, REPLY_TIMEOUT)
-                conn.wait_quiet(SETTLE, REPLY_TIMEOUT)
+                settle = self.script.settle if self.script.settle is not None else SETTLE
+                conn.wait_quiet(settle, REPLY_TIMEOUT)
             elif conn.wait(lambda: bool(conn.pending()) or conn.closed, quiet):
                 conn.wait_quiet(SETTLE, REPLY_TIMEOUT)
             record.messages, record.closed = conn.take()

@@ -109,7 +109,7 @@ async def test_pause_resume_cancel_with_speed() -> None:
     c = make_client()
     start_job(c, speed=1)
     with trio.fail_after(10):
-        while (info := (await c.aok("query-block-jobs"))[0])["offset"] < CHUNK:
+        while (info := (await c.aok("query-block-jobs"))[0])["offset"] < CHUNK:  # noqa: ASYNC110 (polls the job's progress, no event to wait on)
             await trio.sleep(0.001)
     await c.idle()
     # The first chunk went through, then the speed limit holds the job.

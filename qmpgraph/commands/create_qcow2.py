@@ -1,0 +1,176 @@
+"""The bytes of a new qcow2 image, as QEMU 7.2's qcow2_co_create leaves it.
+
+qcow2_co_create writes a bare header and a refcount table, opens the image,
+refcounts the first three clusters, rewrites the full header (extensions,
+feature table) and truncates it to its size, which allocates the L1 table at
+cluster 3 (written exactly ``l1_size * 8`` bytes long).  ``image_bytes``
+builds that end state for any of blockdev-create's layout options (version,
+cluster size, refcount width, lazy refcounts, extended L2, compression type,
+backing file and format); ``validate`` is the option checks in QEMU's order.
+
+What does not live here: the job and the command (``create``), the default
+``qemu-img create`` writer (``qmpgraph.drivers.qcow2_image``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from qmpgraph.drivers.qcow2 import EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, MAGIC
+from qmpgraph.drivers.qcow2_image import FEATURES
+from qmpgraph.errors import GenericError
+
+_HEADER_V3 = 112
+_HEADER_V2 = 72
+_V3_HINT = "compatibility level 1.1 and above (use version=v3 or greater)"
+
+
+@dataclass(frozen=True, slots=True)
+class Qcow2Layout:
+    """The validated layout options of one new image."""
+
+    size: int
+    version: int = 3
+    cluster_bits: int = 16
+    refcount_order: int = 4
+    lazy_refcounts: bool = False
+    extended_l2: bool = False
+    zstd: bool = False
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return 1 << self.cluster_bits
+
+    @property
+    def l1_size(self) -> int:
+        """L1 entries for the image size (each L2 table maps its clusters)."""
+        entries = self.cluster_size // (16 if self.extended_l2 else 8)
+        per_l1 = self.cluster_size * entries
+        return -(-self.size // per_l1)
+
+
+def validate(opts: dict[str, Any]) -> Qcow2Layout:
+    """qcow2_co_create's option checks, in order (after the file lookup)."""
+    size = int(opts["size"])
+    if size % 512:
+        raise GenericError("Image size must be a multiple of 512 bytes")
+    version = 2 if opts.get("version") == "v2" else 3
+    cluster_size = int(opts.get("cluster-size", 65536))
+    extended_l2 = bool(opts.get("extended-l2", False))
+    if extended_l2 and version < 3:
+        raise GenericError(f"Extended L2 entries are only supported with {_V3_HINT}")
+    bits = cluster_size.bit_length() - 1
+    if cluster_size <= 0 or cluster_size & (cluster_size - 1) or not 9 <= bits <= 21:
+        raise GenericError("Cluster size must be a power of two between 512 and 2048k")
+    if extended_l2 and cluster_size < 16384:
+        raise GenericError(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+        )
+    prealloc = opts.get("preallocation", "off")
+    if "backing-file" in opts and prealloc != "off" and not extended_l2:
+        raise GenericError(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+        )
+    if "backing-fmt" in opts and "backing-file" not in opts:
+        raise GenericError("Backing format cannot be used without backing file")
+    lazy = bool(opts.get("lazy-refcounts", False))
+    if version < 3 and lazy:
+        raise GenericError(f"Lazy refcounts only supported with {_V3_HINT}")
+    refcount_bits = int(opts.get("refcount-bits", 16))
+    if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
+        raise GenericError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        # "or above" here, where the other messages say "and above".
+        raise GenericError(
+            "Different refcount widths than 16 bits require compatibility level 1.1 "
+            "or above (use version=v3 or greater)"
+        )
+    data_file_raw = bool(opts.get("data-file-raw", False))
+    if data_file_raw and "data-file" not in opts:
+        raise GenericError("data-file-raw requires data-file")
+    if data_file_raw and "backing-file" in opts:
+        raise GenericError("Backing file and data-file-raw cannot be used at the same time")
+    if data_file_raw and prealloc != "off":
+        raise GenericError("Preallocation and data-file-raw cannot be used at the same time")
+    if "data-file" in opts:
+        if version < 3:
+            raise GenericError(f"External data files are only supported with {_V3_HINT}")
+        raise GenericError("qcow2 data-file in blockdev-create is not supported by qmpgraph yet")
+    zstd = False
+    if opts.get("compression-type", "zlib") != "zlib":
+        if version < 3:
+            raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
+        zstd = True
+    if prealloc != "off":
+        raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
+    return Qcow2Layout(
+        size=size,
+        version=version,
+        cluster_bits=bits,
+        refcount_order=refcount_bits.bit_length() - 1,
+        lazy_refcounts=lazy,
+        extended_l2=extended_l2,
+        zstd=zstd,
+        backing_file=opts.get("backing-file"),
+        backing_fmt=opts.get("backing-fmt"),
+    )
+
+
+def _extension(ext_type: int, data: bytes) -> bytes:
+    padded = data.ljust((len(data) + 7) & ~7, b"\0")
+    return struct.pack(">II", ext_type, len(data)) + padded
+
+
+def _refblock(lay: Qcow2Layout, used: int) -> bytes:
+    """A refcount block with refcount 1 for the first ``used`` clusters."""
+    cs = lay.cluster_size
+    width = 1 << lay.refcount_order
+    if used > cs * 8 // width:
+        raise GenericError("qcow2 images needing two refcount blocks are not supported yet")
+    if width >= 8:
+        fmt = {8: "B", 16: "H", 32: "I", 64: "Q"}[width]
+        return struct.pack(f">{used}{fmt}", *([1] * used)).ljust(cs, b"\0")
+    block = bytearray(cs)
+    per_byte = 8 // width
+    for i in range(used):
+        block[i // per_byte] |= 1 << ((i % per_byte) * width)
+    return bytes(block)
+
+
+def image_bytes(lay: Qcow2Layout) -> bytes:
+    """Header cluster, refcount table, refcount block and L1 table of the new image."""
+    cs = lay.cluster_size
+    l1_size = lay.l1_size
+    l1_clusters = -(-l1_size * 8 // cs)
+    l1_offset = 3 * cs if l1_size else 0
+    header_len = _HEADER_V3 if lay.version >= 3 else _HEADER_V2
+    exts = b""
+    if lay.backing_fmt:
+        exts += _extension(EXT_BACKING_FORMAT, lay.backing_fmt.encode())
+    # QEMU leaves the feature name table out of headers of 4 KiB clusters or less.
+    if lay.version >= 3 and cs > 4096:
+        table = b"".join(
+            struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURES
+        )
+        exts += _extension(EXT_FEATURE_TABLE, table)
+    exts += bytes(8)
+    name = lay.backing_file.encode() if lay.backing_file else b""
+    name_off = header_len + len(exts) if name else 0
+    incompat = (8 if lay.zstd else 0) | (16 if lay.extended_l2 else 0)
+    compat = 1 if lay.lazy_refcounts else 0
+    header = struct.pack(
+        ">IIQIIQIIQQIIQ",
+        MAGIC, lay.version, name_off, len(name), lay.cluster_bits, lay.size, 0,
+        l1_size, l1_offset, cs, 1, 0, 0,
+    )  # fmt: skip
+    if lay.version >= 3:
+        header += struct.pack(">QQQII", incompat, compat, 0, lay.refcount_order, header_len)
+        header += bytes([1 if lay.zstd else 0])
+    cluster0 = (header.ljust(header_len, b"\0") + exts + name).ljust(cs, b"\0")
+    reftable = struct.pack(">Q", 2 * cs).ljust(cs, b"\0")
+    return cluster0 + reftable + _refblock(lay, 3 + l1_clusters) + bytes(l1_size * 8)
