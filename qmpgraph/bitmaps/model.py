@@ -17,11 +17,22 @@ the data-path hook (``registry.py``), the QMP commands.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator
 
 # ``BDRV_BITMAP_MAX_NAME_SIZE``.
 MAX_NAME_SIZE = 1023
+
+# Creation order of bitmaps (and of the internal ones drivers make): queries
+# list a node's bitmaps newest first, as QEMU's QLIST does.
+_seq = itertools.count(1)
+
+
+def next_seq() -> int:
+    """The next creation sequence number."""
+    return next(_seq)
+
 
 _NONZERO = re.compile(rb"[^\x00]+")
 _FULL_OR_BYTE = re.compile(rb"\xff+|[^\xff]")
@@ -46,6 +57,7 @@ class DirtyBitmap:
         "name",
         "persistent",
         "readonly",
+        "seq",
         "shift",
         "size",
         "skip_store",
@@ -55,6 +67,7 @@ class DirtyBitmap:
 
     def __init__(self, name: str | None, size: int, granularity: int) -> None:
         assert granularity > 0 and granularity & (granularity - 1) == 0
+        self.seq = next_seq()
         self.name = name
         self.size = size
         self.granularity = granularity

@@ -24,8 +24,8 @@ as the generic path already checks) and refuses writes with ENOTSUP; with
 qmpgraph's ``__org.qmpgraph_snapshot`` option it reads a qcow2 internal
 snapshot through the qcow2 node's image instead (``qcow2_hook``).
 
-The user ``bitmap`` option is not modelled (the driver refuses every bitmap
-at open), so every cluster starts as "to be copied" and readable.
+Every cluster starts as "to be copied" and readable, or, with the user
+``bitmap`` option, only the clusters that bitmap marked at open.
 
 What does not live here: the drivers' open and permission rules
 (``qmpgraph.drivers.copy_before_write``, ``snapshot_access``).
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from qmpgraph.drivers.copy_before_write import initial_bitmap
 from qmpgraph.drivers.snapshot_access import exported_snapshot
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.io import depth  # a module: depth imports hooks, which import this one
@@ -114,7 +115,15 @@ class CbwIO(IOHook):
             target = _edge(node, "target").child
             cluster = max(_MIN_CLUSTER, _target_cluster(target))
             n = math.ceil(_size(node) / cluster)
-            st = _CbwState(cluster, bytearray(b"\1" * n), bytearray(n), bytearray(b"\1" * n))
+            to_copy = bytearray(b"\1" * n)
+            user = initial_bitmap(node)
+            if user is not None:  # only what the user bitmap marks (merged per cluster)
+                to_copy = bytearray(n)
+                for lo, hi in user.dirty_ranges():
+                    to_copy[lo // cluster : math.ceil(hi / cluster)] = b"\1" * (
+                        math.ceil(hi / cluster) - lo // cluster
+                    )
+            st = _CbwState(cluster, to_copy, bytearray(n), bytearray(to_copy))
             self._states[node.id] = st
         return st
 

@@ -24,6 +24,8 @@ from qmpgraph.commands.query.facts import FileFacts, begin_query, end_query, fil
 from qmpgraph.commands.query.image_info import Query, get_info, is_encrypted, node_length
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import write_threshold
+from qmpgraph.drivers.copy_before_write import bitmaps_seq as cbw_bitmaps_seq
+from qmpgraph.drivers.copy_before_write import initial_bitmap as cbw_initial_bitmap
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_or_cow_child
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
@@ -109,25 +111,44 @@ def _cbw_granularity(cbw: Node) -> int:
 
 
 def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
-    """The internal bitmaps copy-before-write creates (newest first, as QEMU lists them).
+    """The node's bitmaps and the internal ones copy-before-write creates, newest first.
 
-    A cbw node holds its access bitmap (all set) and its done bitmap (empty);
-    its source (``file``) holds block-copy's copy bitmap (all set).  Without a
-    data path the counts stay at their values after open.
+    A cbw node holds its access bitmap and its done bitmap (empty); its
+    source (``file``) holds block-copy's copy bitmap: all set, or what the
+    user ``bitmap`` marked at open, per cluster.  Without a data path the
+    counts stay at their values after open.
     """
-    # User bitmaps first: they are usually newer than a cbw's internal ones.
-    out: list[dict[str, Any]] = [_named_bitmap(bm) for bm in bitmaps_of(node)]
+    listed: list[tuple[int, dict[str, Any]]] = [
+        (bm.seq, _named_bitmap(bm)) for bm in bitmaps_of(node)
+    ]
     if node.format_name == "copy-before-write":
         gran = _cbw_granularity(node)
-        size = node_length(node)
-        out += [_bitmap(size, gran), _bitmap(0, gran)]
+        seq = cbw_bitmaps_seq(node)
+        listed += [(seq, _bitmap(_cbw_copy_count(node, gran), gran)), (seq, _bitmap(0, gran))]
     for edge in node.parents:
         parent = edge.parent
         is_cbw = isinstance(parent, Node) and parent.format_name == "copy-before-write"
         if is_cbw and edge.name == "file":
             assert isinstance(parent, Node)
-            out.append(_bitmap(node_length(node), _cbw_granularity(parent)))
-    return out
+            gran = _cbw_granularity(parent)
+            listed.append((cbw_bitmaps_seq(parent), _bitmap(_cbw_copy_count(parent, gran), gran)))
+    # Stable: equal sequence numbers keep the order above.
+    listed.sort(key=lambda pair: -pair[0])
+    return [info for _, info in listed]
+
+
+def _cbw_copy_count(cbw: Node, gran: int) -> int:
+    """Bytes the copy bitmap marks at open: all, or the user bitmap's clusters."""
+    user = cbw_initial_bitmap(cbw)
+    if user is None:
+        source = cbw.file.child if cbw.file is not None else None
+        return node_length(source) if source is not None else 0
+    count, last = 0, -1
+    for lo, hi in user.dirty_ranges():  # sorted: count each cluster once
+        first, end = max(lo // gran, last + 1), (hi - 1) // gran
+        if end >= first:
+            count, last = count + end - first + 1, end
+    return count * gran
 
 
 @dataclass(frozen=True, slots=True)
