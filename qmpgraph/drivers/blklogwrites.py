@@ -6,8 +6,8 @@ default rule by role afterwards.  Open follows blk_log_writes_open: with
 ``log-append`` the log's superblock is read (an empty log gets a fresh one)
 and its entries are walked to find the end of the log, with QEMU's messages;
 otherwise ``log-sector-size`` (default 512) applies.  Nothing is written at
-open: the superblock is only written by flushes on the data path, which
-qmpgraph does not have.
+open: the data path (``qmpgraph.io.filters_io``) appends the entries and
+writes the superblock.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Data paths of the small filters that change requests: compress,
-preallocate, blkverify.
+preallocate, blkverify, blklogwrites.
 
 compress (block/filter-compress.c): writes reach the ``file`` child (a
 qcow2 node) as compressed writes (``qmpgraph.drivers.qcow2_compress``);
@@ -27,6 +27,15 @@ write-zeroes aborts the process on an assertion in QEMU 7.2; so it does
 here.  Discards do nothing, flushes reach ``test`` only.
 QEMU runs both requests at once; here ``test`` goes first.
 
+blklogwrites (block/blklogwrites.c): requests are aligned to the log
+sector size (unaligned writes read the rest first).  Each write,
+write-zeroes, discard and flush (a flush only after a write since the last
+one) goes to ``file`` first, then appends a dm-log-writes entry to ``log``
+(one sector: sector, sector count, flags DISCARD/FLUSH; written data
+follows it, zero writes get zeroed sectors); the superblock (magic,
+version, entry count, sector size) is rewritten and ``log`` flushed on a
+flush and every ``log-super-update-interval`` entries.
+
 What does not live here: the drivers' open and permission rules.
 """
 
@@ -34,11 +43,14 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from qmpgraph.drivers.base import node_alignment
+from qmpgraph.drivers.blklogwrites import BlklogwritesState
 from qmpgraph.drivers.preallocate import PreallocateState, child_length
 from qmpgraph.drivers.qcow2_compress import CompressedWriteError, write_compressed
 from qmpgraph.graph.model import Edge, Node
@@ -46,6 +58,7 @@ from qmpgraph.graph.perms import Perm
 from qmpgraph.io.hooks import (
     IOHook,
     PassThroughIO,
+    child_discard,
     child_read,
     child_write,
     child_write_zeroes,
@@ -252,6 +265,154 @@ class BlkverifyIO(IOHook):
         return DATA | ALLOCATED, length
 
 
+# -- blklogwrites -----------------------------------------------------------------
+
+_LOG_MAGIC = 0x6A736677736872
+_LOG_FLUSH, _LOG_DISCARD = 1, 4
+_SUPER = struct.Struct("<QQQI")  # magic, version, nr_entries, sectorsize
+_ENTRY = struct.Struct("<QQQQ")  # sector, nr_sectors, flags, data_len
+
+
+@dataclass(eq=False, slots=True)
+class _LogRuntime:
+    source: BlklogwritesState
+    cur_log_sector: int
+    nr_entries: int
+    write_gen: int = 0
+    flushed_gen: int = 0
+
+
+_LOGS: dict[int, _LogRuntime] = {}
+
+
+def _log_runtime(node: Node) -> _LogRuntime:
+    state = node.state
+    if not isinstance(state, BlklogwritesState):
+        raise BlockIOError(errno.ENOMEDIUM)
+    rt = _LOGS.get(node.id)
+    if rt is None or rt.source is not state:
+        rt = _LOGS[node.id] = _LogRuntime(state, state.cur_log_sector, state.nr_entries)
+    return rt
+
+
+class BlklogwritesIO(PassThroughIO):
+    """blklogwrites: each write, write-zeroes, discard and flush is also logged."""
+
+    # QEMU 7.2's blklogwrites takes no FUA: the block layer flushes after the
+    # write instead, so the log shows a flush entry, never the FUA flag.
+    handles_fua = False
+
+    async def _log(
+        self,
+        node: Node,
+        offset: int,
+        length: int,
+        payload: bytes | None,
+        *,
+        flags: int,
+        zero: bool,
+    ) -> None:
+        """blk_log_writes_co_do_log: the entry (and data), then maybe the superblock."""
+        rt = _log_runtime(node)
+        size = rt.source.sector_size
+        bits = size.bit_length() - 1
+        log = _named(node, "log")
+        entry = _ENTRY.pack(offset >> bits, length >> bits, flags, 0).ljust(size, b"\0")
+        record = entry + (payload or b"")
+        where = rt.cur_log_sector << bits
+        rt.nr_entries += 1
+        rt.cur_log_sector += -(-len(record) // size)
+        await child_write(log, where, record)
+        if zero:
+            where = rt.cur_log_sector << bits
+            rt.cur_log_sector += -(-length // size)
+            await child_write_zeroes(log, where, length)
+        if flags & _LOG_FLUSH or rt.nr_entries % rt.source.update_interval == 0:
+            sb = _SUPER.pack(_LOG_MAGIC, 1, rt.nr_entries, size).ljust(size, b"\0")
+            await child_write(log, 0, sb)
+            child = log.child
+            assert child is not None
+            await flush_node(child)
+
+    async def _logged(
+        self,
+        node: Node,
+        offset: int,
+        length: int,
+        payload: bytes | None,
+        *,
+        flags: int,
+        zero: bool,
+        file_op: Callable[[], Awaitable[None]],
+    ) -> None:
+        """blk_log_writes_co_log: the file request, then the log; the log's error wins."""
+        size = _log_runtime(node).source.sector_size
+        if (offset | length) % size:
+            raise BlockIOError(errno.EINVAL)
+        file_err = 0
+        try:
+            await file_op()
+        except BlockIOError as err:
+            file_err = err.errno
+        await self._log(node, offset, length, payload, flags=flags, zero=zero)
+        if file_err:
+            raise BlockIOError(file_err)
+
+    async def _padded(self, node: Node, offset: int, data: bytes) -> tuple[int, bytes]:
+        """bdrv_co_pwritev's padding to the log sector size (read-modify-write)."""
+        align = _log_runtime(node).source.sector_size
+        start = offset - offset % align
+        end = -(-(offset + len(data)) // align) * align
+        if start == offset and end == offset + len(data):
+            return offset, data
+        whole = bytearray(await child_read(_file(node), start, end - start))
+        whole[offset - start : offset - start + len(data)] = data
+        return start, bytes(whole)
+
+    async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        _log_runtime(node).write_gen += 1
+        offset, data = await self._padded(node, offset, data)
+
+        async def file_op() -> None:
+            await child_write(_file(node), offset, data, flags)
+
+        await self._logged(node, offset, len(data), data, flags=0, zero=False, file_op=file_op)
+
+    async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        _log_runtime(node).write_gen += 1
+
+        async def file_op() -> None:
+            await child_write_zeroes(_file(node), offset, length, flags)
+
+        await self._logged(node, offset, length, None, flags=0, zero=True, file_op=file_op)
+
+    async def discard(self, node: Node, offset: int, length: int) -> None:
+        _log_runtime(node).write_gen += 1
+
+        async def file_op() -> None:
+            await child_discard(_file(node), offset, length)
+
+        await self._logged(
+            node, offset, length, None, flags=_LOG_DISCARD, zero=False, file_op=file_op
+        )
+
+    async def flush(self, node: Node) -> None:
+        """flush_to_disk: only after a write since the last flush (the write generation)."""
+        rt = _log_runtime(node)
+        if rt.write_gen == rt.flushed_gen:
+            return
+        gen = rt.write_gen
+
+        async def file_op() -> None:
+            child = _file(node).child
+            assert child is not None
+            await flush_node(child)
+
+        await self._logged(node, 0, 0, None, flags=_LOG_FLUSH, zero=False, file_op=file_op)
+        rt.flushed_gen = gen
+
+
 register_hook("compress", CompressIO())
 register_hook("preallocate", PreallocateIO())
 register_hook("blkverify", BlkverifyIO())
+register_hook("blklogwrites", BlklogwritesIO())
