@@ -37,6 +37,7 @@ import contextlib
 import errno
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,34 +109,40 @@ EVENT_RATE = 1.0
 @dataclass(slots=True)
 class _Throttled:
     deadline: float
+    # The trio run whose timer task releases it (a finished run releases nothing).
+    run: object
     stored: dict[str, Any] | None = None
 
 
-_THROTTLED: dict[tuple[int, str, str], _Throttled] = {}
+_THROTTLED: weakref.WeakKeyDictionary[BlockGraph, dict[tuple[str, str], _Throttled]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _emit(graph: BlockGraph | None, name: str, data: dict[str, Any], key: str = "") -> None:
     """monitor_qapi_event_queue for a rate-limited event."""
     if graph is None:
         return
-    slot = (id(graph), name, key)
-    pending = _THROTTLED.get(slot)
-    if pending is not None:
+    slots = _THROTTLED.setdefault(graph, {})
+    slot = (name, key)
+    run = trio.lowlevel.current_trio_token()
+    pending = slots.get(slot)
+    if pending is not None and pending.run is run:
         pending.stored = data
         return
     emit_io_event(graph, name, data)
-    pending = _THROTTLED[slot] = _Throttled(trio.current_time() + EVENT_RATE)
+    pending = slots[slot] = _Throttled(trio.current_time() + EVENT_RATE, run)
     trio.lowlevel.spawn_system_task(_release, graph, name, slot, pending)
 
 
 async def _release(
-    graph: BlockGraph, name: str, slot: tuple[int, str, str], pending: _Throttled
+    graph: BlockGraph, name: str, slot: tuple[str, str], pending: _Throttled
 ) -> None:
     """monitor_qapi_event_handler: send what was held back, once a second."""
     while True:
         await trio.sleep_until(pending.deadline)
         if pending.stored is None:
-            del _THROTTLED[slot]
+            _THROTTLED.get(graph, {}).pop(slot, None)
             return
         emit_io_event(graph, name, pending.stored)
         pending.stored = None
