@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 
 from qmpgraph.drivers.qcow2 import (
@@ -210,54 +211,77 @@ class _Image:
     def _read_l1(self, offset: int, size: int) -> list[int]:
         return list(struct.unpack(f">{size}Q", pread_full(self.host, offset, size * 8)))
 
+    def _l2_table(self, offset: int) -> list[int]:
+        raw = pread_full(self.host, offset, self.cluster_size)
+        return list(struct.unpack(f">{self.l2_entries}Q", raw))
+
     def update_refcounts(self, l1_offset: int, l1_size: int, addend: int) -> None:
         """qcow2_update_snapshot_refcount: add ``addend`` to every cluster the L1
         table at ``l1_offset`` reaches, and recompute the COPIED flags of its
-        L2 and L1 entries (set where the refcount is exactly 1)."""
-        rc = self.refcounts
+        L2 and L1 entries (set where the refcount is exactly 1).
+
+        The refcount changes are gathered first and written in runs (one
+        write per refcount block and run, not one per cluster); then the
+        flags are rewritten, skipping L2 tables that this call freed.
+        """
         cb = self.cluster_bits
         l1 = self._read_l1(l1_offset, l1_size)
-        l1_changed = False
-        for i, l1_entry in enumerate(l1):
-            l2_offset = l1_entry & OFFSET_MASK
-            if not l2_offset:
-                continue
-            raw = pread_full(self.host, l2_offset, self.cluster_size)
-            table = list(struct.unpack(f">{self.l2_entries}Q", raw))
-            changed = False
-            for j, entry in enumerate(table):
-                refcount = 0
-                if entry & OFLAG_COMPRESSED:
-                    if addend:
+        tables = [(i, e & OFFSET_MASK) for i, e in enumerate(l1) if e & OFFSET_MASK]
+        if addend:
+            counts: Counter[int] = Counter()
+            for _, l2_offset in tables:
+                counts[l2_offset >> cb] += 1
+                for entry in self._l2_table(l2_offset):
+                    if entry & OFLAG_COMPRESSED:
                         coffset = entry & self._coffset_mask & ~511
                         sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
                         first = coffset >> cb
-                        last = (coffset + sectors * 512 - 1) >> cb
-                        rc.change(first, last - first + 1, addend)
-                    continue  # compressed clusters never carry COPIED
-                host = entry & OFFSET_MASK
-                if host:
-                    if host & (self.cluster_size - 1):
-                        raise SnapshotFailed(errno.EIO, "qcow2: misaligned data cluster")
-                    if addend:
-                        rc.change(host >> cb, 1, addend)
-                    refcount = rc.get(host >> cb)
-                new = entry | OFLAG_COPIED if refcount == 1 else entry & ~OFLAG_COPIED
-                if new != entry:
-                    table[j] = new
-                    changed = True
-            if changed:
-                self.host.pwrite(l2_offset, struct.pack(f">{self.l2_entries}Q", *table))
-            if addend:
-                rc.change(l2_offset >> cb, 1, addend)
+                        for cluster in range(first, ((coffset + sectors * 512 - 1) >> cb) + 1):
+                            counts[cluster] += 1
+                    elif entry & OFFSET_MASK:
+                        if entry & OFFSET_MASK & (self.cluster_size - 1):
+                            raise SnapshotFailed(errno.EIO, "qcow2: misaligned data cluster")
+                        counts[(entry & OFFSET_MASK) >> cb] += 1
+            self._apply(counts, addend)
+        rc = self.refcounts
+        l1_changed = False
+        for i, l2_offset in tables:
             refcount = rc.get(l2_offset >> cb)
+            if refcount:
+                table = self._l2_table(l2_offset)
+                new = [
+                    e
+                    if e & OFLAG_COMPRESSED
+                    else (
+                        e | OFLAG_COPIED
+                        if e & OFFSET_MASK and rc.get((e & OFFSET_MASK) >> cb) == 1
+                        else e & ~OFLAG_COPIED
+                    )
+                    for e in table
+                ]
+                if new != table:
+                    self.host.pwrite(l2_offset, struct.pack(f">{self.l2_entries}Q", *new))
             new_l1 = l2_offset | (OFLAG_COPIED if refcount == 1 else 0)
-            if new_l1 != l1_entry:
+            if new_l1 != l1[i]:
                 l1[i] = new_l1
                 l1_changed = True
         if l1_changed:
             self.host.pwrite(l1_offset, struct.pack(f">{l1_size}Q", *l1))
             self.host.flush()
+
+    def _apply(self, counts: Counter[int], addend: int) -> None:
+        """Add ``addend`` times each cluster's count, in runs of equal counts."""
+        run_start = run_len = run_count = 0
+        for cluster in sorted(counts):
+            count = counts[cluster]
+            if run_len and cluster == run_start + run_len and count == run_count:
+                run_len += 1
+                continue
+            if run_len:
+                self.refcounts.change(run_start, run_len, addend * run_count)
+            run_start, run_len, run_count = cluster, 1, count
+        if run_len:
+            self.refcounts.change(run_start, run_len, addend * run_count)
 
 
 def _new_id(entries: list[_Entry]) -> bytes:
