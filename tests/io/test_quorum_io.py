@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "nbd"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "commands"))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from cmdkit import Client  # tests/commands helper, put on sys.path above
 from conftest import require_qemu
 from livekit import TIMEOUT, LiveDaemon, run  # tests/nbd helpers, put on sys.path above
-
-pytestmark = pytest.mark.qemu
+from test_backend_io import attach
 
 MiB = 1 << 20
 
@@ -143,6 +146,7 @@ def _session(kind: str, d: Path, spec: dict[str, Any], cmds: list[str]) -> dict[
     return {"outputs": outputs, "events": events, "images": images}
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_quorum_like_qsd(tmp_path: Path, name: str) -> None:
     require_qemu()
@@ -158,6 +162,7 @@ def test_quorum_like_qsd(tmp_path: Path, name: str) -> None:
     assert got["images"] == want["images"]
 
 
+@pytest.mark.qemu
 def test_blkverify_mismatch_ends_the_daemon(tmp_path: Path) -> None:
     """blkverify=on: QEMU 7.2 prints the mismatch and exits with status 1."""
     require_qemu()
@@ -198,3 +203,45 @@ def test_blkverify_mismatch_ends_the_daemon(tmp_path: Path) -> None:
         )
     assert seen["qmpgraph"] == seen["qsd"]
     assert seen["qsd"][1] == 1
+
+
+# -- in-process: the monitor's rate limit, in virtual time ---------------------
+
+
+async def test_report_bad_rate_limit(tmp_path: Path, autojump_clock: Any) -> None:
+    """QEMU's monitor: the first QUORUM_REPORT_BAD of a node goes out at once,
+    later ones of the same second are held and only the last is sent when the
+    second is over; another node's events are not held by this one's."""
+    for i in range(3):
+        (tmp_path / f"c{i}.raw").write_bytes(b"\x11" * 65536)
+    with (tmp_path / "c2.raw").open("r+b") as f:
+        f.write(b"\x99" * 4096)
+    c = Client()
+    c.ok(
+        "blockdev-add",
+        {
+            "driver": "quorum",
+            "node-name": "q",
+            "vote-threshold": 2,
+            "children": [
+                {
+                    "driver": "raw",
+                    "node-name": f"c{i}",
+                    "file": {"driver": "file", "filename": str(tmp_path / f"c{i}.raw")},
+                }
+                for i in range(3)
+            ],
+        },
+    )
+    seen: list[tuple[float, dict[str, Any]]] = []
+    c.daemon.subscribe(lambda ev: seen.append((trio.current_time(), ev)))
+    io = attach(c, "q", writable=False)
+    start = trio.current_time()
+    with trio.fail_after(100):
+        for length in (512, 1024, 2048):
+            assert await io.read(0, length) == b"\x11" * length
+            await trio.sleep(0.2)
+        await trio.sleep(2)
+    got = [(round(t - start, 6), ev["data"]["sectors-count"]) for t, ev in seen]
+    # 1, 2 and 4 sectors were reported at 0, 0.2 and 0.4 s: 1 at once, 4 at 1.0 s.
+    assert got == [(0, 1), (1.0, 4)]
