@@ -170,19 +170,6 @@ class _NotYet(BlkAction):
         raise GenericError(f"Transaction action '{self.kind}' is not supported by qmpgraph yet")
 
 
-class _Backup(_NotYet):
-    grouped_ok = True
-
-    def lookups(self) -> None:
-        """blockdev-backup looks up the source, then the target."""
-        device = str(self.data["device"])
-        lookup_bs(self.graph, device, device)
-        if self.kind == "blockdev-backup":
-            target = str(self.data["target"])
-            lookup_bs(self.graph, target, target)
-
-
-# blockdev-backup is registered by qmpgraph.commands.backup.
-action("drive-backup")(_Backup)
+# The backup actions are registered by qmpgraph.commands.backup.
 # The bitmap actions live in qmpgraph.commands.bitmaps, the internal
 # snapshot action in qmpgraph.commands.snapshot_internal.

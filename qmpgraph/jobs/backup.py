@@ -254,6 +254,7 @@ class BackupJob(BlockJob):
                 continue
             pos = c * cluster
             n = min(cluster, self.length - pos)
+            await self.io_point()  # block status is I/O: the command replies first
             flags, pnum = await own_status(self.source, pos, n)
             if not flags & ALLOCATED and pnum >= n:
                 to_copy[c] = 0
