@@ -162,10 +162,10 @@ def _refresh(tran: Transaction, target: Node, host: JournalFile) -> None:
     set_runtime(tran, target, state=replace(state, header=header, snapshots=snapshots))
 
 
-def _truncate_name(name: str) -> str:
-    """What pstrcpy keeps of ``name`` in a 256-byte buffer."""
-    raw = name.encode()
-    return raw[:_NAME_MAX].decode("utf-8", "ignore") if len(raw) > _NAME_MAX else name
+def _truncate_name(name: str) -> bytes:
+    """What pstrcpy keeps of ``name`` in a 256-byte buffer (bytes: it may end
+    inside a character, as in QEMU)."""
+    return name.encode()[:_NAME_MAX]
 
 
 @action("blockdev-snapshot-internal-sync")

@@ -296,7 +296,7 @@ def _new_id(entries: list[_Entry]) -> bytes:
 
 def create_snapshot(
     host: HostFile,
-    name: str,
+    name: str | bytes,
     *,
     date_sec: int,
     date_nsec: int,
@@ -305,10 +305,11 @@ def create_snapshot(
 ) -> SnapshotEntry:
     """qcow2_snapshot_create (no VM state): take a snapshot of the active layer.
 
-    ``name`` is stored as given (the caller truncates it as QEMU's 256-byte
-    buffer would).  Errors: ``SnapshotFailed`` with QEMU's errno (EFBIG for
-    too many snapshots, ENOTSUP for images this library cannot snapshot,
-    EINVAL when a refcount would overflow, as update_refcount).
+    ``name`` is stored as given, its UTF-8 bytes or raw bytes (the caller
+    truncates it as QEMU's 256-byte buffer would, even inside a character).
+    Errors: ``SnapshotFailed`` with QEMU's errno (EFBIG for too many
+    snapshots, ENOTSUP for images this library cannot snapshot, EINVAL when a
+    refcount would overflow, as update_refcount).
     """
     img = _Image(host)
     header = img.header
@@ -331,7 +332,7 @@ def create_snapshot(
         snap_l1,
         l1_size,
         ident,
-        name.encode(),
+        name.encode() if isinstance(name, str) else name,
         date_sec,
         date_nsec,
         vm_clock_nsec,
