@@ -26,8 +26,11 @@ own answers (their hooks in ``hooks``, ``qcow2_hook``, ``cbw_hook``).
 
 from __future__ import annotations
 
+import os
+
 from qmpgraph.drivers import qcow2_read
 from qmpgraph.drivers.base import node_size
+from qmpgraph.drivers.qcow2_io import Qcow2Image
 from qmpgraph.graph.graph import filter_child, filter_or_cow_child
 from qmpgraph.graph.model import Node
 from qmpgraph.io.blkdebug_io import rule_check
@@ -80,8 +83,11 @@ async def own_status(node: Node, offset: int, length: int) -> tuple[int, int]:
 
 async def _qcow2_status(node: Node, offset: int, length: int) -> tuple[int, int]:
     """qcow2's own answer: the first run of one cluster kind in this layer."""
-    kind, _, pnum, _ = (await QCOW2_IO.own_runs(node, offset, length))[0]
+    kind, _, pnum, host = (await QCOW2_IO.own_runs(node, offset, length))[0]
     if kind == qcow2_read.NORMAL:
+        if await _metadata_preallocated(node):
+            # QEMU's BDRV_BLOCK_RECURSE: holes of the file under the data read as zeros.
+            return await _recurse_into_file(node, host, pnum)
         return DATA | OFFSET_VALID | ALLOCATED, pnum
     if kind == qcow2_read.COMPRESSED:
         return DATA | ALLOCATED, pnum
@@ -93,6 +99,51 @@ async def _qcow2_status(node: Node, offset: int, length: int) -> tuple[int, int]
     if backing is None or offset >= node_size(backing):
         return ZERO, pnum
     return 0, pnum
+
+
+# (node id, id of its state) -> QEMU's metadata_preallocation, judged once per open.
+_PREALLOCATED: dict[tuple[int, int], bool] = {}
+
+
+async def _metadata_preallocated(node: Node) -> bool:
+    """qcow2_detect_metadata_preallocation: far more clusters have a refcount
+    than the file has blocks allocated (checked on the first block status)."""
+    key = (node.id, id(node.state))
+    known = _PREALLOCATED.get(key)
+    if known is not None:
+        return known
+    file_node = node.file.child if node.file is not None else None
+    fd = getattr(getattr(file_node, "state", None), "lock", None)
+    if file_node is None or fd is None or any(e.name == "data-file" for e in node.children):
+        _PREALLOCATED[key] = False
+        return False
+    st = os.fstat(fd.fd)
+
+    def detect(img: Qcow2Image) -> bool:
+        cluster = img.cluster_size
+        real = st.st_blocks * 512 // cluster
+        threshold = max(real * 10 // 9, real + 2)
+        count = 0
+        for i in range(-(-st.st_size // cluster)):
+            if count >= threshold:
+                break
+            count += bool(img.refcounts.get(i))
+        return count >= threshold
+
+    # The image's own call queue: the library is not thread-safe.
+    result = await QCOW2_IO._call(node, detect)
+    _PREALLOCATED[key] = result
+    return result
+
+
+async def _recurse_into_file(node: Node, host: int, pnum: int) -> tuple[int, int]:
+    """The data's status narrowed by its file's: holes (or past its end) are zeros."""
+    flags = DATA | OFFSET_VALID | ALLOCATED
+    assert node.file is not None and node.file.child is not None
+    file_flags, file_pnum = await own_status(node.file.child, host, pnum)
+    if not file_pnum:
+        return flags | ZERO, pnum
+    return flags | (file_flags & ZERO), min(pnum, file_pnum)
 
 
 async def status_above(node: Node, offset: int, length: int) -> tuple[int, int, int]:

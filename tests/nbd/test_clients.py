@@ -12,7 +12,9 @@ the same thing on both; only the socket path in the output is normalised:
 * null-co with and without read-zeroes (the latter's bytes are garbage in
   QEMU, so no content or data is compared there);
 * copy-before-write over a copy of the chain's top, and snapshot-access
-  over it (a fleecing export that sees only what the top layer holds).
+  over it (a fleecing export that sees only what the top layer holds);
+* qcow2 images with preallocation=metadata (data clusters over file holes
+  read as zeros), preallocation=falloc and 4 KiB clusters.
 
 Clients: ``nbdinfo`` (plain, --json, --list, --map for both meta contexts,
 --totals, --can/--is), ``qemu-img compare`` of the two exports,
@@ -58,6 +60,11 @@ qemu-io -f raw -c 'write -P 5 0 64k' rb.raw
 qemu-img create -q -f qcow2 -b rb.raw -F raw overraw.qcow2 4M
 qemu-io -f qcow2 -c 'write -P 6 1M 64k' overraw.qcow2
 cp top.qcow2 active.qcow2
+qemu-img create -q -f qcow2 -o preallocation=metadata prealloc.qcow2 4M
+qemu-io -f qcow2 -c 'write -P 1 1M 64k' -c 'write -P 3 3M 4k' prealloc.qcow2
+qemu-img create -q -f qcow2 -o preallocation=falloc falloc.qcow2 2M
+qemu-img create -q -f qcow2 -o cluster_size=4096 small.qcow2 1M
+qemu-io -f qcow2 -c 'write -P 2 6000 10000' -c 'write -z 100k 5k' small.qcow2
 qemu-img create -q -f qcow2 fleece.qcow2 6M
 """
 
@@ -75,6 +82,9 @@ BLOCKDEVS = [
     "qcow2,node-name=fleece,file.driver=file,file.filename=fleece.qcow2",
     "copy-before-write,node-name=cbw,file=active,target=fleece",
     "snapshot-access,node-name=snap,file=cbw",
+    "qcow2,node-name=prealloc,file.driver=file,file.filename=prealloc.qcow2,read-only=on",
+    "qcow2,node-name=falloc,file.driver=file,file.filename=falloc.qcow2,read-only=on",
+    "qcow2,node-name=small,file.driver=file,file.filename=small.qcow2,read-only=on",
 ]
 
 # (node, export name, description); every export offers qemu:allocation-depth
@@ -92,6 +102,9 @@ EXPORTS = [
     ("null-garbage", "null-garbage", None),
     ("cbw", "cbw", "copy-before-write over a copy of the chain"),
     ("snap", "snap", "its snapshot"),
+    ("prealloc", "prealloc", "preallocation=metadata"),
+    ("falloc", "falloc", None),
+    ("small", "small", "4 KiB clusters"),
 ]
 NAMES = [name for _, name, _ in EXPORTS]
 # QEMU reads null-co without read-zeroes into an untouched buffer.
