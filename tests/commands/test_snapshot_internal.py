@@ -13,6 +13,7 @@ copy-on-write of shared clusters after a snapshot is checked with
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -37,9 +38,9 @@ def _tool(*cmd: str) -> str:
     return res.stdout
 
 
-def _image(path: Path, *writes: str, opts: str = "") -> Path:
+def _image(path: Path, *writes: str, opts: str = "", size: str = "4M") -> Path:
     _tool("qemu-img", "create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []),
-          str(path), "4M")  # fmt: skip
+          str(path), size)  # fmt: skip
     if writes:
         _tool("qemu-io", "-f", "qcow2", *[a for w in writes for a in ("-c", w)], str(path))
     return path
@@ -193,3 +194,69 @@ def test_downstream_member_only_on_blockdev_adds_snapshot_access() -> None:
     assert len(moved) == 1 and moved[0][0] == "snapshot-access" and moved[0][2] == new["name"]
     base = next(e for e in qemu if e["name"] == moved[0][1])
     assert new["members"][:-1] == base["members"]
+
+
+@pytest.mark.parametrize(
+    ("seed", "opts"),
+    [(1, "cluster_size=4096"), (2, "cluster_size=4096,compat=0.10"), (3, "cluster_size=65536")],
+)
+def test_random_writes_and_snapshots_match_a_model(
+    tmp_path: Path, qsd_path: str, seed: int, opts: str
+) -> None:
+    """Random guest writes, zeroes, discards, snapshots and deletes on one image;
+    every snapshot's convert -l and the active layer equal a byte model, and
+    qemu-img check finds the image clean after every snapshot operation."""
+    del qsd_path
+    rng = random.Random(seed)
+    size = 8 << 20
+    image = _image(tmp_path / "a.qcow2", "write -P 0x10 0 3M", opts=opts, size="8M")
+    active = bytearray(b"\x10" * (3 << 20) + bytes(size - (3 << 20)))
+    snaps: dict[str, bytes] = {}
+    counter = 0
+    img = open_image(image)
+    try:
+        for _ in range(60):
+            op = rng.random()
+            if op < 0.15 or (op < 0.25 and snaps):
+                if op < 0.15:
+                    counter += 1
+                    create_snapshot(img.host, f"s{counter}", date_sec=counter, date_nsec=0)
+                    snaps[f"s{counter}"] = bytes(active)
+                else:
+                    name = rng.choice(sorted(snaps))
+                    delete_snapshot(img.host, None, name)
+                    del snaps[name]
+                # The metadata changed under the image: reopen, as the data path does.
+                img.close()
+                _check(image)
+                img = open_image(image)
+                continue
+            offset = rng.randrange(0, size - 1)
+            length = rng.randrange(1, min(size - offset, 700_000) + 1)
+            if op < 0.8:
+                data = bytes([rng.randrange(1, 256)]) * length
+                img.write(offset, data)
+                active[offset : offset + length] = data
+            elif op < 0.9:
+                img.write_zeroes(offset, length, may_unmap=rng.random() < 0.5)
+                active[offset : offset + length] = bytes(length)
+            else:
+                # Discard drops whole clusters only (they read zeros: no backing).
+                img.discard(offset, length)
+                cs = img.cluster_size
+                lo, hi = -(-offset // cs) * cs, (offset + length) // cs * cs
+                if hi > lo:
+                    active[lo:hi] = bytes(hi - lo)
+    finally:
+        img.close()
+    assert counter >= 3
+    _check(image)
+    listed = [s["name"] for s in _qemu_snapshots(image)]
+    assert listed == sorted(snaps, key=lambda n: int(n[1:]))
+    for name, want in snaps.items():
+        out = tmp_path / f"{name}.raw"
+        _tool("qemu-img", "convert", "-l", name, "-O", "raw", str(image), str(out))
+        assert out.read_bytes() == want, name
+    out = tmp_path / "active.raw"
+    _tool("qemu-img", "convert", "-O", "raw", str(image), str(out))
+    assert out.read_bytes() == bytes(active)
