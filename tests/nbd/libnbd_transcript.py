@@ -13,7 +13,9 @@ session against qemu-storage-daemon and qmpgraph must print the same text:
 * structured reads: every chunk's type (data, hole), offset and length, and
   a digest of the bytes;
 * on a writable export: a FUA write, flush, trim, write zeroes with and
-  without NO_HOLE (and FAST_ZERO), cache, then status and reads again.
+  without NO_HOLE (and FAST_ZERO), cache, then status and reads again;
+* or, instead of all that, a session without structured replies, or one
+  choosing its export with NBD_OPT_EXPORT_NAME (no fixed newstyle).
 
 Nothing from qmpgraph is imported: this is a client.
 """
@@ -164,11 +166,37 @@ def _writes(h: Any, size: int, fast_zero: bool) -> list[Any]:
     return out
 
 
+def _plain(sock: str, name: str, mode: str) -> dict[str, Any]:
+    """Without structured replies ("simple"), or without fixed newstyle, so
+    the export is chosen by NBD_OPT_EXPORT_NAME ("oldstyle")."""
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.set_request_structured_replies(False)
+    if mode == "oldstyle":
+        h.set_handshake_flags(0)
+    h.add_meta_context("base:allocation")
+    h.connect_unix(sock)
+    out: dict[str, Any] = {"protocol": h.get_protocol(), "flags": _flags(h)}
+    size = h.get_size()
+    reads = []
+    for offset, length in [(0, min(size, 1 << 20)), (12345, 4321)]:
+        res = _try(h.pread, length, offset)
+        reads.append(res if isinstance(res, dict) else hashlib.sha256(res).hexdigest()[:16])
+    out["reads"] = reads
+    out["status"] = _try(h.block_status, min(size, 65536), 0, lambda *a: 0)
+    h.shutdown()
+    return out
+
+
 def main() -> None:
     """Connect to ``argv[1]``'s export ``argv[2]``; ``argv[3]`` "rw" also writes
-    ("rw-nofast": without the FAST_ZERO request)."""
+    ("rw-nofast": without the FAST_ZERO request; "simple", "oldstyle": see
+    ``_plain``)."""
     sock, name = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "ro"
+    if mode in ("simple", "oldstyle"):
+        print(json.dumps(_plain(sock, name, mode), indent=1, sort_keys=True))
+        return
     writable = mode.startswith("rw")
     h = nbd.NBD()
     h.set_opt_mode(True)

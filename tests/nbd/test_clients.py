@@ -333,3 +333,13 @@ def test_blkdebug_block_status_error_equal_qsd(tmp_path: Path) -> None:
     finally:
         qsd.stop()
         ours.stop()
+
+
+@pytest.mark.parametrize("mode", ["simple", "oldstyle"])
+@pytest.mark.parametrize("name", ["disk", "chain"])
+def test_libnbd_without_structured_replies_equal_qsd(
+    pair: tuple[LiveDaemon, LiveDaemon], name: str, mode: str
+) -> None:
+    need_libnbd()
+    qsd, ours = pair
+    assert json.loads(transcript(ours, name, mode)) == json.loads(transcript(qsd, name, mode))
