@@ -66,7 +66,7 @@ from qmpgraph.jobs.mirror_graph import (
     replace_error,
     set_stop,
 )
-from qmpgraph.transactions.actions import unref_node
+from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
 from qmpgraph.transactions.reopen import ReopenRequest, reopen_multiple
@@ -426,6 +426,8 @@ class MirrorJob(BlockJob):
         graph = self.daemon.graph
         failure: str | None = None
         with self.daemon.graph_transaction("mirror-exit", {"id": self.id}) as tran:
+            # Dropping the job's edges must not free the filter yet.
+            ref_node(tran, self.top)
             if self.target_edge is not None:
                 detach_target_backend(tran, graph, self.target_edge)
                 self.target_edge = None

@@ -146,10 +146,10 @@ def pivot(tran: Transaction, graph: BlockGraph, to_replace: Node, target: Node) 
 
 
 def remove_mirror_top(tran: Transaction, graph: BlockGraph, top: Node) -> None:
-    """bdrv_replace_node(mirror_top, its backing), then drop the last reference."""
+    """bdrv_replace_node(mirror_top, its backing), then drop the reference the
+    caller took when the exit began (the last one: the filter goes)."""
     edge = top.backing
     assert edge is not None and edge.child is not None
-    ref_node(tran, top)
     replace_node(tran, graph, top, edge.child)
     unref_node(tran, graph, top)
 
