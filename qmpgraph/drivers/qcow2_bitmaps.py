@@ -46,7 +46,7 @@ from qmpgraph.bitmaps.model import DirtyBitmap
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.drivers.qcow2_refcount import Refcounts
-from qmpgraph.drivers.qcow2_storage import FdFile, Qcow2Error, pread_full
+from qmpgraph.drivers.qcow2_storage import FdFile, HostFile, Qcow2Error, pread_full
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
 from qmpgraph.transactions.engine import Transaction
@@ -123,6 +123,18 @@ def _read_directory(read: object, raw: bytes) -> _Stored | None:
             pos += (_ENTRY.size + extra + name_size + 7) & ~7
         return _Stored(dir_offset, dir_size, entries)
     return None
+
+
+def all_in_use(host: HostFile, raw: bytes) -> bool:
+    """Whether the image's valid bitmaps extension lists only ``in_use`` bitmaps.
+
+    Such bitmaps are never trusted again (QEMU marks them inconsistent), so a
+    writer that does not track them may keep the extension: the qcow2 data
+    path then leaves autoclear bit 0 set, and ``qemu-img check`` still counts
+    the bitmaps' clusters (a crash leaves no leaks).
+    """
+    stored = _read_directory(lambda off, n: pread_full(host, off, n), raw)
+    return stored is not None and all(e[3] & FLAG_IN_USE for e in stored.entries)
 
 
 def _file_fd(file_node: Node | None) -> int | None:

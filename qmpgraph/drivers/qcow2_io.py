@@ -32,8 +32,9 @@ then the refcounts of freed clusters.  Only ``flush`` (or ``fua``) syncs.
 The dirty bit is never set: QEMU sets it only with lazy refcounts, which
 this data path does not use (refcounts are always exact); a writable open
 refuses an image whose dirty bit is set (``qemu-img check -r all`` repairs
-it).  Unknown autoclear bits (e.g. ``bitmaps``) are cleared on a writable
-open, since their data would go stale.
+it).  Unknown autoclear bits are cleared on a writable open, since their
+data would go stale; ``bitmaps`` too, unless every stored bitmap is marked
+in use (``qcow2_bitmaps``: stale by definition).
 
 Thread safety: none; the caller serialises calls on one image (one lock
 per image in an async layer that runs these calls in worker threads).
@@ -54,7 +55,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any
 
-from qmpgraph.drivers import qcow2_truncate
+from qmpgraph.drivers import qcow2_bitmaps, qcow2_truncate
 from qmpgraph.drivers.qcow2 import (
     AUTOCLEAR_DATA_FILE_RAW,
     INCOMPAT_DIRTY,
@@ -182,8 +183,13 @@ class Qcow2Image(GuestMapping):
         self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
         self._coffset_mask = (1 << self._csize_shift) - 1
         unknown_autoclear = header.autoclear_features & ~AUTOCLEAR_DATA_FILE_RAW
+        if unknown_autoclear & qcow2_bitmaps.AUTOCLEAR_BITMAPS and qcow2_bitmaps.all_in_use(
+            file, raw
+        ):
+            # Bitmaps marked in use are stale by definition: the extension may stay.
+            unknown_autoclear &= ~qcow2_bitmaps.AUTOCLEAR_BITMAPS
         if not read_only and header.version >= 3 and unknown_autoclear:
-            kept = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+            kept = header.autoclear_features & ~unknown_autoclear
             file.pwrite(_HEADER_AUTOCLEAR, struct.pack(">Q", kept))
 
     # -- lifecycle ---------------------------------------------------------

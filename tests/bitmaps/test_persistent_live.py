@@ -73,7 +73,7 @@ def _session(kind: str, qsd: str, work: Path) -> list[Any]:
         run("qemu-io", "-f", "raw", "-c", "write -P 1 0 1", "-c", "write -P 2 70000 200000",
             d.uri("a"))  # fmt: skip
         d.ok("block-dirty-bitmap-merge", node="a", target="p2", bitmaps=["q1"])
-        seen += [_shas(d), _node(d)]
+        seen += [_shas(d), _node(d), _info(img)]
         d.ok("block-export-del", id="e")
         for _ in range(100):  # the export goes once its clients are gone
             if not d.ok("query-block-exports"):
@@ -100,3 +100,30 @@ def test_persistent_bitmaps_as_qsd(tmp_path: Path) -> None:
     got = _session("qmpgraph", qsd, tmp_path / "qmpgraph")
     assert got == want
     assert want[-1] and [b["name"] for b in want[-1]] == ["q1", "p2", "p1"]
+
+
+def _killed(kind: str, qsd: str, work: Path) -> list[Any]:
+    """Writes with a loaded bitmap, then SIGKILL: the image keeps it in use."""
+    work.mkdir(parents=True)
+    img = work / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M")
+    run("qemu-img", "bitmap", "--add", str(img), "q1")
+    spec = f"driver=qcow2,node-name=a,file.driver=file,file.filename={img}"
+    d = LiveDaemon(kind, qsd, work, [spec])
+    try:
+        d.start_nbd()
+        d.ok("block-export-add", type="nbd", id="e", node_name="a", writable=True)
+        run("qemu-io", "-f", "raw", "-c", "write -P 1 0 300k", d.uri("a"))
+        d.proc.kill()
+        d.proc.wait(30)
+    finally:
+        d.stop()
+    _check(img)
+    return [_info(img)]
+
+
+def test_a_killed_daemon_leaves_bitmaps_in_use(tmp_path: Path) -> None:
+    qsd = require_qemu()
+    want = _killed("qsd", qsd, tmp_path / "qsd")
+    assert _killed("qmpgraph", qsd, tmp_path / "qmpgraph") == want
+    assert want == [[{"flags": ["in-use", "auto"], "name": "q1", "granularity": 65536}]]
