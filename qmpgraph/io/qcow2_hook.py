@@ -7,12 +7,14 @@ image locks live on it, so the file is never opened again); an external
 node's ``backing`` edge seen through the graph (``_BackingSource``), so
 whatever driver the backing node has, its own hook serves the reads.
 
-The library is synchronous and not thread-safe: every call on one image
-runs in a worker thread under that image's ``trio.Lock``; from there,
-backing reads come back into trio with ``trio.from_thread``.  An image is
-dropped when its node's file descriptor was closed (the node went away)
-or when the node was reopened (its state, children or read-only flag
-changed), and rebuilt on the next request.  The library keeps no dirty
+The library is synchronous and not thread-safe: calls on one image run one
+at a time, in a worker thread under that image's ``trio.Lock`` (one worker
+drains the queued calls); from there, backing reads come back into trio
+with ``trio.from_thread``.  While the node has no backing child and the
+image is idle, a call runs in the trio thread itself, as file reads do.
+An image is dropped when its node's file descriptor was closed (the node
+went away) or when the node was reopened (its state, children or
+read-only flag changed), and rebuilt on the next request.  The library keeps no dirty
 data of its own (metadata is write-through), so dropping needs no flush.
 
 ``read_snapshot`` and ``block_status_snapshot`` read an internal snapshot
@@ -73,6 +75,15 @@ class _BackingSource:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        # True while a call runs in the trio thread itself (``Qcow2IO._call``
+        # does that only while the node has no backing child).
+        self.inline = False
+
+    def _graph(self) -> tuple[Edge | None, int]:
+        """The backing edge and size, looked up in the trio thread."""
+        if self.inline:
+            return self._backing_size()
+        return trio.from_thread.run_sync(self._backing_size)
 
     def _backing_size(self) -> tuple[Edge | None, int]:
         edge = self.node.backing
@@ -84,18 +95,18 @@ class _BackingSource:
     @property
     def size(self) -> int:
         """The backing node's length (0 without one)."""
-        return trio.from_thread.run_sync(self._backing_size)[1]
+        return self._graph()[1]
 
     def read(self, offset: int, length: int) -> bytes:
         """Guest data of the backing node, read through its own hook."""
-        edge, _ = trio.from_thread.run_sync(self._backing_size)
+        edge, _ = self._graph()
         if edge is None:
             return bytes(length)
         return trio.from_thread.run(child_read, edge, offset, length)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """The backing node's extents (depth 1 where it allocates, else 0)."""
-        edge, _ = trio.from_thread.run_sync(self._backing_size)
+        edge, _ = self._graph()
         if edge is None:
             return [Extent(offset, length, Status.ZERO, 0)]
         out: list[Extent] = []
@@ -144,6 +155,10 @@ class _Runner:
         self.queue: deque[_Queued] = deque()
         self.busy = False
 
+    def idle(self, lock: trio.Lock) -> bool:
+        """Whether no call is queued or running on the image."""
+        return not self.busy and not lock.locked()
+
     async def run(self, lock: trio.Lock, work: Callable[[], T]) -> T:
         """``work()`` in the worker thread, after every call queued before it."""
         call = _Queued(work)
@@ -179,6 +194,7 @@ class _Open:
     lock: trio.Lock
     key: tuple[Any, ...]
     file_state: FileState
+    source: _BackingSource
     runner: _Runner = field(default_factory=_Runner)
 
 
@@ -217,10 +233,11 @@ class Qcow2IO(IOHook):
         file_state = _file_state(node.file)
         data_edge = _edge(node, "data-file")
         data_file = FdFile(_file_state(data_edge).lock.fd) if data_edge is not None else None
+        source = _BackingSource(node)
         try:
             image = Qcow2Image(
                 FdFile(file_state.lock.fd),
-                backing=_BackingSource(node),
+                backing=source,
                 data_file=data_file,
                 read_only=node.read_only,
             )
@@ -228,12 +245,13 @@ class Qcow2IO(IOHook):
             raise BlockIOError(errno.EIO, str(err)) from err
         except OSError as err:
             raise BlockIOError(err.errno or errno.EIO) from err
-        opened = _Open(image, trio.Lock(), _key(node), file_state)
+        opened = _Open(image, trio.Lock(), _key(node), file_state, source)
         self._images[node.id] = opened
         return opened
 
     async def _call(self, node: Node, fn: Callable[[Qcow2Image], T]) -> T:
-        """Run ``fn(image)`` in a worker thread, one call per image at a time."""
+        """Run ``fn(image)``, one call per image at a time: in a worker thread,
+        or right here when the node has no backing child and the image is idle."""
         opened = self._image(node)
 
         def work() -> T:
@@ -244,6 +262,18 @@ class Qcow2IO(IOHook):
             except OSError as err:
                 raise BlockIOError(err.errno or errno.EIO) from err
 
+        backing = node.backing
+        if (backing is None or backing.child is None) and opened.runner.idle(opened.lock):
+            # Nothing to read through the graph and nobody else on the image:
+            # run it here, as FileIO's preads do (no checkpoint, so nothing
+            # else touches the image meanwhile).  Two thread hand-offs cost
+            # more than a read from the page cache: this doubled nbdcopy's
+            # throughput out of a qcow2 export.
+            opened.source.inline = True
+            try:
+                return work()
+            finally:
+                opened.source.inline = False
         return await opened.runner.run(opened.lock, work)
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
