@@ -321,7 +321,7 @@ class DriveBackupAction(BackupAction):
             assert fmt is not None
             no_backing = bool(flags & OpenFlag.NO_BACKING)
             size = node_length(source_bs)
-            _create_target(self.graph, path, str(fmt), size, backing, no_backing=no_backing)
+            create_target(self.graph, path, str(fmt), size, backing, no_backing=no_backing)
         target = self.target = open_target(tran, self.graph, path, fmt, flags)
         if sync == "none":
             set_backing(tran, self.graph, target, backing)
@@ -361,7 +361,7 @@ def _tree_size(node: Node) -> int:
     return total
 
 
-def _create_target(
+def create_target(
     graph: BlockGraph, path: str, fmt: str, size: int, backing: Node | None, *, no_backing: bool
 ) -> None:
     """bdrv_img_create for the target: qcow2 (with a backing file name) or raw."""
@@ -399,10 +399,18 @@ def _create_target(
 
 
 def open_target(
-    tran: Transaction, graph: BlockGraph, path: str, fmt: str | None, flags: int
+    tran: Transaction,
+    graph: BlockGraph,
+    path: str,
+    fmt: str | None,
+    flags: int,
+    *,
+    opts: dict[str, Any] | None = None,
 ) -> Node:
-    """bdrv_open(target, NULL, {discard: unmap, detect-zeroes: unmap[, driver]}, flags)."""
-    opts: dict[str, Any] = {"discard": "unmap", "detect-zeroes": "unmap"}
+    """bdrv_open(target, NULL, options[, driver], flags); drive-backup's options
+    are discard=unmap and detect-zeroes=unmap."""
+    if opts is None:
+        opts = {"discard": "unmap", "detect-zeroes": "unmap"}
     if fmt is not None:
         if REGISTRY.get(fmt) is None:
             raise GenericError(f"Unknown driver '{fmt}'")

@@ -1,5 +1,12 @@
 """``blockdev-mirror`` and ``drive-mirror`` (QEMU 7.2's blockdev.c).
 
+drive-mirror first creates the target image (unless ``mode=existing``:
+without a backing file for ``sync=full``, else backed by the source's
+backing file or, for ``sync=none``, by the source), opens it without its
+backing, then runs blockdev-mirror's checks; on completion the target gets
+the source's backing chain (``mode=existing`` would open the image's own
+backing file: not done by qmpgraph yet).
+
 The checks run in QEMU's order, each with QEMU's message: the source must
 be a root node (``qmp_get_root_bs``: "Need a root block node"), the target
 is looked up, then blockdev_mirror_common's checks (granularity range and
@@ -19,16 +26,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from qmpgraph.commands.backup import create_target, open_target
 from qmpgraph.commands.block import device_or_node_name
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.transaction import lookup_bs
 from qmpgraph.drivers.base import node_size
 from qmpgraph.errors import GenericError
-from qmpgraph.graph.graph import BlockGraph, skip_implicit_filters
+from qmpgraph.graph.graph import BlockGraph, cow_child, skip_filters, skip_implicit_filters
 from qmpgraph.graph.model import Node, ParentKind
+from qmpgraph.graph.perms import OpenFlag
 from qmpgraph.jobs.mirror import MirrorParams, start_mirror
 from qmpgraph.jobs.mirror_graph import backing_chain_next, can_replace
+from qmpgraph.transactions.actions import unref_node
 
 
 def blocked(node: Node, op: str) -> None:
@@ -117,4 +127,53 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
         job = start_mirror(
             daemon, tran, args.get("job-id"), source=source, target=target, params=params
         )
+    job.start()
+
+
+@command("drive-mirror")
+def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """Mirror ``device`` into a new (or existing) image file (qmp_drive_mirror)."""
+    daemon = ctx.daemon
+    with daemon.graph_transaction("drive-mirror", args) as tran:
+        graph = daemon.graph
+        source = root_bs(graph, str(args["device"]))
+        blocked(source, "mirror-source")
+        mode = str(args.get("mode", "absolute-paths"))
+        fmt = args.get("format")
+        if fmt is None and mode != "existing":
+            fmt = source.format_name
+        sync = str(args["sync"])
+        unfiltered = skip_filters(source)
+        edge = cow_child(unfiltered) if unfiltered is not None else None
+        backing = edge.child if edge is not None else None
+        if backing is None and sync == "top":
+            sync = "full"
+        if sync == "none":
+            backing = source
+        size = node_size(source)
+        if args.get("replaces") is not None and args.get("node-name") is None:
+            raise GenericError(
+                "a node-name must be provided when replacing a named node of the graph"
+            )
+        flags = int(source.open_flags | OpenFlag.RDWR | OpenFlag.NO_BACKING)
+        path = str(args["target"])
+        if mode != "existing":
+            assert fmt is not None
+            new_backing = None if sync == "full" or backing is None else backing
+            create_target(graph, path, str(fmt), size, new_backing, no_backing=True)
+        opts: dict[str, Any] = {}
+        if args.get("node-name") is not None:
+            opts["node-name"] = args["node-name"]
+        target = open_target(tran, graph, path, fmt, flags, opts=opts)
+        params = mirror_params(args, sync)
+        params.backing_mode = "source" if mode == "absolute-paths" else "open"
+        # A new image reads as zeros already (bdrv_has_zero_init).
+        params.zero_target = sync == "full" and mode == "existing"
+        params.filter_node_name = None
+        mirror_common(graph, source, target, params)
+        job = start_mirror(
+            daemon, tran, args.get("job-id"), source=source, target=target, params=params
+        )
+        # The job holds the target now (bdrv_unref).
+        unref_node(tran, graph, target)
     job.start()

@@ -74,6 +74,12 @@ from qmpgraph.transactions.reopen import ReopenRequest, reopen_multiple
 if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
 
+# Targets a mirror wrote to since it last flushed them (QEMU's write_gen !=
+# flushed_gen), so that the flush before ready waits for I/O only then.
+# Keyed by node id (nodes take no weak references); a stale id only costs
+# one extra flush.
+_UNFLUSHED: dict[int, bool] = {}
+
 DEFAULT_BUF_SIZE = 16 << 20  # DEFAULT_MIRROR_BUF_SIZE: MAX_IN_FLIGHT * MAX_IO_BYTES
 MAX_IO_BYTES = 1 << 20
 
@@ -287,9 +293,12 @@ class MirrorJob(BlockJob):
                     await self.sleep_ns(delay)
                 continue
             if not self.is_ready():
-                # mirror_flush: the target is flushed before the job is ready.
-                await self.io_point()
-                await flush_node(self.target)
+                # mirror_flush: the target is flushed before the job is ready;
+                # QEMU skips the flush (no I/O, no yield) when nothing was
+                # written to it since the last one.
+                if _UNFLUSHED.pop(self.target.id, False):
+                    await self.io_point()
+                    await flush_node(self.target)
                 if dirty.dirty_bytes():
                     continue
                 self.transition_to_ready()
@@ -358,6 +367,7 @@ class MirrorJob(BlockJob):
                     flags, pnum = await child_block_status(backing, pos, n)
                     n = min(n, pnum)
                     await self.io_point()
+                    _UNFLUSHED[self.target.id] = True
                     if flags & ZERO and not flags & DATA:
                         zflags = REQ_MAY_UNMAP if self.params.unmap else 0
                         await child_write_zeroes(target_edge, pos, n, zflags)
