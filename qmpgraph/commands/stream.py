@@ -4,7 +4,7 @@ As QEMU 7.2's qmp_block_stream and block/stream.c: the argument checks in
 QEMU's order, the STREAM blockers on the chain, then in one graph
 transaction the frozen chain, a copy-on-read filter inserted above the top
 (``bottom`` = the base's overlay; implicit unless ``filter-node-name``), the
-job on the filter (its BlockBackend reads), the top held as "active node"
+job on the filter, its BlockBackend for reading, the top held as "active node"
 and every node being dropped as "intermediate node".  The job copies each
 chunk that is allocated below the top but above the base, at the job's
 speed; on success ``prepare`` drops the filter, sets the top's backing to
@@ -31,18 +31,22 @@ from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.drivers.qcow2_image import rewrite_backing
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import cow_child, filter_child, filter_or_cow_child, skip_filters
-from qmpgraph.graph.model import Edge, Node
-from qmpgraph.graph.perms import Perm
+from qmpgraph.graph.model import BlockBackend, Edge, Node
+from qmpgraph.graph.perms import PERM_ALL, Perm, Role
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed
 from qmpgraph.jobs.dataplane import allocated_above, copy_range, layer_allocated, node_size
 from qmpgraph.transactions.actions import (
+    add_root_parent,
+    remove_root_parent,
     set_frozen,
     unref_node,
 )
 from qmpgraph.transactions.composite import (
+    detach_child,
     drop_filter,
     insert_node,
+    root_attach,
     set_backing,
 )
 from qmpgraph.transactions.engine import Transaction
@@ -169,6 +173,7 @@ class StreamJob(BlockJob):
     base_overlay: Node
     above_base: Node
     backing_file: str | None
+    data_blk: BlockBackend
 
     async def run(self) -> None:
         top = skip_filters(self.target)
@@ -217,6 +222,10 @@ class StreamJob(BlockJob):
         if cor is None:
             return
         self.cor = None
+        if self.data_blk.root is not None:
+            detach_child(tran, self.daemon.graph, self.data_blk.root)
+        if self.data_blk in self.daemon.graph.backends:
+            remove_root_parent(tran, self.daemon.graph, self.data_blk)
         drop_filter(tran, self.daemon.graph, cor)
         unref_node(tran, self.daemon.graph, cor)
 
@@ -339,14 +348,21 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
             args.get("job-id", ""),
             tran,
             cor,
-            perm=int(Perm.CONSISTENT_READ),
-            shared=_BASIC | int(Perm.WRITE),
+            perm=0,
+            shared=PERM_ALL,
             speed=int(args.get("speed", 0)),
             on_error=str(args.get("on-error", "report")),
             auto_finalize=bool(args.get("auto-finalize", True)),
             auto_dismiss=bool(args.get("auto-dismiss", True)),
         )
         try:
+            # s->blk: how the job reads through the filter.
+            job.data_blk = BlockBackend()
+            add_root_parent(tran, graph, job.data_blk)
+            root_attach(
+                tran, graph, job.data_blk, cor, "root", role=Role.FILTERED | Role.PRIMARY,
+                perm=int(Perm.CONSISTENT_READ), shared=_BASIC | int(Perm.WRITE),
+            )  # fmt: skip
             job.add_node(tran, "active node", bs, 0, _BASIC | int(Perm.WRITE))
             base = next_in_chain(above_base)
             it = next_in_chain(bs)

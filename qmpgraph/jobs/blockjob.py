@@ -1,12 +1,12 @@
 """``BlockJob``: a job that works on block nodes (QEMU's blockjob.c).
 
-A block job owns an anonymous BlockBackend on its main node (``self.blk``,
-with the permissions the job type asks for: its data path goes through
-``self.blk_edge``) and holds every node it works on through role-0 job edges
-(``add_node``), each of which blocks all operations on that node with "block
-device is in use by block job: <type>".  These graph changes are made inside
-the creating command's transaction; they are dropped when the job goes away
-(its own transaction then).
+A block job holds its main node and every other node it works on through
+role-0 job edges (``add_node``; the main node's edge with the permissions
+the job type asks for, as QEMU 7.2's block_job_create), each of which blocks
+all operations on that node with "block device is in use by block job:
+<type>".  Job types that move data make their own BlockBackends.  These
+graph changes are made inside the creating command's transaction; they are
+dropped when the job goes away (its own transaction then).
 
 Also here: the speed limit (QEMU's RateLimit with 100 ms slices), the
 BLOCK_JOB_* events, on-error policy and ``query-block-jobs``' BlockJobInfo.
@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.attach import OP_TYPES
-from qmpgraph.graph.model import BlockBackend, Edge, Node
+from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.model import Job as JobParent
-from qmpgraph.graph.perms import PERM_ALL, Role
 from qmpgraph.jobs.core import Job, JobTxn
 from qmpgraph.jobs.state import JobVerb, check_verb
 from qmpgraph.transactions.actions import add_root_parent, remove_root_parent
@@ -100,13 +99,12 @@ def _unblock(tran: Transaction, node: Node, reason: str, ops: tuple[str, ...]) -
 
 
 class BlockJob(Job):
-    """A block job: its BlockBackend, the nodes it holds, speed, BLOCK_JOB_* events.
+    """A block job: the nodes it holds, speed, BLOCK_JOB_* events.
 
     ``__init__`` runs block_job_create's steps inside ``tran`` (the creating
-    command's transaction): the BlockBackend on ``node`` with ``perm``/
-    ``shared`` (a conflict raises before the job exists), the job itself
-    (``created``), the "main node" job edge, then the speed (a negative
-    speed fails the job early: ``null``).
+    command's transaction): the job itself (ID checks, ``created``), the
+    "main node" job edge on ``node`` with ``perm``/``shared``, then the speed
+    (a conflict or a negative speed fails the job early: ``null``).
     """
 
     is_block_job = True
@@ -128,12 +126,6 @@ class BlockJob(Job):
     ) -> None:
         graph = daemon.graph
         self._freed = False
-        self.blk = BlockBackend()
-        add_root_parent(tran, graph, self.blk)
-        self.blk_edge: Edge = root_attach(
-            tran, graph, self.blk, node, "root", role=Role.FILTERED | Role.PRIMARY,
-            perm=perm, shared=shared,
-        )  # fmt: skip
         super().__init__(
             daemon, job_id, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, txn=txn
         )
@@ -145,7 +137,11 @@ class BlockJob(Job):
         self.limit = RateLimit()
         self.on_error = on_error
         self.iostatus = "ok"
-        self.add_node(tran, "main node", node, 0, PERM_ALL)
+        try:
+            self.add_node(tran, "main node", node, perm, shared)
+        except GenericError:
+            self.early_fail()
+            raise
         # The main node may still be moved to another iothread.
         _unblock(tran, node, self.blocker, ("dataplane",))
         if speed < 0:
@@ -188,10 +184,6 @@ class BlockJob(Job):
             graph = self.daemon.graph
             if self.parent in graph.jobs:
                 remove_root_parent(tran, graph, self.parent)
-            if self.blk.root is not None:
-                detach_child(tran, graph, self.blk.root)
-            if self.blk in graph.backends:
-                remove_root_parent(tran, graph, self.blk)
 
     # -- speed ----------------------------------------------------------------------
 
