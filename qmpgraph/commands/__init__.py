@@ -5,8 +5,8 @@ Importing this package registers every implemented command.
 
 from qmpgraph.commands import backup as backup
 from qmpgraph.commands import bitmaps as bitmaps
-from qmpgraph.commands import commit as commit
 from qmpgraph.commands import block as block
+from qmpgraph.commands import commit as commit
 from qmpgraph.commands import core as core
 from qmpgraph.commands import create as create
 from qmpgraph.commands import exports as exports
