@@ -160,6 +160,7 @@ class Daemon:
     nbd_path: str
     workdir: Path
     mib_s: dict[str, list[float]] = field(default_factory=dict)
+    cpu_s: dict[str, list[float]] = field(default_factory=dict)
     peak_kib: dict[str, int] = field(default_factory=dict)
     start_kib: int = 0
     hwm_kib: int = 0
@@ -275,11 +276,19 @@ class PeakRSS:
 # -- the copies ---------------------------------------------------------------------
 
 
-def nbdcopy(src: str, dst: str, timeout: float) -> float:
-    """Run nbdcopy once; its wall-clock seconds."""
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def nbdcopy(src: str, dst: str, timeout: float, pid: int) -> tuple[float, float]:
+    """Run nbdcopy once; its wall-clock seconds and daemon ``pid``'s CPU seconds."""
+    cpu = cpu_seconds(pid)
     start = time.perf_counter()
     run_tool("nbdcopy", src, dst, timeout=timeout)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds(pid) - cpu
 
 
 def hash_through(uri: str, timeout: float) -> str:
@@ -312,20 +321,20 @@ class Bench:
     targets: int = 0
     backlog_retries: int = 0
 
-    def read_once(self, d: Daemon, fmt: str, check: bool) -> float:
-        """Copy export ``fmt`` out once; MiB/s."""
+    def read_once(self, d: Daemon, fmt: str, check: bool) -> tuple[float, float]:
+        """Copy export ``fmt`` out once; MiB/s and the daemon's CPU seconds."""
         if check:
             got = hash_through(d.uri(fmt), self.args.timeout)
             if got != self.digest:
                 raise RuntimeError(f"{d.name}: {fmt} export reads wrong bytes")
         dst = "null:" if self.args.sink == "null" else str(self.tmp / "out.img")
-        secs = nbdcopy(d.uri(fmt), dst, self.args.timeout)
+        secs, cpu = nbdcopy(d.uri(fmt), dst, self.args.timeout, d.pid)
         if dst != "null:":
             os.unlink(dst)
-        return float(self.args.size / secs)
+        return self.args.size / secs, cpu
 
-    def write_once(self, d: Daemon, fmt: str, check: bool) -> float:
-        """Copy the raw source into a fresh writable ``fmt`` export once; MiB/s."""
+    def write_once(self, d: Daemon, fmt: str, check: bool) -> tuple[float, float]:
+        """Copy the raw source into a fresh writable ``fmt`` export once; MiB/s, CPU s."""
         self.targets += 1
         n = self.targets
         path = self.tmp / f"t{n}.{fmt}"
@@ -339,7 +348,7 @@ class Bench:
             **{"node-name": f"t{n}", "name": f"w{n}", "writable": True},
         )
         try:
-            secs = nbdcopy(str(self.images["raw"]), d.uri(f"w{n}"), self.args.timeout)
+            secs, cpu = nbdcopy(str(self.images["raw"]), d.uri(f"w{n}"), self.args.timeout, d.pid)
             if check and hash_through(d.uri(f"w{n}"), self.args.timeout) != self.digest:
                 raise RuntimeError(f"{d.name}: {fmt} writable export holds wrong bytes")
         finally:
@@ -348,10 +357,10 @@ class Bench:
             d.qmp.ok("blockdev-del", **{"node-name": f"t{n}"})
             d.qmp.ok("blockdev-del", **{"node-name": f"tf{n}"})
             path.unlink()
-        return float(self.args.size / secs)
+        return self.args.size / secs, cpu
 
-    def clients_once(self, d: Daemon, check: bool) -> float:
-        """``--clients`` nbdcopy readers of the raw export at once; aggregate MiB/s.
+    def clients_once(self, d: Daemon) -> tuple[float, float]:
+        """``--clients`` nbdcopy readers of the raw export at once; aggregate MiB/s, CPU s.
 
         Each reader uses one connection.  QEMU 7.2 listens with a backlog of
         one (so does qmpgraph), and libnbd gives up on a Unix socket whose
@@ -359,6 +368,7 @@ class Bench:
         """
         count = self.args.clients
         cmd = ["nbdcopy", "--connections=1", d.uri("raw"), "null:"]
+        cpu = cpu_seconds(d.pid)
         start = time.perf_counter()
         deadline = time.monotonic() + self.args.timeout
         procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE) for _ in range(count)]
@@ -379,12 +389,14 @@ class Bench:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        return float(count * self.args.size / (time.perf_counter() - start))
+        secs = time.perf_counter() - start
+        return count * self.args.size / secs, cpu_seconds(d.pid) - cpu
 
     def phase(self, key: str, fmt: str | None) -> None:
         """Run one phase ``--repeats`` times on each daemon, alternating."""
         for d in self.daemons:
             d.mib_s[key] = []
+            d.cpu_s[key] = []
             d.peak_kib[key] = 0
         for i in range(self.args.repeats):
             for d in self.daemons:
@@ -396,8 +408,9 @@ class Bench:
                         assert fmt is not None
                         figure = self.write_once(d, fmt, check=i == 0)
                     else:
-                        figure = self.clients_once(d, check=i == 0)
-                d.mib_s[key].append(figure)
+                        figure = self.clients_once(d)
+                d.mib_s[key].append(figure[0])
+                d.cpu_s[key].append(figure[1])
                 d.peak_kib[key] = max(d.peak_kib[key], peak.peak)
 
 
@@ -419,8 +432,9 @@ def print_table(bench: Bench) -> None:
         f"{a.size} MiB image; nbdcopy defaults; median of {a.repeats} runs"
         f" (read sink: {a.sink}; clients: {a.clients} readers of the raw export at once)"
     )
-    print(f"{'':22}{'qsd MiB/s':>11}{'qmpgraph':>10}{'ratio':>8}{'  ':2}", end="")
-    print(f"{'qsd peak RSS':>13}{'qmpgraph':>10}{'ratio':>8}")
+    print(f"{'':22}{'qsd MiB/s':>11}{'qmpgraph':>10}{'ratio':>8}", end="")
+    print(f"{'qsd CPU s':>11}{'qmpgraph':>9}{'ratio':>8}", end="")
+    print(f"{'qsd peak RSS':>15}{'qmpgraph':>10}{'ratio':>8}")
 
     def fmt(v: float | None, width: int, spec: str) -> str:
         return f"{v:>{width}{spec}}" if v is not None else f"{'-':>{width}}"
@@ -431,6 +445,9 @@ def print_table(bench: Bench) -> None:
     def speed(d: Daemon | None, key: str) -> float | None:
         return statistics.median(d.mib_s[key]) if d is not None else None
 
+    def cpu(d: Daemon | None, key: str) -> float | None:
+        return statistics.median(d.cpu_s[key]) if d is not None else None
+
     def mib(d: Daemon | None, kib: dict[str, int] | int | None, key: str = "") -> float | None:
         if d is None or kib is None:
             return None
@@ -440,14 +457,19 @@ def print_table(bench: Bench) -> None:
         x, y = speed(ref, key), speed(cand, key)
         rx = mib(ref, ref.peak_kib if ref else None, key)
         ry = mib(cand, cand.peak_kib if cand else None, key)
-        line = f"{key:22}{fmt(x, 11, ',.0f')}{fmt(y, 10, ',.0f')}{ratio(x, y)}  "
-        line += f"{fmt(rx, 10, ',.1f')} MiB{fmt(ry, 6, ',.1f')} MiB{ratio(rx, ry)}"
+        cx, cy = cpu(ref, key), cpu(cand, key)
+        line = f"{key:22}{fmt(x, 11, ',.0f')}{fmt(y, 10, ',.0f')}{ratio(x, y)}"
+        line += f"{fmt(cx, 11, '.2f')}{fmt(cy, 9, '.2f')}{ratio(cx, cy)}"
+        line += f"{fmt(rx, 11, ',.1f')} MiB{fmt(ry, 6, ',.1f')} MiB{ratio(rx, ry)}"
         print(line)
     for label, attr in (("VmRSS at start (MiB)", "start_kib"), ("VmHWM at end (MiB)", "hwm_kib")):
         x = mib(ref, getattr(ref, attr, None))
         y = mib(cand, getattr(cand, attr, None))
         print(f"{label:22}{fmt(x, 11, ',.1f')}{fmt(y, 10, ',.1f')}{ratio(x, y)}")
-    print("(ratios are qmpgraph / qsd: throughput above 1 and memory below 1 favour qmpgraph)")
+    print(
+        "(ratios are qmpgraph / qsd: throughput above 1, CPU and memory below 1 favour"
+        " qmpgraph; CPU s: the daemon's user+system time during one copy, median)"
+    )
     if bench.backlog_retries:
         print(f"({bench.backlog_retries} clients-phase readers restarted: listen backlog full)")
     if ref is not None and cand is not None:
