@@ -9,7 +9,8 @@ WRITE|RESIZE taken and unshared when the parents take both.
 ``PreallocateState`` holds the options and the data path's bookkeeping
 (``data_end``, ``zero_start``, ``file_end``; -1 while unknown); the node's
 length is ``data_end`` once known.  ``close`` truncates the file back to
-``data_end`` as preallocate_close does.  The data path itself:
+``data_end`` as preallocate_close does, and so does a permission update
+that takes WRITE|RESIZE away (preallocate_check_perm).  The data path itself:
 ``qmpgraph.io.filters_io``.
 """
 
@@ -73,6 +74,11 @@ def _truncate_to_data_end(state: PreallocateState) -> None:
         state.file_end = state.data_end
 
 
+def _can_write_resize(perm: int) -> bool:
+    both = Perm.WRITE | Perm.RESIZE
+    return perm & both == both
+
+
 class Preallocate(FilterDriver):
     """preallocate: takes WRITE|RESIZE and unshares them when its parents hold both."""
 
@@ -118,6 +124,28 @@ class Preallocate(FilterDriver):
         if isinstance(state, PreallocateState) and state.data_end >= 0:
             return state.data_end
         return super().size(node)
+
+    def check_perm(self, node: Node, perm: int, shared: int) -> None:
+        """preallocate_check_perm: losing WRITE|RESIZE drops the preallocation
+        at once (QEMU truncates here, before the update commits)."""
+        del shared
+        state = node.state
+        lost = not _can_write_resize(perm)
+        if isinstance(state, PreallocateState) and state.data_end >= 0 and lost:
+            _truncate_to_data_end(state)
+
+    def set_perm(self, node: Node, perm: int, shared: int) -> None:
+        """preallocate_set_perm: start tracking the ends with WRITE|RESIZE, else forget them."""
+        del shared
+        state = node.state
+        if not isinstance(state, PreallocateState):
+            return
+        if _can_write_resize(perm):
+            if state.data_end < 0:
+                length = child_length(state.file_node)
+                state.data_end = state.file_end = state.zero_start = length
+        else:
+            state.invalidate()
 
     def close(self, node: Node) -> None:
         """preallocate_close: drop the preallocation past the data."""

@@ -15,8 +15,8 @@ write-zeroes ending past the end of the data (``data_end``) first extends
 ``file`` with zeros up to the end plus ``prealloc-size``, aligned to
 ``prealloc-align`` (a write-zeroes that starts in the preallocated area
 is then already done); the node's length is ``data_end``.  Flushes do not
-truncate; ``close`` truncates ``file`` back to ``data_end`` (QEMU also does
-when the permissions are lost; here the bookkeeping is just dropped then).  The state
+truncate; ``close`` and a permission update taking WRITE|RESIZE away
+truncate ``file`` back to ``data_end`` (in the driver module).  The state
 lives in the node's ``PreallocateState`` (``qmpgraph.drivers.preallocate``).
 
 blkverify (block/blkverify.c): reads and writes go to ``test``, then to

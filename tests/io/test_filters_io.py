@@ -355,3 +355,31 @@ def test_blklogwrites_like_qsd(tmp_path: Path, name: str) -> None:
     assert got[1] == want[1]
     assert got[2] == want[2]
     assert len(want[2]) > 512
+
+
+async def test_preallocate_truncates_when_write_resize_go(tmp_path: Path) -> None:
+    """qsd 7.2: with a named preallocate node under a qcow2 node, deleting the
+    qcow2 node (its parents' WRITE|RESIZE gone) cut the file back to the end
+    of the data at once while the filter stayed (preallocate_check_perm)."""
+    image = tmp_path / "img.bin"
+    image.write_bytes(b"\x01" * 196616)
+    c = Client()
+    c.ok("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(image)})
+    c.ok(
+        "blockdev-add",
+        {
+            "driver": "preallocate",
+            "node-name": "p",
+            "file": "f",
+            "prealloc-size": 1 << 20,
+            "prealloc-align": 65536,
+        },
+    )
+    bb, edge = _attach_resizing(c, "p")
+    with trio.fail_after(10):
+        await hooks.child_write(edge, 262144, b"\x22" * 65536)
+    assert image.stat().st_size == 1376256
+    _detach(c, bb)
+    assert image.stat().st_size == 327680
+    p = c.daemon.graph.lookup("p")
+    assert p is not None and p.driver is not None and p.driver.size(p) == 327680
