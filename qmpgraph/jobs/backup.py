@@ -17,8 +17,9 @@ guest write.  ``sync=full`` copies every cluster, ``top`` first drops the
 clusters the top image does not allocate, ``bitmap`` starts from the sync
 bitmap, ``none`` copies nothing itself and runs until cancelled (the filter
 alone keeps the target a point-in-time copy: old-style fleecing).  Clusters
-go one at a time (64 KiB by default) under the speed limit, as block-copy's
-READ_WRITE_CLUSTER method does; zero clusters are written as zeroes.
+go in tasks of up to 1 MiB cut to the source's block status extents under
+the speed limit, as block-copy's READ_WRITE method does; zero extents are
+written as zeroes.
 
 When the job ends (``clean``) the filter is dropped: its parents move back
 onto the source.
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
 
 INT_MAX = (1 << 31) - 1
+COPY_CHUNK = 1 << 20  # BLOCK_COPY_MAX_BUFFER: block-copy's read/write chunk
 
 
 @dataclass(slots=True)
@@ -261,40 +263,69 @@ class BackupJob(BlockJob):
                 self.progress_set_remaining(sum(to_copy) * cluster)
 
     async def _copy_all(self, st: Any) -> None:
-        """block_copy over every cluster still to be copied, one cluster per task."""
+        """block_copy over every dirty cluster: tasks of up to 1 MiB of dirty
+        clusters (``max-chunk`` if smaller), cut to the source's block status
+        extent (at least one cluster), zero extents written as zeroes, the
+        speed limit checked before each task."""
         cbw = self.cbw
         source_edge = _child_edge(cbw, "file")
         target_edge = _child_edge(cbw, "target")
         cluster = st.cluster
-        for c in range(len(st.to_copy)):
+        n = len(st.to_copy)
+        chunk = max(cluster, COPY_CHUNK)
+        if self.params.max_chunk:
+            chunk = min(chunk, self.params.max_chunk)
+        max_clusters = max(1, chunk // cluster)
+        c = 0
+        while True:
             await self.pause_point()
             if self.is_cancelled():
                 return
-            if not st.to_copy[c]:
-                continue
+            while c < n and not st.to_copy[c]:
+                c += 1
+            if c >= n:
+                return
             delay = self.ratelimit_delay(0)
             if delay:
                 await self.sleep_ns(delay)
-                if self.is_cancelled():
-                    return
-            pos = c * cluster
-            n = min(cluster, self.length - pos)
+                continue
             async with st.lock:
                 if not st.to_copy[c]:
                     continue
+                end = c + 1
+                while end < n and end - c < max_clusters and st.to_copy[end]:
+                    end += 1
+                pos = c * cluster
+                nbytes = min(end * cluster, self.length) - pos
                 await self.io_point()
                 try:
-                    flags, pnum = await child_block_status(source_edge, pos, n)
-                    if flags & ZERO and not flags & DATA and pnum >= n:
-                        await child_write_zeroes(target_edge, pos, n)
+                    nbytes, zero = await self._task_extent(source_edge, pos, nbytes, cluster)
+                    if zero:
+                        await child_write_zeroes(target_edge, pos, nbytes)
                     else:
-                        data = await child_read(source_edge, pos, n)
+                        data = await child_read(source_edge, pos, nbytes)
                         await child_write(target_edge, pos, data)
                 except OSError as err:
                     raise JobFailed(err.errno or errno.EIO) from err
-                st.to_copy[c], st.done[c] = 0, 1
-            self.progress_update(cluster)
-            self.ratelimit_delay(cluster)
+                last = -(-(pos + nbytes) // cluster)
+                for k in range(c, last):
+                    st.to_copy[k], st.done[k] = 0, 1
+            self.progress_update(nbytes)
+            self.ratelimit_delay(nbytes)
+            c = last
+
+    async def _task_extent(
+        self, source_edge: Any, pos: int, nbytes: int, cluster: int
+    ) -> tuple[int, bool]:
+        """block_copy_block_status: the task's bytes and whether they read as zeros."""
+        flags, pnum = await child_block_status(source_edge, pos, nbytes)
+        if pnum < cluster:
+            return min(cluster, self.length - pos), False
+        if pos + pnum >= self.length:
+            pnum = self.length - pos
+        else:
+            pnum -= pnum % cluster
+        return min(pnum, nbytes), bool(flags & ZERO and not flags & DATA)
 
     # -- the end --------------------------------------------------------------------
 
@@ -387,8 +418,8 @@ def _init_from_bitmap(to_copy: bytearray, cluster: int, bitmap: DirtyBitmap, len
     """backup_init_bcs_bitmap for sync=bitmap: only the bitmap's dirty clusters."""
     for c in range(len(to_copy)):
         to_copy[c] = 0
-    for offset, size in bitmap.dirty_ranges(0, length):
-        first = offset // cluster
-        end = min(len(to_copy), -(-(offset + size) // cluster))
+    for lo, hi in bitmap.dirty_ranges(0, length):
+        first = lo // cluster
+        end = min(len(to_copy), -(-hi // cluster))
         for c in range(first, end):
             to_copy[c] = 1
