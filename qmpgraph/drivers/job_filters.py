@@ -3,7 +3,9 @@
 Only the daemon instantiates them (they are not offered to blockdev-add):
 their filtered child is ``backing`` (``filtered_child_is_backing``).
 ``commit_top`` takes nothing and shares everything; ``mirror_top`` keeps the
-default rule while its job runs.  The jobs themselves live elsewhere.
+default rule while its job runs (for an active commit, ``mark_commit``,
+without CONSISTENT_READ and sharing WRITE, as QEMU's ``is_commit``).  The
+jobs themselves live elsewhere.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from qmpgraph.drivers.base import FILTERED, ChildSpec, Driver, node_size
 from qmpgraph.drivers.filter_base import TakesNothing
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms
-from qmpgraph.graph.perms import PERM_ALL
+from qmpgraph.graph.perms import PERM_ALL, Perm
+
+# Ids of the mirror_top nodes of active commit jobs (node ids are never reused).
+_COMMIT_FILTERS: set[int] = set()
+
+
+def mark_commit(node: Node) -> None:
+    """Make ``node`` (a mirror_top) an active commit's filter (MirrorBDSOpaque.is_commit)."""
+    _COMMIT_FILTERS.add(node.id)
 
 
 class _JobFilter(Driver):
@@ -49,11 +59,20 @@ class MirrorTop(_JobFilter):
         *,
         queue: ReopenQueue | None,
     ) -> tuple[int, int]:
-        """The default rule; nothing at all once the job stops (``state.stop``)."""
+        """The default rule; nothing at all once the job stops (``state.stop``).
+
+        An active commit's filter takes no CONSISTENT_READ (everything above
+        the base unshares it) and shares WRITE (else it would block itself at
+        the base).
+        """
         del edge
         if getattr(node.state, "stop", False):
             return 0, PERM_ALL
-        return default_perms(node, role, queue, perm, shared)
+        nperm, nshared = default_perms(node, role, queue, perm, shared)
+        if node.id in _COMMIT_FILTERS:
+            nperm &= ~Perm.CONSISTENT_READ
+            nshared |= Perm.WRITE
+        return nperm, nshared
 
 
 INTERNAL_DRIVERS = (CommitTop(), MirrorTop())

@@ -405,7 +405,7 @@ class Job:
     def user_complete(self) -> None:
         """job_complete."""
         check_verb(self.id, self.status, JobVerb.COMPLETE)
-        if self.pause_count or self.cancel_requested() or not self.has_complete:
+        if self.cancel_requested() or not self.has_complete:
             raise GenericError(f"The active block job '{self.id}' cannot be completed")
         self.complete()
 

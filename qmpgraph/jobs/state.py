@@ -70,7 +70,8 @@ VERBS: dict[JobVerb, frozenset[JobStatus]] = {
     JobVerb.PAUSE: _LIVE,
     JobVerb.RESUME: _LIVE,
     JobVerb.SET_SPEED: _LIVE,
-    JobVerb.COMPLETE: frozenset({S.READY}),
+    # Since QEMU 6.2 a job on standby (paused while ready) may be completed too.
+    JobVerb.COMPLETE: frozenset({S.READY, S.STANDBY}),
     JobVerb.FINALIZE: frozenset({S.PENDING}),
     JobVerb.DISMISS: frozenset({S.CONCLUDED}),
 }

@@ -3,8 +3,8 @@
 The same QMP sequence runs on qsd and on qmpgraph (subprocesses, each in
 its own directory of identical images); the images are then compared:
 blockdev-create's qcow2 images byte for byte (and ``qemu-img check``
-accepts them), block-stream's results by content (``qemu-img compare``)
-and by their header's backing file.
+accepts them), block-stream's and block-commit's results by content
+(``qemu-img compare``, image by image) and by their header's backing file.
 """
 
 from __future__ import annotations
@@ -120,3 +120,49 @@ def test_block_stream_result_matches_qsd(tmp_path: Path, qsd_path: str, base: st
         want = str(work / "base.qcow2") if base else None
         assert info.get("full-backing-filename") == want
     run("qemu-img", "check", "-q", tops[1])
+
+
+def add_chain(d: LiveDaemon, work: Path) -> None:
+    """base <- mid <- top, as qcow2 nodes."""
+    for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+        extra = {"backing": backing} if backing else {}
+        d.ok(
+            "blockdev-add", driver="qcow2", node_name=name,
+            file={"driver": "file", "filename": str(work / f"{name}.qcow2")}, **extra,
+        )  # fmt: skip
+
+
+def compare_images(daemons: list[tuple[LiveDaemon, Path]], names: list[str]) -> None:
+    """Each image has the same content and backing file name under both daemons."""
+    for name in names:
+        pair = [str(work / f"{name}.qcow2") for _, work in daemons]
+        run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", *pair)
+        infos = [json.loads(run("qemu-img", "info", "-U", "--output=json", p)) for p in pair]
+        backing = [i.get("backing-filename", "").replace(str(w), "$W") for i, (_, w) in
+                   zip(infos, daemons, strict=True)]  # fmt: skip
+        assert backing[0] == backing[1], (name, backing)
+        run("qemu-img", "check", "-q", "-U", pair[1])
+
+
+@pytest.mark.parametrize("active", [False, True])
+def test_block_commit_result_matches_qsd(tmp_path: Path, qsd_path: str, active: bool) -> None:
+    daemons = both(tmp_path, qsd_path, STREAM_SETUP)
+    try:
+        for d, work in daemons:
+            add_chain(d, work)
+            if active:
+                d.ok("block-commit", job_id="c", device="top", base_node="base")
+                deadline = time.monotonic() + TIMEOUT
+                while d.ok("query-jobs")[0]["status"] != "ready":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                d.ok("job-complete", id="c")
+            else:
+                d.ok("block-commit", job_id="c", device="top", top_node="mid")
+            assert wait_concluded(d, "c") == {}
+            kinds = [e["event"] for e in d.events if e["event"] != "JOB_STATUS_CHANGE"]
+            assert kinds == (["BLOCK_JOB_READY"] if active else []) + ["BLOCK_JOB_COMPLETED"]
+    finally:
+        for d, _ in daemons:
+            d.stop()
+    compare_images(daemons, ["base", "mid", "top"])
