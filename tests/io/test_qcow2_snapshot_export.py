@@ -221,3 +221,58 @@ def test_open_errors_and_schema(image_daemon: tuple[LiveDaemon, Path]) -> None:
     nodes = daemon.ok("query-named-block-nodes", flat=True)
     plain = next(n for n in nodes if n["node-name"] == "plain")
     assert plain["image"]["virtual-size"] == 4 * MiB
+
+
+def _snapshot_session(kind: str, qsd: str, work: Path) -> Path:
+    """One daemon takes and deletes snapshots between guest writes over NBD."""
+    image = make_image(work)
+    daemon = LiveDaemon(kind, qsd, work, [])
+    try:
+        daemon.start_nbd()
+        daemon.ok("blockdev-add", driver="qcow2", node_name="q0",
+                  file={"driver": "file", "filename": "a.qcow2"})  # fmt: skip
+        daemon.ok("block-export-add", type="nbd", id="rw", node_name="q0", name="rw",
+                  writable=True)  # fmt: skip
+        steps: list[tuple[str, dict[str, Any]] | str] = [
+            "write -P 0x41 100k 300k",
+            ("blockdev-snapshot-internal-sync", {"name": "t1"}),
+            "write -P 0x42 0 2M",
+            ("blockdev-snapshot-internal-sync", {"name": "t2"}),
+            "write -z 1M 1M",
+            ("blockdev-snapshot-delete-internal-sync", {"name": "t1"}),
+            "discard 0 512k",
+            ("blockdev-snapshot-delete-internal-sync", {"id": "1"}),  # qemu-img's snap1
+            "write -P 0x43 3M 1M",
+        ]
+        for step in steps:
+            if isinstance(step, str):
+                run("qemu-io", "-f", "raw", "-c", step, daemon.uri("rw"))
+            else:
+                daemon.ok(step[0], device="q0", **step[1])
+    finally:
+        daemon.stop()
+    return image
+
+
+def test_snapshots_taken_as_qsd_takes_them(tmp_path: Path) -> None:
+    """The same QMP snapshot commands between the same guest writes, on qsd and
+    on qmpgraph: both images check clean, list the same snapshots (dates
+    aside) and hold the same data in every snapshot and the active layer."""
+    _need("nbdcopy")
+    qsd = require_qemu()
+    images = {kind: _snapshot_session(kind, qsd, tmp_path / kind) for kind in ("qsd", "qmpgraph")}
+    listed: dict[str, list[dict[str, Any]]] = {}
+    for kind, image in images.items():
+        run("qemu-img", "check", "-f", "qcow2", str(image))
+        info = json.loads(run("qemu-img", "info", "--output=json", str(image)))
+        listed[kind] = [
+            {k: v for k, v in s.items() if not k.startswith(("date", "vm-clock"))}
+            for s in info["snapshots"]
+        ]
+    assert listed["qmpgraph"] == listed["qsd"]
+    assert [(s["id"], s["name"]) for s in listed["qsd"]] == [("3", "t2")]
+    for snap in ("t2",):
+        want = _convert(images["qsd"], snap, tmp_path / f"qsd-{snap}.raw")
+        assert _convert(images["qmpgraph"], snap, tmp_path / f"mine-{snap}.raw") == want
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(images["qmpgraph"]),
+        str(images["qsd"]))  # fmt: skip
