@@ -206,6 +206,7 @@ class BackupJob(BlockJob):
         # While the creating command's transaction is open, its abort takes
         # back every graph change the job made (see ``free`` and ``clean``).
         self.creating = True
+        self.dropped = False
         super().__init__(
             daemon,
             job_id,
@@ -225,8 +226,27 @@ class BackupJob(BlockJob):
         self.params = params
         self.cluster = 65536
         self.length = node_size(source)
-        self.dropped = False
         self.successor: DirtyBitmap | None = None
+
+    # -- progress -------------------------------------------------------------------
+
+    @property
+    def progress_current(self) -> int:
+        """Bytes copied to the target, by the job or by the filter before a guest
+        write: block-copy counts both on the job's progress meter."""
+        cbw = getattr(self, "cbw", None)
+        if cbw is None or self.creating or self.dropped:
+            return self._progress
+        st = CBW_IO.state(cbw)
+        return max(self._progress, min(sum(st.done) * st.cluster, self.length))
+
+    @progress_current.setter
+    def progress_current(self, value: int) -> None:
+        self._progress = value
+
+    def progress_update(self, done: int) -> None:
+        """The job's own copies (the getter above adds the filter's)."""
+        self._progress += done
 
     # -- the copy ---------------------------------------------------------------------
 
@@ -381,6 +401,8 @@ class BackupJob(BlockJob):
         """backup_clean: drop the copy-before-write filter."""
         if self.creating or self.dropped:
             return
+        # The filter's bitmaps go with it: keep what they counted.
+        self._progress = self.progress_current
         self.dropped = True
         graph = self.daemon.graph
         cbw = self.cbw

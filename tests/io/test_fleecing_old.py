@@ -102,7 +102,7 @@ def _fleece(kind: str, qsd: str, d: Path) -> tuple[list[Any], list[Any]]:
 
 
 def _significant(events: list[dict[str, Any]]) -> list[Any]:
-    """The events without drain bounces and progress figures.
+    """The events without drain bounces.
 
     qemu-storage-daemon also drains the exported node twice when an export
     is deleted (a paused/running pair each time), which qmpgraph does not
@@ -113,7 +113,6 @@ def _significant(events: list[dict[str, Any]]) -> list[Any]:
         data = dict(ev.get("data") or {})
         if ev["event"] == "JOB_STATUS_CHANGE" and data["status"] in ("paused", "running"):
             continue
-        data.pop("offset", None)
         out.append((ev["event"], data))
     return out
 
