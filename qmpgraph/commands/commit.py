@@ -52,6 +52,7 @@ from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.names import check_node_name
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
 from qmpgraph.io.hooks import PassThroughIO, child_read, child_write, register_hook
+from qmpgraph.io.request import BlockIOError
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed
 from qmpgraph.jobs.dataplane import allocated_above, node_size
@@ -102,22 +103,24 @@ class CommitJob(BlockJob):
         if node_size(self.base_node) < length:
             raise JobFailed(errno.ENOTSUP, "growing the base is not supported by qmpgraph yet")
         offset, delay = 0, 0
+        first = True
         while offset < length:
             await self.sleep_ns(delay)
             if self.is_cancelled():
                 break
-            if offset == 0:
+            if first:
                 await self.io_point()  # the first allocation lookup reads L2 tables
+                first = False
             chunk = min(COMMIT_BUFFER_SIZE, length - offset)
             copy, n = await allocated_above(self.top_node, self.base_overlay, True, offset, chunk)
             if copy:
-                await self.io_point()
                 in_source = True
                 try:
                     data = await child_read(top_edge, offset, n)
                     in_source = False
+                    await self.io_point()  # after the read: see StreamJob.run
                     await child_write(base_edge, offset, data)
-                except OSError as exc:
+                except (BlockIOError, OSError) as exc:
                     code = exc.errno or errno.EIO
                     if self.error_action(in_source, code) == "report":
                         raise JobFailed(code) from exc

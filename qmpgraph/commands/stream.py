@@ -33,9 +33,11 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import cow_child, filter_child, filter_or_cow_child, skip_filters
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
+from qmpgraph.io.hooks import child_read
+from qmpgraph.io.request import BlockIOError
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed
-from qmpgraph.jobs.dataplane import allocated_above, copy_range, layer_allocated, node_size
+from qmpgraph.jobs.dataplane import allocated_above, layer_allocated, node_size, write_back
 from qmpgraph.transactions.actions import (
     add_root_parent,
     remove_root_parent,
@@ -185,13 +187,15 @@ class StreamJob(BlockJob):
         cow = cow_child(top)
         below = cow.child if cow is not None else None
         offset, delay, error = 0, 0, 0
+        first = True
         while offset < length:
             await self.sleep_ns(delay)
             if self.is_cancelled():
                 break
-            if offset == 0:
+            if first:
                 # QEMU's first look at the top's L2 table is real I/O.
                 await self.io_point()
+                first = False
             copy = False
             try:
                 chunk = min(STREAM_CHUNK, length - offset)
@@ -201,9 +205,13 @@ class StreamJob(BlockJob):
                     if not copy and n == 0:
                         n = length - offset
                 if copy:
+                    # A read that fails fails at once (no real I/O): its
+                    # events come before the reply of the command that
+                    # entered the job; real I/O lets the reply go first.
+                    data = await child_read(self.copy_edge, offset, n)
                     await self.io_point()
-                    await copy_range(self.copy_edge, self.copy_edge, offset, n)
-            except OSError as exc:
+                    await write_back(self.copy_edge, offset, data)
+            except (BlockIOError, OSError) as exc:
                 code = exc.errno or errno.EIO
                 action = self.error_action(True, code)
                 if action == "stop":

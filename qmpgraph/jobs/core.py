@@ -49,12 +49,15 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+import traceback
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from qmpgraph.errors import GenericError
+from qmpgraph.io.request import BlockIOError
 from qmpgraph.jobs.state import COMPLETED, READY, JobStatus, JobVerb, check_verb
 from qmpgraph.jobs.state import transition_allowed as _allowed
 from qmpgraph.objects import id_wellformed
@@ -330,9 +333,12 @@ class Job:
             await self.run()
         except JobFailed as exc:
             self.ret, self.err = -exc.errno, exc.message
-        except OSError as exc:  # BlockIOError and friends
+        except (BlockIOError, OSError) as exc:
             code = exc.errno or errno.EIO
             self.ret, self.err = -code, os.strerror(code)
+        except Exception as exc:  # a job's bug must not stop the daemon
+            traceback.print_exception(exc, file=sys.stderr)
+            self.ret, self.err = -errno.EIO, os.strerror(errno.EIO)
         self.deferred = True
         self.busy = False
         self._completed()
@@ -398,7 +404,7 @@ class Job:
             assert self.pause_count > 0
             self.pause_count -= 1
         # A soft cancel of a job that is already done is ignored.
-        if not self.deferred:
+        if force or not self.deferred:
             self.cancelled = True
             self.force_cancel |= force
 

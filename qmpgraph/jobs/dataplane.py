@@ -4,8 +4,8 @@
 from its own L2 tables, format-less nodes hold all their data, filters hold
 none of their own; a range past a short layer's end counts as allocated
 zeros, as QEMU's block-status-above treats it); ``allocated_above`` is
-bdrv_is_allocated_above; ``copy_range`` reads a range through one edge and
-writes it through another (zeros are written as zeroes, as copy-on-read does).
+bdrv_is_allocated_above; ``write_back`` writes what a job read (zeros as
+write-zeroes, as copy-on-read does).
 
 What does not live here: the per-driver hooks (``qmpgraph.io``), the jobs.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from qmpgraph.drivers.qcow2_read import UNALLOCATED
 from qmpgraph.graph.graph import filter_or_cow_child
 from qmpgraph.graph.model import Edge, Node
-from qmpgraph.io.hooks import child_read, child_write, child_write_zeroes
+from qmpgraph.io.hooks import child_write, child_write_zeroes
 from qmpgraph.io.qcow2_hook import QCOW2_IO
 
 
@@ -61,10 +61,9 @@ async def allocated_above(
     return False, n
 
 
-async def copy_range(src: Edge, dst: Edge, offset: int, length: int) -> None:
-    """Read ``length`` bytes at ``offset`` through ``src``; write them through ``dst``."""
-    data = await child_read(src, offset, length)
+async def write_back(dst: Edge, offset: int, data: bytes) -> None:
+    """Write ``data`` through ``dst`` (all-zero data as write-zeroes, as copy-on-read does)."""
     if data.count(0) == len(data):
-        await child_write_zeroes(dst, offset, length)
+        await child_write_zeroes(dst, offset, len(data))
     else:
         await child_write(dst, offset, data)
