@@ -54,7 +54,7 @@ from qmpgraph.io.hooks import (
     register_hook,
 )
 from qmpgraph.io.qcow2_hook import QCOW2_IO
-from qmpgraph.io.request import ALLOCATED, OFFSET_VALID, BlockIOError
+from qmpgraph.io.request import ALLOCATED, OFFSET_VALID, ZERO, BlockIOError
 
 # BDRV_REQ_WRITE_UNCHANGED: the write does not change guest-visible data.
 REQ_WRITE_UNCHANGED = 0x40
@@ -134,12 +134,23 @@ class CbwIO(IOHook):
     async def _copy(self, node: Node, st: _CbwState, first: int, end: int) -> None:
         """Copy clusters ``first``..``end`` (exclusive) from ``file`` to ``target``."""
         source, target = _edge(node, "file"), _edge(node, "target")
+        assert source.child is not None
         size = _size(node)
         pos, stop = first * st.cluster, min(end * st.cluster, size)
         while pos < stop:
-            n = min(_COPY_CHUNK, stop - pos)
-            data = await child_read(source, pos, n)
-            await child_write(target, pos, data)
+            # block-copy asks the source's status: zeros are written as zeroes
+            # (a zero cluster in a qcow2 target), a run shorter than a cluster
+            # is copied as one cluster of data.
+            flags, pnum, _ = await depth.status_above(source.child, pos, stop - pos)
+            if pnum < st.cluster:
+                flags, pnum = 0, st.cluster
+            elif pos + pnum < size:
+                pnum -= pnum % st.cluster
+            n = min(_COPY_CHUNK, pnum, stop - pos)
+            if flags & ZERO:
+                await child_write_zeroes(target, pos, n)
+            else:
+                await child_write(target, pos, await child_read(source, pos, n))
             pos += n
 
     async def _cbw(self, node: Node, offset: int, length: int, flags: int) -> None:

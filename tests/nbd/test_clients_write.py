@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from livekit import LiveDaemon, run
-from test_clients import SETUP, add_exports, need_libnbd, start_pair, tool, transcript
+from test_clients import SETUP, add_exports, guest_map, need_libnbd, start_pair, tool, transcript
 
 pytestmark = pytest.mark.qemu
 
@@ -30,6 +30,8 @@ WRITABLE = {
     "chain": ("top.qcow2", "qcow2"),
     "comp": ("comp.qcow2", "qcow2"),
     "fresh": ("fresh.qcow2", "qcow2"),
+    "raw-chain": ("top.qcow2", "qcow2"),
+    "cbw": ("active.qcow2", "qcow2"),
     "window": ("disk.raw", "raw"),
     "null": ("", ""),
 }
@@ -42,6 +44,10 @@ BLOCKDEVS = [
     "qcow2,node-name=chain,file.driver=file,file.filename=top.qcow2,discard=unmap",
     "qcow2,node-name=comp,file.driver=file,file.filename=comp.qcow2,discard=unmap",
     "qcow2,node-name=fresh,file.driver=file,file.filename=fresh.qcow2,discard=unmap",
+    "raw,node-name=raw-chain,file=chain,discard=unmap",
+    "qcow2,node-name=active,file.driver=file,file.filename=active.qcow2,discard=unmap",
+    "qcow2,node-name=fleece,file.driver=file,file.filename=fleece.qcow2",
+    "copy-before-write,node-name=cbw,file=active,target=fleece,discard=unmap",
     "null-co,node-name=null,size=1048576,read-zeroes=on",
 ]
 
@@ -63,14 +69,18 @@ def writable(tmp_path: Path) -> Iterator[tuple[LiveDaemon, LiveDaemon]]:
 def _images_equal(pair: tuple[LiveDaemon, LiveDaemon], tmp_path: Path, node: str) -> None:
     """After both daemons stopped: same guest data, same allocation."""
     image, fmt = WRITABLE[node]
-    if not image:
-        return
+    if image:
+        _image_equal(pair, tmp_path, image, fmt)
+    if node == "cbw":  # the old data copied to the fleecing target
+        _image_equal(pair, tmp_path, "fleece.qcow2", "qcow2")
+
+
+def _image_equal(pair: tuple[LiveDaemon, LiveDaemon], tmp_path: Path, image: str, fmt: str) -> None:
     files = [str(tmp_path / d.kind / image) for d in pair]
     run("qemu-img", "compare", "-f", fmt, "-F", fmt, *files)
     maps = []
     for f in files:
-        layout = json.loads(run("qemu-img", "map", "-f", fmt, "--output=json", f))
-        maps.append([{k: v for k, v in e.items() if k != "offset"} for e in layout])
+        maps.append(guest_map(run("qemu-img", "map", "-f", fmt, "--output=json", f)))
     assert maps[0] == maps[1]
     if fmt == "qcow2":
         for f in files:
@@ -108,7 +118,7 @@ QEMU_IO = [
 ]
 
 
-@pytest.mark.parametrize("node", ["disk", "chain", "window", "fresh"])
+@pytest.mark.parametrize("node", ["disk", "chain", "window", "fresh", "raw-chain", "cbw"])
 def test_qemu_io_writes_equal_qsd(
     writable: tuple[LiveDaemon, LiveDaemon], node: str, tmp_path: Path
 ) -> None:
