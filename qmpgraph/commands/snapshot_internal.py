@@ -19,6 +19,10 @@ queries list the snapshot and the data path rebuilds its image (the
 clusters the snapshot shares lost their COPIED flags: later guest writes
 copy them).
 
+Where QEMU drains the node first, these commands refuse with EBUSY while
+the data path has a call on the image in a worker thread (a synchronous
+command cannot wait for it).
+
 qmpgraph's own rule: a snapshot that a ``snapshot-access`` node exports
 (its ``__org.qmpgraph_snapshot`` option) cannot be deleted while that node
 exists ("Snapshot '%s' on device '%s' is in use by node '%s'").
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -138,12 +143,27 @@ def _blocked(node: Node, op: str, device: str) -> None:
         raise GenericError(f"Node '{device}' is busy: {reasons[0]}")
 
 
+def _data_path_busy(node: Node) -> bool:
+    """Whether the data path has a call on ``node``'s image in a worker thread.
+
+    QEMU drains the node first; a synchronous command cannot wait for a
+    worker (which may itself wait for the event loop), so the snapshot
+    commands refuse with EBUSY rather than change metadata under it.  The
+    hook is looked up in ``sys.modules``: when the data path was never
+    loaded nothing can be in flight, and the command imports no trio.
+    """
+    hook = sys.modules.get("qmpgraph.io.qcow2_hook")
+    return hook is not None and bool(hook.QCOW2_IO.busy(node))
+
+
 def _journal(tran: Transaction, target: Node) -> JournalFile:
     """A journaled view of ``target``'s image file (its ``file`` child)."""
     image = target.file.child if target.file is not None else None
     state = image.state if image is not None else None
     if not isinstance(state, FileState) or state.lock.closed:
         raise SnapshotFailed(errno.ENOTSUP)
+    if _data_path_busy(target):
+        raise SnapshotFailed(errno.EBUSY)
     fd = state.lock.fd
     io = qcow2_resize.ImageWriter(fd, os.fstat(fd).st_size)
     tran.add(ImageUndo(io))
@@ -309,4 +329,5 @@ def _journal_or_error(tran: Transaction, target: Node) -> JournalFile:
     try:
         return _journal(tran, target)
     except SnapshotFailed as err:
-        raise GenericError(f"Failed to get a snapshot list: {os.strerror(err.errno)}") from err
+        what = "remove snapshot from" if err.errno == errno.EBUSY else "get a"
+        raise GenericError(f"Failed to {what} snapshot list: {os.strerror(err.errno)}") from err

@@ -249,6 +249,13 @@ class Qcow2IO(IOHook):
         self._images[node.id] = opened
         return opened
 
+    def busy(self, node: Node) -> bool:
+        """Whether a library call on ``node``'s image is queued or running in a
+        worker thread (synchronous: the control plane asks it before it
+        changes the image file itself, e.g. for an internal snapshot)."""
+        opened = self._images.get(node.id)
+        return opened is not None and not opened.runner.idle(opened.lock)
+
     async def _call(self, node: Node, fn: Callable[[Qcow2Image], T]) -> T:
         """Run ``fn(image)``, one call per image at a time: in a worker thread,
         or right here when the node has no backing child and the image is idle."""

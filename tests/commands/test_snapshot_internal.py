@@ -26,6 +26,7 @@ from qmpgraph.drivers.qcow2_io import open_image
 from qmpgraph.drivers.qcow2_snapshot_write import create_snapshot, delete_snapshot
 from qmpgraph.drivers.qcow2_storage import FdFile
 from qmpgraph.graph.digest import graph_digest
+from qmpgraph.io.qcow2_hook import QCOW2_IO
 from qmpgraph.schema import load, load_qemu
 
 pytestmark = pytest.mark.qemu
@@ -282,3 +283,32 @@ def test_resize_after_a_snapshot_keeps_it(tmp_path: Path, qsd_path: str) -> None
     out = _tool("qemu-io", "-U", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 1M 7M",
                 str(image))  # fmt: skip
     assert "verification failed" not in out, out
+
+
+def test_refused_while_the_data_path_works_on_the_image(tmp_path: Path, qsd_path: str) -> None:
+    """QEMU drains the node; a synchronous command cannot wait for a worker
+    thread, so it refuses (EBUSY) instead of changing metadata under it."""
+    del qsd_path
+    image = _image(tmp_path / "a.qcow2", "write -P 0x11 0 1M")
+    client = Client()
+    _open(client, image)
+    node = client.daemon.graph.lookup("q")
+    assert node is not None
+    opened = QCOW2_IO._image(node)
+    opened.runner.busy = True  # as while a worker drains the image's calls
+    try:
+        busy = "Failed to create snapshot 'x' on device 'q': Device or resource busy"
+        client.fails("blockdev-snapshot-internal-sync", {"device": "q", "name": "x"}, busy)
+    finally:
+        opened.runner.busy = False
+    client.ok("blockdev-snapshot-internal-sync", {"device": "q", "name": "x"})
+    opened = QCOW2_IO._image(node)
+    opened.runner.busy = True
+    try:
+        client.fails("blockdev-snapshot-delete-internal-sync", {"device": "q", "name": "x"},
+                     "Failed to remove snapshot from snapshot list: "
+                     "Device or resource busy")  # fmt: skip
+    finally:
+        opened.runner.busy = False
+    client.ok("blockdev-snapshot-delete-internal-sync", {"device": "q", "name": "x"})
+    _check(image)
