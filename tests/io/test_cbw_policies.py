@@ -11,8 +11,9 @@ or goes through and breaks the snapshot (``break-snapshot``: every later
 snapshot read and block status fails, EACCES seen as EINVAL over NBD), and
 what the guest and snapshot readers read.
 
-Not covered: a target smaller than the source (qemu-storage-daemon 7.2
-aborts on an assertion when the copy writes past the target's end).
+A read-only target is refused at blockdev-add with QEMU's error.  Not
+covered: a target smaller than the source (qemu-storage-daemon 7.2 aborts
+on an assertion when the copy writes past the target's end).
 """
 
 from __future__ import annotations
@@ -139,3 +140,26 @@ def test_cbw_timeout_on_throttled_target(tmp_path: Path, policy: str) -> None:
         assert guest_write[2] == 1 and guest_write[3] == ["write failed: Invalid argument"]
     else:
         assert guest_write[2] == 0
+
+
+def test_read_only_target_refused_as_qsd(tmp_path: Path) -> None:
+    qsd, ours = start_pair(tmp_path, SETUP, [])
+    replies = []
+    try:
+        for daemon in (qsd, ours):
+            daemon.ok("blockdev-add", driver="file", node_name="src", filename="src.raw")
+            target = {"driver": "file", "filename": "tgt.raw", "node-name": "ro", "read-only": True}
+            replies.append(
+                daemon.qmp(
+                    "blockdev-add",
+                    driver="copy-before-write",
+                    node_name="c",
+                    file="src",
+                    target=target,
+                )
+            )
+    finally:
+        qsd.stop()
+        ours.stop()
+    assert replies[1] == replies[0]
+    assert replies[0]["error"]["desc"] == "Block node is read-only"
