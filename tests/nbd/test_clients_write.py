@@ -14,12 +14,22 @@ cache, past-the-end write) and ``qemu-io -f raw`` on the NBD URI.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from livekit import LiveDaemon, run
-from test_clients import SETUP, add_exports, guest_map, need_libnbd, start_pair, tool, transcript
+from test_clients import (
+    SETUP,
+    add_exports,
+    guest_map,
+    need,
+    need_libnbd,
+    start_pair,
+    tool,
+    transcript,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -130,4 +140,35 @@ def test_qemu_io_writes_equal_qsd(
     assert want[0] == 0 and "verification failed" not in want[1], want
     qsd.stop()
     ours.stop()
+    _images_equal(writable, tmp_path, node)
+
+
+SOURCE = (
+    "truncate -s 1M in.raw; qemu-io -f raw -c 'write -P 0x61 0 100k'"
+    " -c 'write -P 0x62 512k 4k' -c 'write -P 0 600k 64k' in.raw"
+)
+
+
+@pytest.mark.parametrize("how", ["nbdcopy", "qemu-img"])
+@pytest.mark.parametrize("node", ["disk", "chain", "fresh", "cbw"])
+def test_copy_into_export_equal_qsd(
+    writable: tuple[LiveDaemon, LiveDaemon], node: str, how: str, tmp_path: Path
+) -> None:
+    """nbdcopy / qemu-img convert -n of a sparse raw file into the export
+    (they zero the holes, with FAST_ZERO first where offered)."""
+    if how == "nbdcopy":
+        need("nbdcopy")
+    src = tmp_path / "in.raw"
+    subprocess.run(["sh", "-c", SOURCE], cwd=tmp_path, check=True, capture_output=True)
+    said = []
+    for daemon in writable:
+        if how == "nbdcopy":
+            said.append(tool(daemon, "nbdcopy", "--target-is-zero", str(src), daemon.uri(node))[0])
+            said.append(tool(daemon, "nbdcopy", str(src), daemon.uri(node))[0])
+        else:
+            cmd = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src)]
+            said.append(tool(daemon, *cmd, daemon.uri(node)))
+    assert said[: len(said) // 2] == said[len(said) // 2 :]
+    for daemon in writable:
+        daemon.stop()
     _images_equal(writable, tmp_path, node)
