@@ -62,7 +62,7 @@ def _guest(c: JobClient, node: Node) -> BackendIO:
 def test_failed_backups_change_nothing(tmp_path: Path) -> None:
     c = _client(tmp_path)
     base: dict[str, Any] = {"device": "src", "target": "dst", "sync": "full", "job-id": "b"}
-    cases = [
+    cases: list[tuple[dict[str, Any], str | None]] = [
         ({"target": "src"}, "Source and target cannot be the same"),
         ({"sync": "incremental"}, "must provide a valid bitmap name for 'incremental' sync mode"),
         ({"bitmap-mode": "always"}, "Cannot specify bitmap sync mode without a bitmap"),
