@@ -42,11 +42,14 @@ WRITABLE = {
     "fresh": ("fresh.qcow2", "qcow2"),
     "raw-chain": ("top.qcow2", "qcow2"),
     "cbw": ("active.qcow2", "qcow2"),
+    "dz": ("dz.qcow2", "qcow2"),
     "window": ("disk.raw", "raw"),
     "null": ("", ""),
 }
 # An empty qcow2 without a backing file: zero writes mark its clusters.
 FRESH = "qemu-img create -q -f qcow2 fresh.qcow2 4M\n"
+# A copy of the chain's top written through detect-zeroes=unmap.
+FRESH += "cp top.qcow2 dz.qcow2\n"
 BLOCKDEVS = [
     "file,node-name=f-disk,filename=disk.raw,discard=unmap",
     "raw,node-name=disk,file=f-disk,discard=unmap",
@@ -58,6 +61,7 @@ BLOCKDEVS = [
     "qcow2,node-name=active,file.driver=file,file.filename=active.qcow2,discard=unmap",
     "qcow2,node-name=fleece,file.driver=file,file.filename=fleece.qcow2",
     "copy-before-write,node-name=cbw,file=active,target=fleece,discard=unmap",
+    "qcow2,node-name=dz,file.driver=file,file.filename=dz.qcow2,discard=unmap,detect-zeroes=unmap",
     "null-co,node-name=null,size=1048576,read-zeroes=on",
 ]
 
@@ -122,13 +126,15 @@ QEMU_IO = [
     "read -q -P 0 200k 128k",
     "read -q -v 99990 32",
     "write -q -P 0x77 900k 124k",
+    "write -q -P 0 768k 192k",  # zeros as data: detect-zeroes turns them into zero writes
+    "write -q -P 0 700k 1000",
     "aio_write -q -P 0x12 0 4k",
     "aio_flush",
     "read -q -P 0x12 0 4k",
 ]
 
 
-@pytest.mark.parametrize("node", ["disk", "chain", "window", "fresh", "raw-chain", "cbw"])
+@pytest.mark.parametrize("node", ["disk", "chain", "window", "fresh", "raw-chain", "cbw", "dz"])
 def test_qemu_io_writes_equal_qsd(
     writable: tuple[LiveDaemon, LiveDaemon], node: str, tmp_path: Path
 ) -> None:
