@@ -33,7 +33,7 @@ from qmpgraph.commands.commit_active import commit_active_start
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.mirror import root_bs
 from qmpgraph.commands.registry import command
-from qmpgraph.commands.resize import lookup_bs
+from qmpgraph.commands.resize import lookup_bs, truncate
 from qmpgraph.commands.stream import (
     blocked,
     chain_contains,
@@ -101,7 +101,12 @@ class CommitJob(BlockJob):
         length = node_size(self.top_node)
         self.progress_set_remaining(length)
         if node_size(self.base_node) < length:
-            raise JobFailed(errno.ENOTSUP, "growing the base is not supported by qmpgraph yet")
+            # blk_truncate(s->base, len): the base grows to the top's size.
+            try:
+                with self.daemon.graph_transaction("block-commit-grow", {"id": self.id}) as tran:
+                    truncate(tran, self.base_node, length)
+            except GenericError as err:
+                raise JobFailed(errno.EIO, err.desc) from err
         offset, delay = 0, 0
         first = True
         while offset < length:
@@ -219,6 +224,8 @@ def commit_start(
     if node_size(base) < node_size(top):
         base_perms |= int(Perm.RESIZE)
     if base.read_only:
+        # QEMU reopens it read-write; qmpgraph's reopen keeps the file's
+        # read-only descriptor, so the job could not write.
         raise GenericError("block-commit into a read-only base is not supported by qmpgraph yet")
     with daemon.graph_transaction("block-commit", args) as tran:
         job = CommitJob(

@@ -72,8 +72,6 @@ def commit_active_start(ctx: CommandContext, args: dict[str, Any], top: Node, ba
     """commit_active_start + mirror_start_job, in one graph transaction; starts the job."""
     daemon = ctx.daemon
     graph = daemon.graph
-    if base.read_only:
-        raise GenericError("block-commit into a read-only base is not supported by qmpgraph yet")
     on_error = str(args.get("on-error", "report"))
     params = MirrorParams(
         sync="full",
@@ -88,6 +86,9 @@ def commit_active_start(ctx: CommandContext, args: dict[str, Any], top: Node, ba
         auto_finalize=bool(args.get("auto-finalize", True)),
         auto_dismiss=bool(args.get("auto-dismiss", True)),
     )
+    if base.read_only:
+        # As in commit.py: the base's descriptor would stay read-only.
+        raise GenericError("block-commit into a read-only base is not supported by qmpgraph yet")
     with daemon.graph_transaction("block-commit", args) as tran:
         mirror_top = insert_mirror_top(tran, graph, top, params.filter_node_name)
         mark_commit(mirror_top)

@@ -333,8 +333,13 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
 
     with daemon.graph_transaction("block-stream", args) as tran:
         freeze_chain(tran, bs, above_base)
-        if bs.read_only:
-            raise GenericError("block-stream on a read-only node is not supported by qmpgraph yet")
+        bs_read_only = bs.read_only
+        if bs_read_only:
+            # QEMU reopens it read-write; qmpgraph's reopen keeps the file's
+            # read-only descriptor, so the job could not write.
+            raise GenericError(
+                "block-stream into a read-only node is not supported by qmpgraph yet"
+            )
         opts: dict[str, Any] = {
             "driver": "copy-on-read",
             "file": bs.node_name,

@@ -550,6 +550,8 @@ class JobRunner:
         self.jobs: list[Job] = []  # newest first, as QEMU's job list
         self.holding = False
         self.kicked: set[Job] = set()
+        self._released = trio.Event()
+        self._released.set()
         self._unspawned: list[Job] = []
         self._changed = trio.Event()
         self._last: Job | None = None
@@ -614,8 +616,12 @@ class JobRunner:
         with trio.move_on_after(seconds):
             await job._enter.wait()
         if not job._enter.is_set():
-            # The timer fired: the job enters itself.
-            job._task_state = _BUSY
+            # The timer fired.  A timer is a main-loop turn of its own in
+            # QEMU: it never runs ahead of a reply already on its way.
+            while self.holding:
+                await self._released.wait()
+            if not job._enter.is_set():
+                job._task_state = _BUSY
 
     def _busy(self, jobs: Iterable[Job]) -> bool:
         return any(j.started and j._task_state == _BUSY for j in jobs)
@@ -634,6 +640,7 @@ class JobRunner:
         if not self.kicked and not self._unspawned:
             return
         self.holding = True
+        self._released = trio.Event()
         self._spawn_pending()
         await self._until_idle(self.kicked)
         self.kicked.clear()
@@ -643,6 +650,7 @@ class JobRunner:
         if not self.holding and not self.daemon.clock.virtual:
             return
         self.holding = False
+        self._released.set()
         if self.daemon.clock.virtual:
             await self.settle()
             return
