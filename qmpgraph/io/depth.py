@@ -83,6 +83,11 @@ async def own_status(node: Node, offset: int, length: int) -> tuple[int, int]:
 
 async def _qcow2_status(node: Node, offset: int, length: int) -> tuple[int, int]:
     """qcow2's own answer: the first run of one cluster kind in this layer."""
+    # qcow2_get_host_offset answers within one L2 slice (a cluster's worth
+    # of 8-byte entries, the default l2-cache-entry-size).
+    cluster = cluster_size(node)
+    slice_bytes = cluster * (cluster // 8)
+    length = min(length, slice_bytes - offset % slice_bytes)
     kind, _, pnum, host = (await QCOW2_IO.own_runs(node, offset, length))[0]
     if kind == qcow2_read.NORMAL:
         if await _metadata_preallocated(node):
@@ -99,6 +104,16 @@ async def _qcow2_status(node: Node, offset: int, length: int) -> tuple[int, int]
     if backing is None or offset >= node_size(backing):
         return ZERO, pnum
     return 0, pnum
+
+
+def cluster_size(node: Node) -> int:
+    """A qcow2 node's cluster size (64 KiB when its header is not at hand)."""
+    state = node.state
+    for holder in (state, getattr(state, "header", None)):
+        size = getattr(holder, "cluster_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return 65536
 
 
 # (node id, id of its state) -> QEMU's metadata_preallocation, judged once per open.

@@ -27,7 +27,7 @@ from qmpgraph.drivers import qcow2_read
 from qmpgraph.drivers.base import node_size
 from qmpgraph.graph.graph import filter_child
 from qmpgraph.graph.model import Node
-from qmpgraph.io.depth import status_above
+from qmpgraph.io.depth import cluster_size, status_above
 from qmpgraph.io.qcow2_hook import QCOW2_IO
 from qmpgraph.io.request import ZERO
 
@@ -54,15 +54,6 @@ async def supported(node: Node, offset: int, length: int) -> bool:
     return False  # null-co, luks, ...: no write-zeroes method of their own
 
 
-def _cluster_size(node: Node) -> int:
-    state = node.state
-    for holder in (state, getattr(state, "header", None)):
-        size = getattr(holder, "cluster_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-    return 65536
-
-
 async def _reads_zero(node: Node, offset: int, length: int) -> bool:
     """qcow2's is_zero: the chain's status says ZERO all over the range."""
     end = min(offset + length, node_size(node))
@@ -75,7 +66,7 @@ async def _reads_zero(node: Node, offset: int, length: int) -> bool:
 
 
 async def _qcow2(node: Node, offset: int, length: int) -> bool:
-    cluster = _cluster_size(node)
+    cluster = cluster_size(node)
     end = offset + length
     # Only the partial clusters at either end need a look.
     partial = {offset - offset % cluster} if offset % cluster else set()

@@ -191,11 +191,19 @@ def _plain(sock: str, name: str, mode: str) -> dict[str, Any]:
 def main() -> None:
     """Connect to ``argv[1]``'s export ``argv[2]``; ``argv[3]`` "rw" also writes
     ("rw-nofast": without the FAST_ZERO request; "simple", "oldstyle": see
-    ``_plain``)."""
+    ``_plain``; "reads:OFFSET+LENGTH,...": only structured reads of those)."""
     sock, name = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "ro"
     if mode in ("simple", "oldstyle"):
         print(json.dumps(_plain(sock, name, mode), indent=1, sort_keys=True))
+        return
+    if mode.startswith("reads:"):  # "reads:OFFSET+LENGTH,...": structured reads only
+        h = nbd.NBD()
+        h.set_export_name(name)
+        h.connect_unix(sock)
+        pairs = [item.split("+") for item in mode[6:].split(",")]
+        print(json.dumps(_reads(h, [(int(o), int(n)) for o, n in pairs]), indent=1))
+        h.shutdown()
         return
     writable = mode.startswith("rw")
     h = nbd.NBD()

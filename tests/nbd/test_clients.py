@@ -359,3 +359,31 @@ def test_libnbd_without_structured_replies_equal_qsd(
     need_libnbd()
     qsd, ours = pair
     assert json.loads(transcript(ours, name, mode)) == json.loads(transcript(qsd, name, mode))
+
+
+def test_qcow2_l2_slice_boundary_equal_qsd(tmp_path: Path) -> None:
+    """qcow2 answers block status one L2 slice (512 MiB of 64 KiB clusters)
+    at a time: data contiguous on the host across the boundary still goes
+    out as two chunks, and the map is the same."""
+    need("nbdinfo")
+    need_libnbd()
+    setup = (
+        "qemu-img create -q -f qcow2 big.qcow2 1G;"
+        " qemu-io -f qcow2 -c 'write -P 1 500M 24M' -c 'write -z 530M 10M' big.qcow2"
+    )
+    blockdev = "qcow2,node-name=big,file.driver=file,file.filename=big.qcow2,read-only=on"
+    qsd, ours = start_pair(tmp_path, setup, [blockdev])
+    try:
+        for daemon in (qsd, ours):
+            daemon.start_nbd()
+            add_exports(daemon, [("big", "big", None)])
+        pair = (qsd, ours)
+        same(pair, "nbdinfo", "--map", name="big")
+        same(pair, "nbdinfo", "--map=qemu:allocation-depth", name="big")
+        ranges = f"reads:{(512 << 20) - (16 << 20)}+{32 << 20},{520 << 20}+{20 << 20}"
+        want = json.loads(transcript(qsd, "big", ranges))
+        assert json.loads(transcript(ours, "big", ranges)) == want
+        assert 512 << 20 in [c[1] for c in want[0][2]]  # a chunk starts at the boundary
+    finally:
+        qsd.stop()
+        ours.stop()
