@@ -8,12 +8,10 @@ An action's prepare looks up the source and the target, drains the source
 ``completion-mode=grouped`` the backup jobs of one transaction share a job
 transaction (one failing cancels the others).
 
-Drains are visible in QEMU only through JOB_STATUS_CHANGE: a job holding a
-drained node pauses (a ready one goes to standby) and resumes when the drain
-ends.  ``Drain`` replays that: the command's bdrv_drain_all, then each
-action's drained source from prepare to the last clean (a new job pauses
-right after it starts, since its nodes are drained).  The ``transaction``
-command's own drain of everything is not replayed.
+Each action drains its source from prepare to the transaction's last clean
+(``qmpgraph.jobs.drain.Drain``: jobs holding it pause and resume, a new job
+pauses right after it starts); the transaction's own bdrv_drain_all is
+replayed by ``run_actions``.
 
 What does not live here: the job (``qmpgraph.jobs.backup``), the
 transaction machinery (``qmpgraph.commands.transaction``).
@@ -32,110 +30,19 @@ from qmpgraph.commands.query import Query, node_length
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.snapshot import QEMU_FORMATS, img_create_checks
 from qmpgraph.commands.transaction import BlkAction, action, lookup_bs, run_actions
-from qmpgraph.daemon import Daemon
 from qmpgraph.drivers import REGISTRY
 from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.drivers.qcow2_image import create_image
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import BlockGraph, cow_child, skip_filters, skip_implicit_filters
-from qmpgraph.graph.model import Job as JobParent
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
 from qmpgraph.jobs.backup import BackupJob, BackupParams, start_backup
-from qmpgraph.jobs.blockjob import BlockJob
-from qmpgraph.jobs.core import Job, JobTxn, job_runner
-from qmpgraph.jobs.state import JobStatus
+from qmpgraph.jobs.core import JobTxn
+from qmpgraph.jobs.drain import Drain
 from qmpgraph.transactions.actions import unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
-
-S = JobStatus
-
-
-# -- drains --------------------------------------------------------------------------
-
-
-def _ancestors(node: Node) -> set[int]:
-    """``node`` and every node above it (what bdrv_drained_begin quiesces)."""
-    seen = {node.id}
-    todo = [node]
-    while todo:
-        cur = todo.pop()
-        for edge in cur.parents:
-            parent = edge.parent
-            if isinstance(parent, Node) and parent.id not in seen:
-                seen.add(parent.id)
-                todo.append(parent)
-    return seen
-
-
-def _holds(job: Job, nodes: set[int] | None) -> bool:
-    if not isinstance(job, BlockJob):
-        return nodes is None
-    if nodes is None:
-        return True
-    parent: JobParent = job.parent
-    return any(e.child is not None and e.child.id in nodes for e in parent.edges)
-
-
-def _pause_event(job: Job) -> bool:
-    """A drained job reaches its pause point: paused (standby when ready)."""
-    if not job.started or job.is_completed() or job.pause_count:
-        return False
-    if job.status is S.RUNNING:
-        job._transition(S.PAUSED)
-        return True
-    if job.status is S.READY:
-        job._transition(S.STANDBY)
-        return True
-    return False
-
-
-def _resume_event(job: Job) -> None:
-    if job.status is S.PAUSED:
-        job._transition(S.RUNNING)
-    elif job.status is S.STANDBY:
-        job._transition(S.READY)
-
-
-def drain_all_bounce(daemon: Daemon) -> None:
-    """bdrv_drain_all: every job holding a node pauses, then resumes."""
-    jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, None)]
-    paused = [j for j in jobs if _pause_event(j)]
-    for job in paused:
-        _resume_event(job)
-
-
-class Drain:
-    """The drained sources of one QMP transaction's backup actions."""
-
-    def __init__(self) -> None:
-        self.open = 0
-        self.paused: list[Job] = []
-        self.txn: JobTxn | None = None
-
-    def begin(self, daemon: Daemon, node: Node) -> None:
-        """bdrv_drained_begin(node): the jobs holding it or a node above pause."""
-        self.open += 1
-        nodes = _ancestors(node)
-        for job in reversed(list(job_runner(daemon))):
-            if job not in self.paused and _holds(job, nodes) and _pause_event(job):
-                self.paused.append(job)
-
-    def started(self, job: Job) -> None:
-        """A job started while its nodes are drained: it pauses at once."""
-        if _pause_event(job):
-            self.paused.append(job)
-
-    def end(self) -> None:
-        """One action is done with its drain; the last one resumes every job."""
-        self.open -= 1
-        if self.open:
-            return
-        for job in reversed(self.paused):
-            _resume_event(job)
-        self.paused.clear()
-
 
 _DRAINS: weakref.WeakKeyDictionary[Transaction, Drain] = weakref.WeakKeyDictionary()
 
@@ -452,7 +359,6 @@ def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Back ``device`` up into a new (or existing) image file."""
     daemon = ctx.daemon
     with daemon.graph_transaction("drive-backup", args) as tran:
-        drain_all_bounce(daemon)
         run_actions(daemon, tran, [{"type": "drive-backup", "data": args}])
 
 
@@ -461,5 +367,4 @@ def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Start a backup job from ``device`` to the existing node ``target``."""
     daemon = ctx.daemon
     with daemon.graph_transaction("blockdev-backup", args) as tran:
-        drain_all_bounce(daemon)
         run_actions(daemon, tran, [{"type": "blockdev-backup", "data": args}])

@@ -36,6 +36,7 @@ from qmpgraph.daemon import Daemon
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.graph.model import Node
+from qmpgraph.jobs.drain import drain_all_bounce
 from qmpgraph.transactions.engine import Transaction
 
 
@@ -111,6 +112,7 @@ def run_actions(
     daemon: Daemon, tran: Transaction, actions: list[dict[str, Any]], mode: str = "individual"
 ) -> None:
     """QEMU 7.2's qmp_transaction body, inside the caller's engine transaction."""
+    drain_all_bounce(daemon)  # bdrv_drain_all: running jobs pause and resume
     states: list[BlkAction] = []
     try:
         for entry in actions:

@@ -1,0 +1,113 @@
+"""Drains as QEMU's jobs see them: JOB_STATUS_CHANGE pairs (QEMU 7.2).
+
+A drained node pauses every job holding it or a node above it: the job
+wakes from its sleep, reaches its pause point (``paused``, or ``standby``
+when ready) and, when the drain ends, goes on (``running``/``ready``) and
+runs its loop again.  qmpgraph changes the graph synchronously, so only the
+visible part is replayed: the two events, then a wake-up.
+
+* ``drain_all_bounce``: bdrv_drain_all at the start of every QMP
+  ``transaction`` (and of the commands that are one-action transactions);
+* ``Drain``: the drained sections of one transaction's backup actions, from
+  their prepare to the last clean; a job started meanwhile pauses at once.
+
+Synchronous (it only emits events and enters parked jobs).  What does not
+live here: the job core (``core``), the commands.
+"""
+
+from __future__ import annotations
+
+from qmpgraph.daemon import Daemon
+from qmpgraph.graph.model import Job as JobParent
+from qmpgraph.graph.model import Node
+from qmpgraph.jobs.blockjob import BlockJob
+from qmpgraph.jobs.core import Job, JobTxn, job_runner
+from qmpgraph.jobs.state import JobStatus
+
+S = JobStatus
+
+
+def _ancestors(node: Node) -> set[int]:
+    """``node`` and every node above it (what bdrv_drained_begin quiesces)."""
+    seen = {node.id}
+    todo = [node]
+    while todo:
+        cur = todo.pop()
+        for edge in cur.parents:
+            parent = edge.parent
+            if isinstance(parent, Node) and parent.id not in seen:
+                seen.add(parent.id)
+                todo.append(parent)
+    return seen
+
+
+def _holds(job: Job, nodes: set[int] | None) -> bool:
+    if not isinstance(job, BlockJob):
+        return nodes is None
+    if nodes is None:
+        return True
+    parent: JobParent = job.parent
+    return any(e.child is not None and e.child.id in nodes for e in parent.edges)
+
+
+def _pause_event(job: Job) -> bool:
+    """A drained job reaches its pause point: paused (standby when ready)."""
+    if not job.started or job.is_completed() or job.pause_count:
+        return False
+    if job.status is S.RUNNING:
+        job._transition(S.PAUSED)
+        return True
+    if job.status is S.READY:
+        job._transition(S.STANDBY)
+        return True
+    return False
+
+
+def _resume_event(job: Job) -> None:
+    """The drain ended: the job goes on from its pause point.  A job that
+    was sleeping (a speed limit) or waiting was woken by the pause, so it
+    runs its loop again instead of going back to sleep."""
+    if job.status is S.PAUSED:
+        job._transition(S.RUNNING)
+    elif job.status is S.STANDBY:
+        job._transition(S.READY)
+    job.enter()
+
+
+def drain_all_bounce(daemon: Daemon) -> None:
+    """bdrv_drain_all: every job holding a node pauses, then resumes."""
+    jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, None)]
+    paused = [j for j in jobs if _pause_event(j)]
+    for job in paused:
+        _resume_event(job)
+
+
+class Drain:
+    """The drained sources of one QMP transaction's backup actions."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.paused: list[Job] = []
+        self.txn: JobTxn | None = None
+
+    def begin(self, daemon: Daemon, node: Node) -> None:
+        """bdrv_drained_begin(node): the jobs holding it or a node above pause."""
+        self.open += 1
+        nodes = _ancestors(node)
+        for job in reversed(list(job_runner(daemon))):
+            if job not in self.paused and _holds(job, nodes) and _pause_event(job):
+                self.paused.append(job)
+
+    def started(self, job: Job) -> None:
+        """A job started while its nodes are drained: it pauses at once."""
+        if _pause_event(job):
+            self.paused.append(job)
+
+    def end(self) -> None:
+        """One action is done with its drain; the last one resumes every job."""
+        self.open -= 1
+        if self.open:
+            return
+        for job in reversed(self.paused):
+            _resume_event(job)
+        self.paused.clear()
