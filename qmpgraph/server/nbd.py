@@ -128,8 +128,10 @@ class Runtime:
             if not ended:
                 # The client went away: its requests in flight have nobody to
                 # answer to (QEMU drops them with the connection too).
+                session.leave()
                 nursery.cancel_scope.cancel()
                 return
+        client.export = None
         # Every request read before the end was answered (the nursery waited
         # for them); what the end itself queued (an error reply) goes last.
         await session.sender.send([session.conn.data_to_send()])
@@ -198,7 +200,9 @@ class _Session:
         view = memoryview(data)
         for start in range(0, len(view), _FEED_SIZE):
             events = conn.receive_data(view[start : start + _FEED_SIZE])
-            queued = conn.data_to_send()
+            # Negotiation replies and validation errors first: a request's
+            # reply must never overtake the NBD_OPT_GO answer before it.
+            await self.sender.send([conn.data_to_send()])
             for ev in events:
                 if isinstance(ev, Ready):
                     self.client.export = table.find(ev.export.name)
@@ -209,11 +213,16 @@ class _Session:
                 elif isinstance(ev, Closed):
                     if ev.reason:
                         print(f"qmpgraph: Disconnect client, due to: {ev.reason}", file=sys.stderr)
-                    await self.sender.send([queued])
+                    self.leave()
                     return False
-            # Negotiation replies and validation errors, answered as they come.
-            await self.sender.send([queued])
         return True
+
+    def leave(self) -> None:
+        """The client is ending: unless requests are still running, it no longer
+        uses its export (no checkpoint since its last bytes arrived, so a QMP
+        command handled after them, e.g. block-export-del, already sees it gone)."""
+        if self.slots.value == MAX_IN_FLIGHT:
+            self.client.export = None
 
     async def _serve(self, export: NBDExport, req: Request) -> None:
         """Execute one request and send its reply; its slot is free again after."""

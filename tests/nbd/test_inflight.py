@@ -180,6 +180,27 @@ def test_pipelined_reads_and_writes(daemon: tuple[LiveDaemon, bytes], structured
         client.close()
 
 
+@pytest.mark.qemu
+def test_requests_sent_with_the_go_option(daemon: tuple[LiveDaemon, bytes]) -> None:
+    """Requests pipelined behind NBD_OPT_GO are answered after the GO's replies."""
+    d, content = daemon
+    client = RawClient(d.nbd_path, timeout=30.0)
+    try:
+        client.handshake()
+        reads = [request(CMD_READ, i * BLOCK, BLOCK, cookie=i) for i in range(8)]
+        client.send(option(OPT_GO, name_payload(b"w")) + b"".join(reads))
+        while (rep := client.opt_reply()).type != 1:
+            assert not rep.type & (1 << 31), (d.kind, hex(rep.type))
+        got = {}
+        for _ in range(8):
+            ch = client.reply(BLOCK)
+            assert ch.flags == 0 and ch.type == -1, (d.kind, ch)
+            got[ch.cookie] = ch.payload
+        assert got == {i: content[i * BLOCK : (i + 1) * BLOCK] for i in range(8)}
+    finally:
+        client.close()
+
+
 # -- the bound on what a client can make the server hold -----------------------------
 
 
