@@ -185,3 +185,30 @@ def test_dirty_map_runs() -> None:
     assert m.next_run(5, 16) == (2, 4)  # wraps round
     m.clear_chunks(0, 11)
     assert m.next_run(0, 16) is None and m.dirty_bytes() == 0
+
+
+async def test_write_blocking_copies_guest_writes_at_once(tmp_path: Path) -> None:
+    c = _client(tmp_path, virtual=False)
+    guest = _guest(c, _node(c, "src"))
+    with trio.fail_after(10):
+        await c.aok(
+            "blockdev-mirror",
+            {
+                "job-id": "m",
+                "device": "src",
+                "target": "dst",
+                "sync": "none",
+                "copy-mode": "write-blocking",
+                "filter-node-name": "mt",
+            },
+        )
+        await c.wait_status("m", "ready")
+        state = _node(c, "mt").state
+        assert isinstance(state, MirrorTopState) and state.dirty is not None
+        await guest.write(4096, b"\x77" * 512)
+        # Written to the target by the guest's request itself: nothing is dirty.
+        assert state.dirty.dirty_bytes() == 0
+        assert (tmp_path / "dst.img").read_bytes()[4096:4608] == b"\x77" * 512
+        await c.aok("block-job-cancel", {"device": "m", "force": True})
+        await c.wait_status("m", None)
+    assert [e for e, _ in c.events("BLOCK_JOB_CANCELLED")] == ["BLOCK_JOB_CANCELLED"]
