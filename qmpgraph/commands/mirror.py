@@ -4,8 +4,8 @@ drive-mirror first creates the target image (unless ``mode=existing``:
 without a backing file for ``sync=full``, else backed by the source's
 backing file or, for ``sync=none``, by the source), opens it without its
 backing, then runs blockdev-mirror's checks; on completion the target gets
-the source's backing chain (``mode=existing`` would open the image's own
-backing file: not done by qmpgraph yet).
+the source's backing chain (``mode=existing``: the image's own backing file
+is opened).
 
 The checks run in QEMU's order, each with QEMU's message: the source must
 be a root node (``qmp_get_root_bs``: "Need a root block node"), the target

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from qmpgraph.bitmaps import registry as bitmap_registry
 from qmpgraph.bitmaps.model import DirtyBitmap
 from qmpgraph.drivers.base import node_size
+from qmpgraph.drivers.open import TreeOpenContext
+from qmpgraph.drivers.open import _open_backing as open_backing
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.attach import OP_TYPES
 from qmpgraph.graph.graph import filter_or_cow_child, skip_filters
@@ -468,6 +470,18 @@ class MirrorJob(BlockJob):
     def _finish_backing(self, tran: Transaction) -> str | None:
         """drive-mirror's backing modes: give the target its backing chain."""
         mode = self.params.backing_mode
+        if mode == "open":
+            # bdrv_open_backing_file: the image's own backing file, from its
+            # header (a failure is only reported by QEMU, not a job error).
+            unfiltered = skip_filters(self.target) or self.target
+            if unfiltered.backing is not None:
+                return None
+            mark = tran.mark()
+            try:
+                open_backing(TreeOpenContext(self.daemon.graph, tran), unfiltered, {})
+            except GenericError:
+                tran.rollback_to(mark)
+            return None
         if mode != "source":
             return None
         backing = self.source if self.params.sync == "none" else self.base
