@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qmpgraph.jobs.clock import VirtualClock
+
 TIMEOUT = 30
 
 SETUP = (
@@ -99,3 +101,22 @@ def test_two_runs_are_byte_identical(tmp_path: Path) -> None:
     returns = [m for m in messages if "return" in m or "error" in m]
     assert len(returns) == 10 and all("return" in r for r in returns)
     assert returns[4]["return"][0]["status"] == "pending"
+
+
+def test_clock_option_is_checked(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "qmpgraph", "daemon", "--clock", "bogus"],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr == "qmpgraph: --clock bogus: expected 'realtime' or 'virtual'\n"
+
+
+def test_virtual_clock_steps() -> None:
+    clock = VirtualClock()
+    assert clock.event_time() == (0, 0)
+    assert clock.event_time() == (0, 1)
+    clock.advance_to(2_500_000_000)
+    assert clock.now_ns() == 2_500_000_000
+    clock.advance_to(1)  # never backwards
+    assert clock.event_time() == (2, 500000)
