@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -120,6 +120,28 @@ class MirrorTopState:
     # Set when the job failed or was cancelled: no more copying to the target.
     detached: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Write-like requests under way through the filter, and who waits for none
+    # (the job's last check before the pivot: QEMU drains the source there).
+    inflight: int = 0
+    idle: trio.Event | None = None
+
+    def begin(self) -> None:
+        """A write-like request enters the filter."""
+        self.inflight += 1
+
+    def end(self) -> None:
+        """A write-like request left the filter."""
+        self.inflight -= 1
+        if not self.inflight and self.idle is not None:
+            self.idle.set()
+            self.idle = None
+
+    async def drained(self) -> None:
+        """Wait until no write-like request is under way."""
+        while self.inflight:
+            if self.idle is None:
+                self.idle = trio.Event()
+            await self.idle.wait()
 
 
 def _backing(node: Node) -> Edge:
@@ -146,37 +168,44 @@ class MirrorTopIO(IOHook):
         return await child_block_status(_backing(node), offset, length)
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
-        st = _state(node)
-        active = self._active(st)
-        try:
-            await child_write(_backing(node), offset, data, flags)
-        finally:
-            self._mark(st, active, offset, len(data))
-        if active is not None and st is not None:
-            async with st.lock:
-                await child_write(active, offset, data, flags)
+        await self._request(
+            node, offset, len(data), lambda edge: child_write(edge, offset, data, flags)
+        )
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
-        st = _state(node)
-        active = self._active(st)
-        try:
-            await child_write_zeroes(_backing(node), offset, length, flags)
-        finally:
-            self._mark(st, active, offset, length)
-        if active is not None and st is not None:
-            async with st.lock:
-                await child_write_zeroes(active, offset, length, flags)
+        await self._request(
+            node, offset, length, lambda edge: child_write_zeroes(edge, offset, length, flags)
+        )
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
+        await self._request(node, offset, length, lambda edge: child_discard(edge, offset, length))
+
+    async def _request(
+        self,
+        node: Node,
+        offset: int,
+        length: int,
+        send: Callable[[Edge], Awaitable[None]],
+    ) -> None:
+        """bdrv_mirror_top_do_write: the source first; then the range is dirty,
+        or (write-blocking) the same request goes to the target under the
+        job's copy lock.  The job's final drain waits for it to end."""
         st = _state(node)
+        if st is None:
+            await send(_backing(node))
+            return
         active = self._active(st)
+        st.begin()
         try:
-            await child_discard(_backing(node), offset, length)
+            try:
+                await send(_backing(node))
+            finally:
+                self._mark(st, active, offset, length)
+            if active is not None:
+                async with st.lock:
+                    await send(active)
         finally:
-            self._mark(st, active, offset, length)
-        if active is not None and st is not None:
-            async with st.lock:
-                await child_discard(active, offset, length)
+            st.end()
 
     @staticmethod
     def _active(st: MirrorTopState | None) -> Edge | None:
@@ -186,8 +215,8 @@ class MirrorTopIO(IOHook):
         return st.active_target
 
     @staticmethod
-    def _mark(st: MirrorTopState | None, active: Edge | None, offset: int, length: int) -> None:
-        if st is not None and active is None and st.dirty is not None and not st.stop:
+    def _mark(st: MirrorTopState, active: Edge | None, offset: int, length: int) -> None:
+        if active is None and st.dirty is not None and not st.stop:
             st.dirty.mark(offset, length)
 
 

@@ -306,8 +306,11 @@ class MirrorJob(BlockJob):
                 self.transition_to_ready()
                 self.synced = True
             if self.should_complete or self.cancel_requested():
-                # The final drain (see above); guest writes may come meanwhile.
+                # The final drain: guest writes under way finish (and mark what
+                # they changed) before the job ends and the target replaces
+                # the source; no await lies between this check and the end.
                 await self.io_point()
+                await self.top_state.drained()
                 if dirty.dirty_bytes():
                     continue
                 return
