@@ -12,6 +12,7 @@ the same sequence.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,3 +139,63 @@ def test_mirror_target_equals_source(tmp_path: Path, finish: str) -> None:
         run("qemu-img", "check", "-q", "-f", "qcow2", str(d / "target.qcow2"))
         results[kind] = events
     assert results["qmpgraph"] == results["qsd"]
+
+
+# Many small writes from one client, in order: the guest's view at the end is
+# the original with all of them applied, whenever the pivot happened.
+BUSY = [f"write -P {0x30 + i % 64} {(i * 37 % 60) * 65536 + i * 512} 4k" for i in range(300)]
+
+
+def test_complete_while_the_guest_writes(tmp_path: Path) -> None:
+    """block-job-complete while a guest keeps writing: every write reaches the
+    disk the guest sees afterwards (the target), none is lost in the pivot."""
+    qsd = require_qemu()
+    ref = tmp_path / "ref"
+    _make_images(ref)
+    _io(ref / "source.qcow2", "qcow2", *BUSY)
+    for kind in ("qmpgraph", "qsd"):
+        d = tmp_path / kind
+        _make_images(d)
+        daemon = LiveDaemon(kind, qsd, d / "run", [])
+        try:
+            for name in ("source.qcow2", "target.qcow2"):
+                (d / "run" / name).symlink_to(d / name)
+            for name in ("source", "target"):
+                daemon.ok(
+                    "blockdev-add",
+                    driver="qcow2",
+                    node_name=name,
+                    file={"driver": "file", "filename": f"{name}.qcow2"},
+                )
+            daemon.start_nbd()
+            daemon.ok(
+                "block-export-add",
+                type="nbd",
+                id="g",
+                node_name="source",
+                name="guest",
+                writable=True,
+            )
+            daemon.ok("blockdev-mirror", job_id="m", device="source", target="target", sync="full")
+            _wait(daemon, lambda jobs: jobs and jobs[0]["ready"])
+            writer = subprocess.Popen(
+                [
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    *[a for c in BUSY for a in ("-c", c)],
+                    daemon.uri("guest"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            time.sleep(0.05)
+            daemon.ok("block-job-complete", device="m")
+            _wait(daemon, lambda jobs: not jobs)
+            _, err = writer.communicate(timeout=TIMEOUT)
+            assert writer.returncode == 0, err
+            assert daemon.ok("query-block-exports")[0]["node-name"] == "target"
+            daemon.ok("block-export-del", id="g")
+        finally:
+            daemon.stop()
+        run("qemu-img", "compare", "-q", str(d / "target.qcow2"), str(ref / "source.qcow2"))
