@@ -41,8 +41,10 @@ reply.  The monitor reproduces that: after dispatching a command it awaits
 (jobs held at an io point go on; with a virtual clock the runner then runs
 every job until all are idle, one step at a time in creation order).
 
-What does not live here: the state tables (``state``), the clock (``clock``),
-block-job specifics (``blockjob``), QMP commands (``qmpgraph.commands.jobs``).
+What does not live here: the runner (``runner``; ``job_runner``, ``find_job``
+and ``JobRunner`` are re-exported here), the state tables (``state``), the
+clock (``clock``), block-job specifics (``blockjob``), QMP commands
+(``qmpgraph.commands.jobs``).
 """
 
 from __future__ import annotations
@@ -51,13 +53,21 @@ import errno
 import os
 import sys
 import traceback
-from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from qmpgraph.errors import GenericError
 from qmpgraph.io.request import BlockIOError
+from qmpgraph.jobs.runner import (
+    TASK_AT_IO,
+    TASK_BUSY,
+    TASK_DONE,
+    TASK_PARKED,
+    JobRunner,
+    find_job,
+    job_runner,
+)
 from qmpgraph.jobs.state import COMPLETED, READY, JobStatus, JobVerb, check_verb
 from qmpgraph.jobs.state import transition_allowed as _allowed
 from qmpgraph.objects import id_wellformed
@@ -66,12 +76,6 @@ if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
 
 S = JobStatus
-
-# Where a job's task is, as the runner sees it.
-_BUSY = "busy"  # running Python code (or not started yet)
-_PARKED = "parked"  # waiting to be entered (or for its timer)
-_AT_IO = "at_io"  # held before real I/O until the command's reply is out
-_DONE = "done"  # run() returned and the job was handed to completion
 
 
 class JobFailed(Exception):
@@ -134,7 +138,7 @@ class Job:
         self.err: str | None = None
         self.progress_current = 0
         self.progress_total = 0
-        self._task_state = _BUSY
+        self._task_state = TASK_BUSY
         self._enter: trio.Event | None = None
         self._go: trio.Event | None = None
         self._deadline: int | None = None
@@ -246,12 +250,12 @@ class Job:
         self.busy = False
         self._deadline = deadline
         self._enter = trio.Event()
-        self._set_task_state(_PARKED)
+        self._set_task_state(TASK_PARKED)
         await self.runner.wait_entered(self)
         self._enter = None
         self._deadline = None
         self.busy = True
-        self._set_task_state(_BUSY)
+        self._set_task_state(TASK_BUSY)
 
     async def pause_point(self) -> None:
         """job_pause_point: pause here if a pause was requested (and not cancelled)."""
@@ -288,10 +292,10 @@ class Job:
         """Call before real data I/O: lets the command that entered the job reply first."""
         if self.runner.must_hold(self):
             self._go = trio.Event()
-            self._set_task_state(_AT_IO)
+            self._set_task_state(TASK_AT_IO)
             await self._go.wait()
             self._go = None
-            self._set_task_state(_BUSY)
+            self._set_task_state(TASK_BUSY)
         else:
             await trio.lowlevel.checkpoint()
 
@@ -303,14 +307,14 @@ class Job:
 
     def enter(self, *, only_if_no_timer: bool = False, only_if_timer: bool = False) -> None:
         """job_enter(_cond): wake the job if it is parked (not if busy or finishing)."""
-        if not self.started or self.deferred or self._task_state != _PARKED:
+        if not self.started or self.deferred or self._task_state != TASK_PARKED:
             return
         if only_if_no_timer and self._deadline is not None:
             return
         if only_if_timer and self._deadline is None:
             return
         self.busy = True
-        self._task_state = _BUSY
+        self._task_state = TASK_BUSY
         self.runner.kicked.add(self)
         assert self._enter is not None
         self._enter.set()
@@ -342,7 +346,7 @@ class Job:
         self.deferred = True
         self.busy = False
         self._completed()
-        self._set_task_state(_DONE)
+        self._set_task_state(TASK_DONE)
 
     # -- verbs ----------------------------------------------------------------------
 
@@ -542,178 +546,4 @@ class Job:
         return info
 
 
-class JobRunner:
-    """A daemon's jobs and the trio tasks that run them (see the module docstring)."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.jobs: list[Job] = []  # newest first, as QEMU's job list
-        self.holding = False
-        self.kicked: set[Job] = set()
-        self._released = trio.Event()
-        self._released.set()
-        self._unspawned: list[Job] = []
-        self._changed = trio.Event()
-        self._last: Job | None = None
-
-    # -- the table ------------------------------------------------------------------
-
-    def add(self, job: Job) -> None:
-        """Register a new job (``Job.__init__`` does it)."""
-        self.jobs.insert(0, job)
-
-    def remove(self, job: Job) -> None:
-        """Forget a dismissed job."""
-        if job in self.jobs:
-            self.jobs.remove(job)
-        if job in self._unspawned:
-            self._unspawned.remove(job)
-
-    def get(self, job_id: str) -> Job | None:
-        """job_get: the job called ``job_id``."""
-        for job in self.jobs:
-            if job.id == job_id:
-                return job
-        return None
-
-    def __iter__(self) -> Iterator[Job]:
-        return iter(list(self.jobs))
-
-    # -- tasks ----------------------------------------------------------------------
-
-    def spawn(self, job: Job) -> None:
-        """Run ``job._main`` as a trio system task (later, if not inside trio)."""
-        try:
-            trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            self._unspawned.append(job)
-            return
-        trio.lowlevel.spawn_system_task(job._main, name=f"job {job.id}")
-
-    def _spawn_pending(self) -> None:
-        pending, self._unspawned = self._unspawned, []
-        for job in pending:
-            trio.lowlevel.spawn_system_task(job._main, name=f"job {job.id}")
-
-    def changed(self) -> None:
-        """A job's task changed state: wake whoever waits on the runner."""
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def must_hold(self, job: Job) -> bool:
-        """Whether ``job`` stops at an io point (a reply is pending, or the clock is virtual)."""
-        return self.holding or self.daemon.clock.virtual
-
-    async def wait_entered(self, job: Job) -> None:
-        """Park ``job`` until entered, or until its deadline passes."""
-        assert job._enter is not None
-        deadline = job._deadline
-        if deadline is None or self.daemon.clock.virtual:
-            # Virtual timers are fired by ``settle`` (it enters the job).
-            await job._enter.wait()
-            return
-        seconds = max(0, deadline - self.daemon.clock.now_ns()) / 1e9
-        with trio.move_on_after(seconds):
-            await job._enter.wait()
-        if not job._enter.is_set():
-            # The timer fired.  A timer is a main-loop turn of its own in
-            # QEMU: it never runs ahead of a reply already on its way.
-            while self.holding:
-                await self._released.wait()
-            if not job._enter.is_set():
-                job._task_state = _BUSY
-
-    def _busy(self, jobs: Iterable[Job]) -> bool:
-        return any(j.started and j._task_state == _BUSY for j in jobs)
-
-    async def _until_idle(self, jobs: Iterable[Job] | None = None) -> None:
-        while self._busy(self.jobs if jobs is None else list(jobs)):
-            await self._changed.wait()
-
-    async def wait_idle(self) -> None:
-        """Wait until no job's task is busy (every job parked, held or done)."""
-        self._spawn_pending()
-        await self._until_idle()
-
-    async def quiesce(self) -> None:
-        """Before a reply: jobs the command entered run until they park, reach I/O or end."""
-        if not self.kicked and not self._unspawned:
-            return
-        self.holding = True
-        self._released = trio.Event()
-        self._spawn_pending()
-        await self._until_idle(self.kicked)
-        self.kicked.clear()
-
-    async def after_reply(self) -> None:
-        """After a reply: held jobs go on; with a virtual clock, run everything to idle."""
-        if not self.holding and not self.daemon.clock.virtual:
-            return
-        self.holding = False
-        self._released.set()
-        if self.daemon.clock.virtual:
-            await self.settle()
-            return
-        for job in self.jobs:
-            if job._task_state == _AT_IO and job._go is not None:
-                job._task_state = _BUSY
-                job._go.set()
-
-    def _runnable(self, job: Job, now: int) -> bool:
-        state = job._task_state
-        if state == _AT_IO:
-            return True
-        return state == _PARKED and job._deadline is not None and job._deadline <= now
-
-    async def settle(self) -> None:
-        """Run every job until none can go on without a command (virtual clock).
-
-        One job at a time, in creation order, round robin; when all wait and
-        some wait for a timer, the clock jumps to the earliest timer.
-        """
-        self._spawn_pending()
-        await self._until_idle()
-        clock = self.daemon.clock
-        while True:
-            order = list(reversed(self.jobs))  # oldest first
-            if self._last in order:
-                i = order.index(self._last) + 1
-                order = order[i:] + order[:i]
-            now = clock.now_ns()
-            job = next((j for j in order if self._runnable(j, now)), None)
-            if job is None:
-                timers = [
-                    j._deadline
-                    for j in self.jobs
-                    if j._task_state == _PARKED and j._deadline is not None
-                ]
-                if not timers:
-                    return
-                advance = getattr(clock, "advance_to", None)
-                assert advance is not None
-                advance(min(timers))
-                continue
-            self._last = job
-            job._task_state = _BUSY
-            if job._go is not None and not job._go.is_set():
-                job._go.set()
-            else:
-                job.busy = True
-                assert job._enter is not None
-                job._enter.set()
-            await self._until_idle()
-
-
-def job_runner(daemon: Daemon) -> JobRunner:
-    """The daemon's job runner (created on first use; the daemon's monitor calls it)."""
-    runner = daemon.job_runner
-    if runner is None:
-        runner = daemon.job_runner = JobRunner(daemon)
-    assert isinstance(runner, JobRunner)
-    return runner
-
-
-def find_job(daemon: Daemon, job_id: str) -> Job | None:
-    """The job called ``job_id``, if any."""
-    runner = daemon.job_runner
-    return runner.get(job_id) if isinstance(runner, JobRunner) else None
+__all__ = ["Job", "JobFailed", "JobRunner", "JobTxn", "find_job", "job_runner"]
