@@ -3,11 +3,14 @@
 * ``state``: JobStatus, JobVerb and QEMU's two tables (synchronous).
 * ``clock``: the wall clock and the virtual clock of ``--clock virtual``
   (synchronous; the daemon imports it).
-* ``core``: ``Job`` (status machine, verbs, completion, events) and
-  ``JobRunner`` (the daemon's job list and the trio tasks); its docstring
-  says how a job type plugs in.
-* ``blockjob``: ``BlockJob`` (the job's BlockBackend, the nodes it holds,
-  speed limit, BLOCK_JOB_* events, query-block-jobs).
+* ``core``: ``Job`` (status machine, verbs, completion, events); its
+  docstring says how a job type plugs in.
+* ``runner``: ``JobRunner`` (the daemon's job list, the trio tasks, the
+  order of job steps against replies, the virtual clock's settling).
+* ``blockjob``: ``BlockJob`` (the nodes it holds through job edges, speed
+  limit, on-error, BLOCK_JOB_* events, query-block-jobs).
+* ``dataplane``: allocation along a chain and write-back for copying jobs.
+* ``mirror``, ``mirror_graph``, ``backup``: the mirror and backup jobs.
 
 The job types themselves and their commands live in ``qmpgraph.commands``
 (``jobs``, ``create``, ``stream``, ``commit``, ...).
