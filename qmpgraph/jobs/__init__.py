@@ -10,10 +10,12 @@
 * ``blockjob``: ``BlockJob`` (the nodes it holds through job edges, speed
   limit, on-error, BLOCK_JOB_* events, query-block-jobs).
 * ``dataplane``: allocation along a chain and write-back for copying jobs.
-* ``mirror``, ``mirror_graph``, ``backup``: the mirror and backup jobs.
+* ``mirror``, ``mirror_graph``, ``backup``, ``drain``: the mirror and
+  backup jobs and what they share.
 
-The job types themselves and their commands live in ``qmpgraph.commands``
-(``jobs``, ``create``, ``stream``, ``commit``, ...).
+The QMP commands live in ``qmpgraph.commands`` (``jobs`` for the verbs and
+queries; the stream, commit and create jobs live with their commands in
+``stream``, ``commit``, ``commit_active`` and ``create``).
 
 Importing this package imports nothing else: ``clock`` must stay trio-free.
 """
