@@ -350,7 +350,8 @@ def _add_export(
         backend=bb,
         writable=writable,
         allocation_depth=bool(args.get("allocation-depth", False)),
-        size=size // nbdc.SECTOR_SIZE * nbdc.SECTOR_SIZE,
+        # blk_getlength: whole sectors, rounded up (a file's last partial sector counts).
+        size=-(-size // nbdc.SECTOR_SIZE) * nbdc.SECTOR_SIZE,
         nbdflags=_export_flags(writable, server.max_connections),
         request_alignment=node.driver.request_alignment(node) if node.driver else 1,
         bitmaps=bitmaps,

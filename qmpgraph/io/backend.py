@@ -36,9 +36,10 @@ class BackendIO:
         return node
 
     def size(self) -> int:
-        """The device's length in bytes."""
+        """The device's length in bytes: blk_getlength, whole sectors rounded up."""
         node = self.node
-        return node.driver.size(node) if node.driver is not None else 0
+        size = node.driver.size(node) if node.driver is not None else 0
+        return -(-size // 512) * 512
 
     def _check(self, offset: int, length: int) -> None:
         size = self.size()

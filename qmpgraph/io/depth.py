@@ -58,7 +58,7 @@ async def own_status(node: Node, offset: int, length: int) -> tuple[int, int]:
     no flags, or ZERO where there is no backing data to defer to.  Other
     drivers answer through their hooks.  pnum is 0 at or past the node's end.
     """
-    size = node_size(node)
+    size = -(-node_size(node) // 512) * 512  # bdrv_co_getlength: whole sectors
     if offset >= size:
         return _PAST_END
     length = min(length, size - offset)

@@ -30,6 +30,7 @@ import trio
 
 from qmpgraph.commands.bitmaps import bitmap_extents
 from qmpgraph.commands.exports import export_table
+from qmpgraph.io import prefetch
 from qmpgraph.io.backend import BackendIO
 from qmpgraph.io.depth import status_above
 from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError
@@ -287,7 +288,7 @@ async def execute(conn: ServerConnection, export: NBDExport, req: Request) -> li
                 await io.flush()
         elif req.type == c.CMD_CACHE:
             message = "caching data failed"
-            await io.read(req.offset, req.length)
+            await prefetch.cache(io, req.offset, req.length)
         else:
             return await _block_status(conn, io, req, export)
     except BlockIOError as err:

@@ -11,7 +11,7 @@ session against qemu-storage-daemon and qmpgraph must print the same text:
 * the export's flags and block sizes;
 * block status of the whole export (both contexts; also with REQ_ONE);
 * structured reads: every chunk's type (data, hole), offset and length, and
-  a digest of the bytes;
+  a digest of the bytes; with "cache", NBD_CMD_CACHE of the same ranges;
 * on a writable export: a FUA write, flush, trim, write zeroes with and
   without NO_HOLE (and FAST_ZERO), cache, then status and reads again;
 * or, instead of all that, a session without structured replies, or one
@@ -191,7 +191,8 @@ def _plain(sock: str, name: str, mode: str) -> dict[str, Any]:
 def main() -> None:
     """Connect to ``argv[1]``'s export ``argv[2]``; ``argv[3]`` "rw" also writes
     ("rw-nofast": without the FAST_ZERO request; "simple", "oldstyle": see
-    ``_plain``; "reads:OFFSET+LENGTH,...": only structured reads of those)."""
+    ``_plain``; "reads:OFFSET+LENGTH,...": only structured reads of those;
+    "cache": the read-only session, then NBD_CMD_CACHE)."""
     sock, name = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "ro"
     if mode in ("simple", "oldstyle"):
@@ -217,6 +218,11 @@ def main() -> None:
     transcript["status_req_one"] = _status(h, nbd.CMD_FLAG_REQ_ONE)
     transcript["reads"] = _reads(h, ranges)
     transcript["reads_df"] = _reads(h, ranges[:1], nbd.CMD_FLAG_DF)
+    if mode == "cache":
+        # NBD_CMD_CACHE is a copy-on-read prefetch in QEMU (EPERM on read-only
+        # nodes), then the status again.
+        transcript["cache"] = [_try(h.cache, n, o) for o, n in ranges]
+        transcript["status_after"] = _status(h)
     if writable:
         transcript["writes"] = _writes(h, size, mode != "rw-nofast")
         transcript["status_after"] = _status(h)
