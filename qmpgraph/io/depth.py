@@ -19,9 +19,15 @@ Three consequences that the per-driver hooks alone would not give:
 * a lower layer shorter than the one above it reads as allocated zeros
   past its end, at its own depth.
 
+qcow2 answers here for its own clusters (not through its hook, which
+answers for the whole chain), one L2 slice at a time as QEMU does, and
+with metadata preallocation detected as QEMU detects it, its data clusters
+over holes of the file read as zeros.  Lengths are whole sectors
+(bdrv_co_getlength rounds a file's length up).
+
 ``own_status`` is the one-node question, ``status_above`` the walk and
-``allocation_depth`` NBD's depth.  What does not live here: the drivers'
-own answers (their hooks in ``hooks``, ``qcow2_hook``, ``cbw_hook``).
+``allocation_depth`` NBD's depth.  What does not live here: the other
+drivers' own answers (their hooks in ``hooks``, ``cbw_hook``, ...).
 """
 
 from __future__ import annotations
