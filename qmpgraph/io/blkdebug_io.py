@@ -110,14 +110,21 @@ def runtime(node: Node) -> Runtime | None:
         for group, opts in source.rules:
             rule = _make_rule(group, opts)
             rt.rules.setdefault(rule.event, []).insert(0, rule)
+        # blkdebug_open ends by firing the "none" event on the node itself,
+        # so rules with event=none are active (or have moved the state)
+        # before the first request.
+        _process(rt, "none")
     return rt
 
 
 def fire_event(node: Node, event: str) -> None:
     """blkdebug_debug_event: run ``event``'s rules for the current state."""
     rt = runtime(node)
-    if rt is None:
-        return
+    if rt is not None:
+        _process(rt, event)
+
+
+def _process(rt: Runtime, event: str) -> None:
     new_state = rt.state
     injected = False
     for rule in list(rt.rules.get(event, ())):

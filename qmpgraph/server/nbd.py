@@ -22,6 +22,7 @@ table and QMP commands (``qmpgraph.commands.exports``).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -228,7 +229,15 @@ class _Session:
     async def _serve(self, export: NBDExport, req: Request) -> None:
         """Execute one request and send its reply; its slot is free again after."""
         try:
-            await self.sender.send(await execute(self.conn, export, req))
+            try:
+                reply = await execute(self.conn, export, req)
+            except _HangUp as hang:
+                await self.sender.send(hang.chunks)
+                print(f"qmpgraph: Disconnect client, due to: {hang.reason}", file=sys.stderr)
+                if self.scope is not None:
+                    self.scope.cancel()
+                return
+            await self.sender.send(reply)
         except _GONE:
             if self.scope is not None:
                 self.scope.cancel()
@@ -296,28 +305,72 @@ async def execute(conn: ServerConnection, export: NBDExport, req: Request) -> li
     return [conn.reply_ok(cookie)]
 
 
+class _HangUp(Exception):
+    """A reply that failed part-way: send ``chunks``, then drop the client.
+
+    QEMU sends a structured read's chunks as it goes; when a read fails after
+    that, the reply cannot be completed, so nbd_trip disconnects ("Failed to
+    send reply: ...") instead of answering with an error.
+    """
+
+    def __init__(self, chunks: list[bytes], reason: str) -> None:
+        super().__init__(reason)
+        self.chunks = chunks
+        self.reason = reason
+
+
+def _open_chunks(cookie: int, offset: int, pieces: list[bytes | int]) -> list[bytes]:
+    """A structured read's chunks without the DONE flag (more follow)."""
+    out: list[bytes] = []
+    pos = offset
+    for piece in pieces:
+        if isinstance(piece, int):
+            out.append(wire.hole_chunk(cookie, pos, piece, final=False))
+            pos += piece
+        else:
+            out.extend(wire.data_chunk(cookie, pos, piece, final=False))
+            pos += len(piece)
+    return out
+
+
 async def _read(conn: ServerConnection, io: BackendIO, req: Request) -> list[bytes]:
+    if req.flags & c.CMD_FLAG_FUA:
+        try:
+            await io.flush()
+        except BlockIOError as err:
+            return [conn.reply_error(req.cookie, c.nbd_errno(err.errno), "flush failed")]
+    if conn.structured and not req.flags & c.CMD_FLAG_DF and req.length:
+        return await _sparse_read(conn, io, req)
     try:
-        if req.flags & c.CMD_FLAG_FUA:
-            try:
-                await io.flush()
-            except BlockIOError as err:
-                return [conn.reply_error(req.cookie, c.nbd_errno(err.errno), "flush failed")]
-        pieces: list[bytes | int] = []
-        if conn.structured and not req.flags & c.CMD_FLAG_DF and req.length:
-            # QEMU's sparse read: zero ranges go out as holes, not data.
-            pos, end = req.offset, req.offset + req.length
-            while pos < end:
-                flags, pnum = await io.block_status(pos, end - pos)
-                if flags & ZERO:
-                    pieces.append(pnum)
-                else:
-                    pieces.append(await io.read(pos, pnum))
-                pos += pnum
-        elif req.length:
-            pieces.append(await io.read(req.offset, req.length))
+        pieces: list[bytes | int] = [await io.read(req.offset, req.length)] if req.length else []
     except BlockIOError as err:
         return [conn.reply_error(req.cookie, c.nbd_errno(err.errno), "reading from file failed")]
+    return conn.reply_read(req.cookie, req.offset, pieces)
+
+
+async def _sparse_read(conn: ServerConnection, io: BackendIO, req: Request) -> list[bytes]:
+    """QEMU's sparse read: zero ranges go out as holes, not data."""
+    pieces: list[bytes | int] = []
+    pos, end = req.offset, req.offset + req.length
+    while pos < end:
+        try:
+            flags, pnum = await io.block_status(pos, end - pos)
+        except BlockIOError as err:
+            # The chunks so far, then an error chunk ends the reply.
+            text = f"unable to check for holes: {os.strerror(err.errno)}"
+            out = _open_chunks(req.cookie, req.offset, pieces)
+            out.append(conn.reply_error(req.cookie, c.nbd_errno(err.errno), text))
+            return out
+        if flags & ZERO:
+            pieces.append(pnum)
+        else:
+            try:
+                pieces.append(await io.read(pos, pnum))
+            except BlockIOError as err:
+                reason = f"reading from file failed: {os.strerror(err.errno)}"
+                chunks = _open_chunks(req.cookie, req.offset, pieces)
+                raise _HangUp(chunks, f"Failed to send reply: {reason}") from err
+        pos += pnum
     return conn.reply_read(req.cookie, req.offset, pieces)
 
 
