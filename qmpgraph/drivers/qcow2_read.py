@@ -39,8 +39,14 @@ class GuestMapping:
     l1: list[int]
     size: int
 
-    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+    def _runs(
+        self, offset: int, length: int, first_only: bool = False
+    ) -> list[tuple[int, int, int, int]]:
         """Maximal runs ``(kind, guest_offset, length, host)`` over the range.
+
+        With ``first_only`` the walk stops where a second run would begin
+        (block status wants one extent; walking the rest of the range for
+        every extent would make a long query quadratic).
 
         ``host`` is the byte offset of the guest offset for NORMAL runs
         (contiguous on the host), the raw L2 entry for COMPRESSED runs (one
@@ -65,6 +71,8 @@ class GuestMapping:
                 kind, host, n = UNALLOCATED, 0, slice_end - pos
                 if cur is not None and cur[0] == kind:
                     cur[2] += n
+                elif first_only and out:
+                    break
                 else:
                     cur = [kind, pos, n, 0]
                     out.append(cur)
@@ -94,11 +102,15 @@ class GuestMapping:
                     and (kind != ZERO or cur[3] == host)
                 ):
                     cur[2] += n
+                elif first_only and out:
+                    break
                 else:
                     cur = [kind, pos, n, host]
                     out.append(cur)
                 pos = stop
                 index += 1
+            if first_only and pos < slice_end:
+                break
         return [(r[0], r[1], r[2], r[3]) for r in out]
 
     def _check_range(self, offset: int, length: int) -> None:

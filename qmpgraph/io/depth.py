@@ -94,7 +94,7 @@ async def _qcow2_status(node: Node, offset: int, length: int) -> tuple[int, int]
     cluster = cluster_size(node)
     slice_bytes = cluster * (cluster // 8)
     length = min(length, slice_bytes - offset % slice_bytes)
-    kind, _, pnum, host = (await QCOW2_IO.own_runs(node, offset, length))[0]
+    kind, _, pnum, host = (await QCOW2_IO.own_runs(node, offset, length, first_only=True))[0]
     if kind == qcow2_read.NORMAL:
         if await _metadata_preallocated(node):
             # QEMU's BDRV_BLOCK_RECURSE: holes of the file under the data read as zeros.

@@ -80,7 +80,7 @@ async def _qcow2(node: Node, offset: int, length: int) -> bool:
         if not await _reads_zero(node, tail_start, stop - tail_start):
             return False
         size = min(cluster, node_size(node) - start)
-        kind = (await QCOW2_IO.own_runs(node, start, size))[0][0]
+        kind = (await QCOW2_IO.own_runs(node, start, size, first_only=True))[0][0]
         if kind not in (qcow2_read.UNALLOCATED, qcow2_read.ZERO):
             return False
     return True

@@ -301,11 +301,12 @@ class Qcow2IO(IOHook):
     # data-file children, honouring their cache.no-flush.
 
     async def own_runs(
-        self, node: Node, offset: int, length: int
+        self, node: Node, offset: int, length: int, first_only: bool = False
     ) -> list[tuple[int, int, int, int]]:
         """This layer's cluster runs ``(kind, guest offset, length, host)`` over a range
-        inside the image, backing chain left out (``qcow2_read.GuestMapping._runs``)."""
-        return await self._call(node, lambda img: img._runs(offset, length))
+        inside the image, backing chain left out (``qcow2_read.GuestMapping._runs``);
+        with ``first_only`` just the first run."""
+        return await self._call(node, lambda img: img._runs(offset, length, first_only))
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
         extents = await self._call(node, lambda img: img.block_status(offset, length))
