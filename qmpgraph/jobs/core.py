@@ -318,6 +318,7 @@ class Job:
         self.runner.kicked.add(self)
         assert self._enter is not None
         self._enter.set()
+        self.runner.changed()
 
     def start(self) -> None:
         """job_start: the job runs (its task is started by the runner)."""

@@ -41,8 +41,6 @@ class JobRunner:
         self.jobs: list[Job] = []  # newest first, as QEMU's job list
         self.holding = False
         self.kicked: set[Job] = set()
-        self._released = trio.Event()
-        self._released.set()
         self._unspawned: list[Job] = []
         self._changed = trio.Event()
         self._last: Job | None = None
@@ -109,8 +107,8 @@ class JobRunner:
         if not job._enter.is_set():
             # The timer fired.  A timer is a main-loop turn of its own in
             # QEMU: it never runs ahead of a reply already on its way.
-            while self.holding:
-                await self._released.wait()
+            while self.holding and not job._enter.is_set():
+                await self._changed.wait()  # after_reply and enter() signal it
             if not job._enter.is_set():
                 job._task_state = TASK_BUSY
 
@@ -131,7 +129,6 @@ class JobRunner:
         if not self.kicked and not self._unspawned:
             return
         self.holding = True
-        self._released = trio.Event()
         self._spawn_pending()
         await self._until_idle(self.kicked)
         self.kicked.clear()
@@ -141,7 +138,7 @@ class JobRunner:
         if not self.holding and not self.daemon.clock.virtual:
             return
         self.holding = False
-        self._released.set()
+        self.changed()
         if self.daemon.clock.virtual:
             await self.settle()
             return
