@@ -47,6 +47,7 @@ from qmpgraph.commands.transaction import BlkAction, action, lookup_bs, single_a
 from qmpgraph.drivers import qcow2_resize
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State, read_snapshots
+from qmpgraph.drivers.qcow2_discard import DiscardType, FreedClusters, passed_types
 from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry
 from qmpgraph.drivers.qcow2_snapshot_write import (
     SnapshotFailed,
@@ -315,14 +316,27 @@ def blockdev_snapshot_delete_internal_sync(
                 f"Failed to remove snapshot from snapshot list: {os.strerror(errno.EPERM)}"
             )
         host = _journal_or_error(tran, target)
+        discards = _snapshot_discards(tran, target, host)
         try:
-            entry = delete_snapshot(host, ident, name)
+            entry = delete_snapshot(host, ident, name, discards=discards)
         except (Qcow2Error, OSError) as err:
             code = getattr(err, "errno", None) or errno.EIO
             raise GenericError(f"Failed to remove snapshot from snapshot list: "
                                f"{os.strerror(code)}") from err  # fmt: skip
         _refresh(tran, target, host)
     return _snapshot_info(entry)
+
+
+def _snapshot_discards(tran: Transaction, target: Node, host: JournalFile) -> FreedClusters | None:
+    """Where a deletion's freed clusters go (QCOW2_DISCARD_SNAPSHOT): discarded
+    in the file once the transaction commits (an abort puts the bytes back)."""
+    if DiscardType.SNAPSHOT not in passed_types(target):
+        return None
+    state = target.state
+    assert isinstance(state, Qcow2State)
+    discards = FreedClusters(host.io.fd, state.header.cluster_bits)
+    tran.on_commit(discards.process)
+    return discards
 
 
 def _journal_or_error(tran: Transaction, target: Node) -> JournalFile:

@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from qmpgraph.drivers.qcow2_storage import HostFile, Qcow2Error, pread_full
+
+if TYPE_CHECKING:
+    from qmpgraph.drivers.qcow2_discard import FreedClusters
 
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _HEADER_REFTABLE = 48  # refcount_table_offset (be64), refcount_table_clusters (be32)
@@ -59,6 +63,8 @@ class Refcounts:
         self.table = list(struct.unpack(f">{count}Q", raw))
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self.free_hint = 0
+        #: Clusters freed while set are discarded in the file (qcow2_discard).
+        self.discards: FreedClusters | None = None
 
     # -- refcount blocks ---------------------------------------------------
 
@@ -133,6 +139,8 @@ class Refcounts:
                 lo, hi = min(lo, a), max(hi, b)
                 if value == 0:
                     self.free_hint = min(self.free_hint, index * self.per_block + s)
+                    if delta < 0 and self.discards is not None:
+                        self.discards.freed(index * self.per_block + s)
             offset = self.table[index] & _OFFSET_MASK
             self.host.pwrite(offset + lo, bytes(blk[lo:hi]))
             cluster = stop
@@ -173,6 +181,9 @@ class Refcounts:
         the clusters just before the returned ones (part of the same free
         run), so a run may span any number of ranges.
         """
+        if self.discards is not None:
+            # A freed cluster may come back: its discard goes first.
+            self.discards.process()
         per_block = self.per_block
         extra = 0
         while True:

@@ -39,6 +39,7 @@ from qmpgraph.drivers.qcow2 import (
     header_read_length,
     parse_header,
 )
+from qmpgraph.drivers.qcow2_discard import FreedClusters
 from qmpgraph.drivers.qcow2_read import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
 from qmpgraph.drivers.qcow2_refcount import Refcounts
 from qmpgraph.drivers.qcow2_snapshot import SnapshotEntry
@@ -361,8 +362,19 @@ def find_entry(
     return None
 
 
-def delete_snapshot(host: HostFile, ident: str | None, name: str | None) -> SnapshotEntry:
+def delete_snapshot(
+    host: HostFile,
+    ident: str | None,
+    name: str | None,
+    *,
+    discards: FreedClusters | None = None,
+) -> SnapshotEntry:
     """qcow2_snapshot_delete: remove the snapshot matching ``ident`` and/or ``name``.
+
+    Clusters it frees (the old snapshot table, the snapshot's data clusters,
+    L2 tables and L1 table: QCOW2_DISCARD_SNAPSHOT) are recorded in
+    ``discards`` when given; the caller discards them once the deletion
+    stands.
 
     Errors: ``SnapshotFailed`` (ENOENT "Can't find the snapshot"; ENOTSUP for
     images this library cannot change).
@@ -377,9 +389,11 @@ def delete_snapshot(host: HostFile, ident: str | None, name: str | None) -> Snap
         if e.l1_table_offset == found.l1_table_offset and e.public() == found
     )
     entry = img.entries.pop(index)
+    img.refcounts.discards = discards
     img.write_table()
     img.update_refcounts(entry.l1_table_offset, entry.l1_size, -1)
     if entry.l1_size:
         img.refcounts.free_bytes(entry.l1_table_offset, entry.l1_size * 8)
+    img.refcounts.discards = None
     img.update_refcounts(img.header.l1_table_offset, img.header.l1_size, 0)
     return entry.public()

@@ -1,0 +1,161 @@
+"""qcow2 freed clusters passed down to the image file as discards.
+
+QEMU's qcow2 remembers every cluster whose refcount drops to 0 (the
+``s->discards`` list, filled by ``update_refcount``) when the kind of
+freeing is passed through, coalescing adjacent regions, and discards them
+in the file once the operation's refcount updates are done
+(``qcow2_process_discards``); on a file node that is a hole punched with
+the file's size kept, so ``actual-size`` shrinks.  Failures are ignored,
+and a failed operation drops its list without discarding.
+
+Which kinds pass (``discard_passthrough``), from the qcow2 node's options:
+
+* ``NEVER``: never (e.g. a compressed cluster replaced by a write);
+* ``ALWAYS``: always (resize's cut-off clusters, bitmap data clusters);
+* ``REQUEST``: ``pass-discard-request``, default the node's own
+  ``discard=unmap`` (guest discards, write-zeroes with unmap);
+* ``SNAPSHOT``: ``pass-discard-snapshot``, default on (internal snapshot
+  deletion: data clusters, L2 tables, L1 table, old snapshot table);
+* ``OTHER``: ``pass-discard-other``, default off (old metadata: bitmap
+  tables and directory, replaced L1/L2 tables).
+
+Below that, ``bdrv_co_pdiscard`` on the file node does nothing unless the
+file node itself has ``discard=unmap`` (a format's inline ``file`` gets it
+by default).  qmpgraph discards only into ``file`` nodes; other protocol
+children keep their bytes.
+
+A cluster freed and allocated again within one operation is never
+punched after its new contents were written: the pending regions are
+discarded before each allocation (QEMU writes its cached tables back after
+discarding, with the same end result).
+
+What does not live here: the refcounts themselves (``qcow2_refcount``),
+the L1/L2 walks that free clusters (``qcow2_io``, ``qcow2_snapshot_write``,
+``qcow2_bitmaps``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import enum
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from qmpgraph.graph.perms import OpenFlag
+
+if TYPE_CHECKING:
+    from qmpgraph.drivers.qcow2_refcount import Refcounts
+    from qmpgraph.graph.model import Node
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+class DiscardType(enum.Enum):
+    """enum qcow2_discard_type: why clusters are freed."""
+
+    NEVER = "never"
+    ALWAYS = "always"
+    REQUEST = "pass-discard-request"
+    SNAPSHOT = "pass-discard-snapshot"
+    OTHER = "pass-discard-other"
+
+
+_DEFAULTS = {DiscardType.SNAPSHOT: True, DiscardType.OTHER: False}
+
+
+def _bool(value: object, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value in ("on", "true", "yes")
+    return bool(value)
+
+
+def passed_types(node: Node) -> frozenset[DiscardType]:
+    """The kinds of freed clusters that reach ``node``'s image file as discards
+    (empty where the file child is not a ``file`` node with discard=unmap)."""
+    edge = node.file
+    file_node = edge.child if edge is not None else None
+    if (
+        file_node is None
+        or file_node.driver is None
+        or file_node.driver.format_name != "file"
+        or not file_node.open_flags & OpenFlag.UNMAP
+    ):
+        return frozenset()
+    opts = node.options
+    passed = {DiscardType.ALWAYS}
+    default_request = bool(node.open_flags & OpenFlag.UNMAP)
+    if _bool(opts.get(DiscardType.REQUEST.value), default_request):
+        passed.add(DiscardType.REQUEST)
+    for kind, default in _DEFAULTS.items():
+        if _bool(opts.get(kind.value), default):
+            passed.add(kind)
+    return frozenset(passed)
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Discard [offset, offset + length) of a file (hole, size kept); best effort."""
+    _libc.fallocate(
+        ctypes.c_int(fd),
+        ctypes.c_int(_PUNCH_HOLE_KEEP_SIZE),
+        ctypes.c_int64(offset),
+        ctypes.c_int64(length),
+    )
+
+
+class FreedClusters:
+    """``s->discards``: freed regions of one operation, waiting to be discarded."""
+
+    def __init__(self, fd: int, cluster_bits: int) -> None:
+        self.fd = fd
+        self.cluster_bits = cluster_bits
+        # Sorted [start, end) cluster ranges; adjacent ones are merged.
+        self.regions: list[list[int]] = []
+
+    def freed(self, cluster: int) -> None:
+        """update_refcount_discard: one cluster's refcount reached 0."""
+        regions = self.regions
+        if regions and regions[-1][1] == cluster:
+            regions[-1][1] += 1
+        elif regions and regions[-1][0] == cluster + 1:
+            regions[-1][0] = cluster
+        else:
+            regions.append([cluster, cluster + 1])
+
+    def process(self) -> None:
+        """qcow2_process_discards: discard every pending region, coalesced."""
+        if not self.regions:
+            return
+        regions = sorted(self.regions)
+        self.regions = []
+        merged: list[list[int]] = []
+        for start, end in regions:
+            if merged and merged[-1][1] >= start:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        cb = self.cluster_bits
+        for start, end in merged:
+            punch(self.fd, start << cb, (end - start) << cb)
+
+
+@contextlib.contextmanager
+def discarding(
+    refcounts: Refcounts, fd: int, passed: frozenset[DiscardType], kind: DiscardType
+) -> Iterator[None]:
+    """Within the block, clusters ``refcounts`` frees are discarded in the file
+    (fd) when ``kind`` is passed; at the end if it succeeds, dropped if not."""
+    if kind not in passed or refcounts.discards is not None:
+        yield
+        return
+    queue = FreedClusters(fd, refcounts.cluster_bits)
+    refcounts.discards = queue
+    try:
+        yield
+    finally:
+        refcounts.discards = None
+    queue.process()
