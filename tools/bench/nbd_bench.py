@@ -472,7 +472,7 @@ def print_table(bench: Bench) -> None:
     )
     if bench.backlog_retries:
         print(f"({bench.backlog_retries} clients-phase readers restarted: listen backlog full)")
-    if ref is not None and cand is not None:
+    if ref is not None and cand is not None and "read raw" in ref.mib_s:
         r = statistics.median(cand.mib_s["read raw"]) / statistics.median(ref.mib_s["read raw"])
         verdict = "met" if r >= READ_GOAL else "MISSED"
         print(f"goal: raw read throughput qmpgraph/qsd >= {READ_GOAL}: {r:.2f}x {verdict}")
