@@ -38,6 +38,7 @@ import outcome
 import trio
 
 from qmpgraph.drivers.file import FileState
+from qmpgraph.drivers.qcow2_discard import DiscardType, freeing, passed_types
 from qmpgraph.drivers.qcow2_io import Extent, FdFile, Qcow2Error, Qcow2Image, Status
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
@@ -200,11 +201,15 @@ class _Open:
 
 def _key(node: Node) -> tuple[Any, ...]:
     file_edge = node.file
-    data_edge = _edge(node, "data-file")
+    data_child = None
+    for edge in node.children:
+        if edge.name == "data-file":
+            data_child = edge.child
+            break
     return (
         id(node.state),
         id(file_edge.child) if file_edge else None,
-        id(data_edge.child) if data_edge else None,
+        id(data_child) if data_child is not None else None,
         node.read_only,
     )
 
@@ -259,18 +264,17 @@ class Qcow2IO(IOHook):
     async def _call(self, node: Node, fn: Callable[[Qcow2Image], T]) -> T:
         """Run ``fn(image)``, one call per image at a time: in a worker thread,
         or right here when the node has no backing child and the image is idle."""
-        opened = self._image(node)
-
-        def work() -> T:
-            try:
-                return fn(opened.image)
-            except (Qcow2Error, QMPError, ValueError) as err:
-                raise BlockIOError(errno.EIO, str(err)) from err
-            except OSError as err:
-                raise BlockIOError(err.errno or errno.EIO) from err
-
+        # The common case inline (an NBD copy makes thousands of calls): the
+        # image is open, current and idle, and the node has no backing child.
+        opened = self._images.get(node.id)
+        if opened is None or opened.file_state.lock.closed or opened.key != _key(node):
+            opened = self._image(node)
         backing = node.backing
-        if (backing is None or backing.child is None) and opened.runner.idle(opened.lock):
+        if (
+            (backing is None or backing.child is None)
+            and not opened.runner.busy
+            and not opened.lock.locked()
+        ):
             # Nothing to read through the graph and nobody else on the image:
             # run it here, as FileIO's preads do (no checkpoint, so nothing
             # else touches the image meanwhile).  Two thread hand-offs cost
@@ -278,9 +282,24 @@ class Qcow2IO(IOHook):
             # throughput out of a qcow2 export.
             opened.source.inline = True
             try:
-                return work()
+                return fn(opened.image)
+            except (Qcow2Error, QMPError, ValueError) as err:
+                raise BlockIOError(errno.EIO, str(err)) from err
+            except OSError as err:
+                raise BlockIOError(err.errno or errno.EIO) from err
             finally:
                 opened.source.inline = False
+
+        image = opened.image
+
+        def work() -> T:
+            try:
+                return fn(image)
+            except (Qcow2Error, QMPError, ValueError) as err:
+                raise BlockIOError(errno.EIO, str(err)) from err
+            except OSError as err:
+                raise BlockIOError(err.errno or errno.EIO) from err
+
         return await opened.runner.run(opened.lock, work)
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
@@ -291,10 +310,15 @@ class Qcow2IO(IOHook):
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
         unmap = bool(flags & REQ_MAY_UNMAP)
-        await self._call(node, lambda img: img.write_zeroes(offset, length, may_unmap=unmap))
+        # Clusters a zeroing with unmap frees are guest discards (QCOW2_DISCARD_REQUEST).
+        passed = passed_types(node) if unmap else frozenset()
+        await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
+            img.write_zeroes(offset, length, may_unmap=unmap))))  # fmt: skip
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        await self._call(node, lambda img: img.discard(offset, length))
+        passed = passed_types(node)
+        await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
+            img.discard(offset, length))))  # fmt: skip
 
     # flush: the inherited no-op.  Nothing is cached above the descriptors
     # (metadata is write-through), and flush_node then syncs the file and
