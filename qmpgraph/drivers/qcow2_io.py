@@ -342,6 +342,8 @@ class Qcow2Image(GuestMapping):
         table_offset, table = self._l2_for_write(l1_index)
         base = first & (self.l2_entries - 1)
         entries = table[base : base + last - first + 1]
+        if self._write_simple(table_offset, table, base, entries, pos=pos, data=data):
+            return
         v3 = self.header.version >= 3
         # fresh: needs a new host cluster; filled: written whole (fresh, or
         # an allocated zero cluster whose unwritten part must become zeros).
@@ -413,6 +415,47 @@ class Qcow2Image(GuestMapping):
             self._barrier()
         for entry in freed:
             self._free_entry(entry)
+
+    def _write_simple(
+        self,
+        table_offset: int,
+        table: list[int],
+        base: int,
+        entries: list[int],
+        *,
+        pos: int,
+        data: memoryview,
+    ) -> bool:
+        """The two common cases of ``_write_slice`` without its per-cluster
+        bookkeeping; False (nothing done) for every other case.
+
+        Whole unallocated clusters (a copy into a fresh image): one run of
+        new clusters, one data write, then the L2 entries.  Clusters written
+        in place (COPIED, contiguous on the host): one data write, no
+        metadata.  The order of writes is the general path's.
+        """
+        cs = self.cluster_size
+        n = len(entries)
+        first = entries[0]
+        if not first and not self.external_data:
+            if (pos | len(data)) & (cs - 1) or any(entries):
+                return False
+            host = self.refcounts.allocate(n)
+            self.data_host.pwrite(host, data)
+            new = host | OFLAG_COPIED
+            table[base : base + n] = range(new, new + n * cs, cs)
+            self._barrier()
+            self._write_l2(table_offset, table, base, base + n)
+            return True
+        host = first & OFFSET_MASK
+        if (
+            host
+            and first & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED
+            and (n == 1 or entries == list(range(first, first + n * cs, cs)))
+        ):
+            self.data_host.pwrite(host + (pos & (cs - 1)), data)
+            return True
+        return False
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Make [offset, offset + length) read as zeros, as qcow2_co_pwrite_zeroes.
