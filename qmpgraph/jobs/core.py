@@ -1,4 +1,4 @@
-"""The job core: ``Job`` (QEMU's job.c) and the runner that drives job tasks.
+"""The job core: ``Job`` (QEMU's job.c): statuses, verbs, completion, events.
 
 How a job type plugs in
 =======================
@@ -40,6 +40,14 @@ reply.  The monitor reproduces that: after dispatching a command it awaits
 ``io_point`` or ends), writes the reply, then calls ``runner.after_reply()``
 (jobs held at an io point go on; with a virtual clock the runner then runs
 every job until all are idle, one step at a time in creation order).
+
+Where to put ``io_point``: where QEMU's coroutine would first wait for the
+disk.  Metadata QEMU has cached and reads that fail at once (an injected
+error) do not wait, so a copying job reads first, then calls ``io_point``,
+then writes: a failed read's events come before the reply, a good copy's
+after it.  The first allocation lookup of a run reads L2 tables in QEMU, so
+stream and commit call it once before their first lookup too.  A timer
+(``sleep_ns``, even of 0 ns) always lets the reply go first.
 
 What does not live here: the runner (``runner``; ``job_runner``, ``find_job``
 and ``JobRunner`` are re-exported here), the state tables (``state``), the
