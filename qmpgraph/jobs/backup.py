@@ -49,9 +49,10 @@ from qmpgraph.io.hooks import (
     child_write,
     child_write_zeroes,
 )
-from qmpgraph.io.request import ALLOCATED, DATA, ZERO
+from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed, JobTxn
+from qmpgraph.jobs.policy import error_action, io_errno
 from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import drop_filter, insert_node
 from qmpgraph.transactions.engine import Transaction
@@ -251,6 +252,15 @@ class BackupJob(BlockJob):
     # -- the copy ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        """backup_run, then the drain before backup_clean drops the filter."""
+        try:
+            await self._backup_run()
+        finally:
+            # Guest requests under way through the filter end first (QEMU
+            # drains it in bdrv_cbw_drop); clean follows without a checkpoint.
+            await CBW_IO.drained(self.cbw)
+
+    async def _backup_run(self) -> None:
         """backup_run."""
         st = CBW_IO.state(self.cbw)
         if self.params.sync == "bitmap" and self.params.bitmap is not None:
@@ -297,12 +307,32 @@ class BackupJob(BlockJob):
             chunk = min(chunk, self.params.max_chunk)
         max_clusters = max(1, chunk // cluster)
         c = 0
+        # The first failure of this block-copy call and the tasks started
+        # after it: QEMU's tasks run in a pool of max-workers, so the ones
+        # already started when a task fails still run.
+        call_failed: tuple[bool, int] | None = None
+        after_fail = 0
         while True:
             await self.pause_point()
             if self.is_cancelled():
                 return
             while c < n and not st.to_copy[c]:
                 c += 1
+            if call_failed is not None and (c >= n or after_fail >= self.params.max_workers - 1):
+                # backup_loop: report ends the job, stop pauses it first, and
+                # both stop and ignore start a new call from the beginning.
+                is_read, code = call_failed
+                call_failed, after_fail = None, 0
+                policy = self.params.on_source_error if is_read else self.params.on_target_error
+                if error_action(self, policy, is_read, code) == "report":
+                    raise JobFailed(code)
+                await self.pause_point()
+                if self.is_cancelled():
+                    # The new call is cancelled; it ends after the reply.
+                    await self.io_point()
+                    return
+                c = 0
+                continue
             if c >= n:
                 return
             delay = self.ratelimit_delay(0)
@@ -318,18 +348,30 @@ class BackupJob(BlockJob):
                 pos = c * cluster
                 nbytes = min(end * cluster, self.length) - pos
                 await self.io_point()
+                nbytes, zero = await self._task_extent(source_edge, pos, nbytes, cluster)
+                is_read = False
                 try:
-                    nbytes, zero = await self._task_extent(source_edge, pos, nbytes, cluster)
                     if zero:
                         await child_write_zeroes(target_edge, pos, nbytes)
                     else:
+                        is_read = True
                         data = await child_read(source_edge, pos, nbytes)
+                        is_read = False
                         await child_write(target_edge, pos, data)
-                except OSError as err:
-                    raise JobFailed(err.errno or errno.EIO) from err
-                last = -(-(pos + nbytes) // cluster)
-                for k in range(c, last):
-                    st.to_copy[k], st.done[k] = 0, 1
+                except (BlockIOError, OSError) as err:
+                    failed: tuple[bool, int] | None = (is_read, io_errno(err))
+                else:
+                    failed = None
+                    last = -(-(pos + nbytes) // cluster)
+                    for k in range(c, last):
+                        st.to_copy[k], st.done[k] = 0, 1
+            if call_failed is not None:
+                after_fail += 1
+            if failed is not None:
+                # The failed task's clusters are still to copy.
+                call_failed = call_failed or failed
+                c = -(-(pos + nbytes) // cluster)
+                continue
             self.progress_update(nbytes)
             self.ratelimit_delay(nbytes)
             c = last

@@ -44,8 +44,11 @@ from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.names import is_well_formed
 from qmpgraph.graph.perms import PERM_ALL, OpenFlag, Perm
 from qmpgraph.io import mirror_hook as _mirror_hook  # noqa: F401  (registers "mirror_top")
+from qmpgraph.io.blkdebug_io import IO_BITS
+from qmpgraph.io.blkdebug_io import runtime as blkdebug_runtime
 from qmpgraph.io.depth import own_status
 from qmpgraph.io.hooks import (
+    RawIO,
     child_block_status,
     child_read,
     child_write,
@@ -53,7 +56,7 @@ from qmpgraph.io.hooks import (
     flush_node,
 )
 from qmpgraph.io.mirror_hook import DirtyMap, MirrorTopState
-from qmpgraph.io.request import ALLOCATED, DATA, REQ_MAY_UNMAP, ZERO
+from qmpgraph.io.request import ALLOCATED, DATA, REQ_MAY_UNMAP, ZERO, BlockIOError
 from qmpgraph.jobs.blockjob import BlockJob, _block_all, _unblock
 from qmpgraph.jobs.core import JobFailed, JobTxn, find_job
 from qmpgraph.jobs.mirror_graph import (
@@ -68,6 +71,7 @@ from qmpgraph.jobs.mirror_graph import (
     replace_error,
     set_stop,
 )
+from qmpgraph.jobs.policy import error_action, io_errno
 from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
@@ -365,27 +369,46 @@ class MirrorJob(BlockJob):
         target_edge = self.target_edge
         assert backing is not None and target_edge is not None
         pos = start
-        try:
-            async with self.top_state.lock:
-                while pos < stop:
-                    n = min(MAX_IO_BYTES, stop - pos)
-                    flags, pnum = await child_block_status(backing, pos, n)
-                    n = min(n, pnum)
+        failed = False
+        report: int | None = None
+        async with self.top_state.lock:
+            while pos < stop:
+                n = min(MAX_IO_BYTES, stop - pos)
+                flags, pnum = await child_block_status(backing, pos, n)
+                n = min(n, pnum)
+                is_zero = bool(flags & ZERO and not flags & DATA)
+                if is_zero or not _fails_at_once(backing.child, pos, n):
                     await self.io_point()
-                    _UNFLUSHED[self.target.id] = True
-                    if flags & ZERO and not flags & DATA:
+                _UNFLUSHED[self.target.id] = True
+                is_read = False
+                try:
+                    if is_zero:
                         zflags = REQ_MAY_UNMAP if self.params.unmap else 0
                         await child_write_zeroes(target_edge, pos, n, zflags)
                     else:
+                        is_read = True
                         data = await child_read(backing, pos, n)
+                        is_read = False
                         await child_write(target_edge, pos, data)
-                    pos += n
+                except (BlockIOError, OSError) as exc:
+                    # The operation's range is dirty again and the side that
+                    # failed chooses (mirror_error_action); QEMU's other
+                    # operations of this iteration were started already and
+                    # go on, a report fails the job at the loop's next turn.
+                    dirty.mark(pos, n)
+                    code = io_errno(exc)
+                    policy = self.params.on_source_error if is_read else self.params.on_target_error
+                    failed = True
+                    if error_action(self, policy, is_read, code) == "report" and report is None:
+                        report = code
+                else:
                     self.progress_update(n)
                     self.ratelimit_delay(n)
-        except OSError:
-            # What was not copied is still to be copied (QEMU re-dirties on error).
-            dirty.mark(pos, stop - pos)
-            raise
+                pos += n
+        if report is not None:
+            raise JobFailed(report)
+        if failed:
+            return 0
         return end if end < len(dirty.bits) else 0
 
     # -- verbs ------------------------------------------------------------------------
@@ -499,6 +522,27 @@ class MirrorJob(BlockJob):
             tran.rollback_to(mark)
             return err.desc
         return None
+
+
+def _fails_at_once(node: Node | None, offset: int, length: int) -> bool:
+    """Whether a read fails at a blkdebug rule before any real I/O (through
+    raw windows and filters): QEMU then fails it within the command that
+    started the job, before its reply."""
+    while node is not None:
+        rt = blkdebug_runtime(node)
+        if rt is not None:
+            for rule in rt.active:
+                hit = rule.offset == -1 or (length and offset <= rule.offset < offset + length)
+                if hit and rule.iotype_mask & IO_BITS["read"]:
+                    return bool(rule.error)
+            return False
+        if node.format_name == "raw":
+            offset += RawIO._base(node)
+        elif node.format_name not in ("copy-on-read", "throttle", "blkdebug"):
+            return False
+        edge = node.file
+        node = edge.child if edge is not None else None
+    return False
 
 
 async def _allocated_above(chain: list[Node], offset: int, length: int) -> tuple[bool, int]:
