@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -107,6 +108,35 @@ class CbwIO(IOHook):
 
     def __init__(self) -> None:
         self._states: dict[int, _CbwState] = {}
+        # Requests under way through each node, and who waits for none: a
+        # job drops its filter only once they ended (QEMU drains the node).
+        self._inflight: dict[int, int] = {}
+        self._idle: dict[int, trio.Event] = {}
+
+    @contextlib.contextmanager
+    def _request(self, node: Node) -> Iterator[None]:
+        """Count one request under way through ``node``."""
+        self._inflight[node.id] = self._inflight.get(node.id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._inflight.pop(node.id) - 1
+            if left:
+                self._inflight[node.id] = left
+            else:
+                idle = self._idle.pop(node.id, None)
+                if idle is not None:
+                    idle.set()
+
+    def inflight(self, node: Node) -> int:
+        """How many requests are under way through ``node``."""
+        return self._inflight.get(node.id, 0)
+
+    async def drained(self, node: Node) -> None:
+        """Wait until no request is under way through ``node`` (bdrv_drain)."""
+        while self._inflight.get(node.id):
+            idle = self._idle.setdefault(node.id, trio.Event())
+            await idle.wait()
 
     def state(self, node: Node) -> _CbwState:
         """The node's bitmaps, made on its first request."""
@@ -177,22 +207,29 @@ class CbwIO(IOHook):
                 raise BlockIOError(code) from err
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
-        return await child_read(_edge(node, "file"), offset, length)
+        with self._request(node):
+            return await child_read(_edge(node, "file"), offset, length)
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
-        await self._cbw(node, offset, len(data), flags)
-        await child_write(_edge(node, "file"), offset, data, flags & ~REQ_WRITE_UNCHANGED)
+        with self._request(node):
+            await self._cbw(node, offset, len(data), flags)
+            await child_write(_edge(node, "file"), offset, data, flags & ~REQ_WRITE_UNCHANGED)
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
-        await self._cbw(node, offset, length, flags)
-        await child_write_zeroes(_edge(node, "file"), offset, length, flags & ~REQ_WRITE_UNCHANGED)
+        with self._request(node):
+            await self._cbw(node, offset, length, flags)
+            await child_write_zeroes(
+                _edge(node, "file"), offset, length, flags & ~REQ_WRITE_UNCHANGED
+            )
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        await self._cbw(node, offset, length, 0)
-        await child_discard(_edge(node, "file"), offset, length)
+        with self._request(node):
+            await self._cbw(node, offset, length, 0)
+            await child_discard(_edge(node, "file"), offset, length)
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
-        return await child_block_status(_edge(node, "file"), offset, length)
+        with self._request(node):
+            return await child_block_status(_edge(node, "file"), offset, length)
 
     # -- the snapshot API --------------------------------------------------
 
