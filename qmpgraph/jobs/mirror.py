@@ -334,7 +334,7 @@ class MirrorJob(BlockJob):
             # A target that can zero cheaply is zeroed first; only what the
             # source allocates is copied then (no progress is counted for it).
             await self.io_point()
-            await child_write_zeroes(target_edge, 0, length, REQ_MAY_UNMAP)
+            await child_write_zeroes(target_edge, 0, length, REQ_MAY_UNMAP, backend=True)
         chain = self._chain_above_base()
         offset = 0
         while offset < length:
@@ -384,7 +384,7 @@ class MirrorJob(BlockJob):
                 try:
                     if is_zero:
                         zflags = REQ_MAY_UNMAP if self.params.unmap else 0
-                        await child_write_zeroes(target_edge, pos, n, zflags)
+                        await child_write_zeroes(target_edge, pos, n, zflags, backend=True)
                     else:
                         is_read = True
                         data = await child_read(backing, pos, n)
