@@ -60,6 +60,9 @@ class GuestMapping:
         # With an external data file, 0 is a valid host offset: COPIED
         # (always set there) tells allocated from not.
         ext = OFLAG_COPIED if img.external_data else 0
+        simple = self._one_run(offset, length)
+        if simple is not None:
+            return [simple]
         out: list[list[int]] = []
         pos, end = offset, offset + length
         cur: list[int] | None = None
@@ -112,6 +115,35 @@ class GuestMapping:
             if first_only and pos < slice_end:
                 break
         return [(r[0], r[1], r[2], r[3]) for r in out]
+
+    def _one_run(self, offset: int, length: int) -> tuple[int, int, int, int] | None:
+        """The range as one run when it lies in one L2 table and its entries
+        are all zero (unallocated) or one contiguous data run with equal flags
+        (a copy's common case, compared in bulk); None for anything else, which
+        the per-cluster walk of ``_runs`` answers (with the same result here)."""
+        img = self.image
+        cb = img.cluster_bits
+        shift = cb + img.l2_bits
+        l1_index = offset >> shift
+        if length <= 0 or (offset + length - 1) >> shift != l1_index or l1_index >= len(self.l1):
+            return None
+        l2_offset = self.l1[l1_index] & OFFSET_MASK
+        if not l2_offset:
+            return None
+        table = img._l2(l2_offset)
+        l2_mask = img.l2_entries - 1
+        lo = (offset >> cb) & l2_mask
+        hi = ((offset + length - 1) >> cb & l2_mask) + 1
+        first = table[lo]
+        if not first:
+            return (UNALLOCATED, offset, length, 0) if not any(table[lo:hi]) else None
+        host = first & OFFSET_MASK
+        if not host or first & OFLAG_COMPRESSED or (first & OFLAG_ZERO and img.header.version >= 3):
+            return None
+        cs = img.cluster_size
+        if hi - lo > 1 and table[lo:hi] != list(range(first, first + (hi - lo) * cs, cs)):
+            return None
+        return (NORMAL, offset, length, host + (offset & (cs - 1)))
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
