@@ -17,6 +17,7 @@ from qmpgraph.commands.registry import command
 from qmpgraph.drivers.open import open_node_tree
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node, ParentKind
+from qmpgraph.jobs.drain import file_attach_drains
 from qmpgraph.transactions.actions import set_monitor_owned, unref_node
 
 
@@ -24,7 +25,7 @@ from qmpgraph.transactions.actions import set_monitor_owned, unref_node
 def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     """Open a node tree from ``args``; the top node becomes monitor-owned."""
     daemon = ctx.daemon
-    with daemon.graph_transaction("blockdev-add", args) as tran:
+    with file_attach_drains(daemon, args), daemon.graph_transaction("blockdev-add", args) as tran:
         open_node_tree(daemon.graph, args, tran)
 
 

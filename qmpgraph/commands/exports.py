@@ -31,6 +31,7 @@ from qmpgraph.commands.registry import command
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
+from qmpgraph.jobs.drain import drain_node_bounce
 from qmpgraph.nbd import constants as nbdc
 from qmpgraph.objects import id_wellformed, tree_for
 from qmpgraph.objects.misc import IOThread
@@ -365,6 +366,7 @@ def _delete_export(tran: Transaction, daemon: Daemon, table: ExportTable, exp: N
     """Remove ``exp`` from the graph and the table; clients and the event follow commit."""
     graph: BlockGraph = daemon.graph
     edge: Edge | None = exp.backend.root
+    node = edge.child if edge is not None else None
     if edge is not None:
         detach_child(tran, graph, edge)
     remove_root_parent(tran, graph, exp.backend)
@@ -377,6 +379,10 @@ def _delete_export(tran: Transaction, daemon: Daemon, table: ExportTable, exp: N
     def after() -> None:
         if server is not None and server.runtime is not None:
             server.runtime.disconnect(exp)
+        if node is not None:
+            # Removing the export's BlockBackend drains its node twice in
+            # QEMU 7.2: the jobs above it pause and resume twice.
+            drain_node_bounce(daemon, node, times=2)
         daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": exp.id})
 
     tran.on_commit(after)

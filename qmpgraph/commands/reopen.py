@@ -39,6 +39,7 @@ from qmpgraph.drivers.open import Inheritance, inherit_options
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag, Role
+from qmpgraph.jobs.drain import subtree_drains
 from qmpgraph.transactions.reopen import ReopenRequest, flatten, opt_bool, reopen_multiple
 
 EMPTY_LIST_ERROR = "blockdev-reopen needs at least one node in 'options'"
@@ -152,7 +153,10 @@ def blockdev_reopen(ctx: CommandContext, args: dict[str, Any]) -> None:
     entries = args["options"]
     if not entries:
         raise GenericError(EMPTY_LIST_ERROR)
-    with daemon.graph_transaction("blockdev-reopen", args) as tran:
+    with (
+        subtree_drains(daemon) as drains,
+        daemon.graph_transaction("blockdev-reopen", args) as tran,
+    ):
         queue = ReopenQueue()
         for item in entries:
             name = item.get("node-name")
@@ -161,5 +165,6 @@ def blockdev_reopen(ctx: CommandContext, args: dict[str, Any]) -> None:
             node = daemon.graph.lookup(str(name))
             if node is None:
                 raise GenericError(f"Failed to find node with node-name='{name}'")
+            drains.add(node)
             queue.add(node, flatten(item), None, False)
         reopen_multiple(tran, daemon.graph, queue.entries)

@@ -173,8 +173,16 @@ class MirrorTopIO(IOHook):
         )
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
+        # The copy to the target goes through the job's BlockBackend, which
+        # keeps MAY_UNMAP (blk_co_pwrite_zeroes).
+        backing = _backing(node)
         await self._request(
-            node, offset, length, lambda edge: child_write_zeroes(edge, offset, length, flags)
+            node,
+            offset,
+            length,
+            lambda edge: child_write_zeroes(
+                edge, offset, length, flags, backend=edge is not backing
+            ),
         )
 
     async def discard(self, node: Node, offset: int, length: int) -> None:

@@ -8,6 +8,14 @@ visible part is replayed: the two events, then a wake-up.
 
 * ``drain_all_bounce``: bdrv_drain_all at the start of every QMP
   ``transaction`` (and of the commands that are one-action transactions);
+* ``drain_node_bounce``: drained sections of one node (and what is above
+  it), as deleting an export (twice) or attaching an existing node as a
+  new child (twice) makes them;
+* ``file_attach_drains``: blockdev-add naming an existing node as a
+  ``file`` child drains that node twice (even when the attach then fails
+  on permissions);
+* ``SubtreeDrains``: blockdev-reopen's drained subtrees, one section from
+  the first listed node to the end of the command;
 * ``Drain``: the drained sections of one transaction's backup actions, from
   their prepare to the last clean; a job started meanwhile pauses at once.
 
@@ -17,7 +25,12 @@ live here: the job core (``core``), the commands.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from qmpgraph.daemon import Daemon
+from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Job as JobParent
 from qmpgraph.graph.model import Node
 from qmpgraph.jobs.blockjob import BlockJob
@@ -80,6 +93,96 @@ def drain_all_bounce(daemon: Daemon) -> None:
     paused = [j for j in jobs if _pause_event(j)]
     for job in paused:
         _resume_event(job)
+
+
+def drain_node_bounce(daemon: Daemon, node: Node, times: int = 1) -> None:
+    """``times`` drained sections of ``node``: every job holding it or a node
+    above it pauses, then resumes, each time."""
+    for _ in range(times):
+        nodes = _ancestors(node)
+        jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, nodes)]
+        paused = [j for j in jobs if _pause_event(j)]
+        for job in paused:
+            _resume_event(job)
+
+
+def _file_refs(options: Any) -> list[str]:
+    """The node names a blockdev-add tree gives as ``file`` references."""
+    refs: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if key == "file" and isinstance(value, str):
+                refs.append(value)
+            elif isinstance(value, dict | list):
+                refs.extend(_file_refs(value))
+    elif isinstance(options, list):
+        for item in options:
+            refs.extend(_file_refs(item))
+    return refs
+
+
+@contextmanager
+def file_attach_drains(daemon: Daemon, options: dict[str, Any]) -> Iterator[None]:
+    """Around blockdev-add: each existing node given as a ``file`` child is
+    drained twice when it is attached (QEMU 7.2 attaches it, checks the
+    permissions, and a conflict undoes the attach: the drains happened)."""
+    nodes = [n for n in (daemon.graph.lookup(r) for r in _file_refs(options)) if n is not None]
+    try:
+        yield
+    except GenericError as err:
+        if err.desc.startswith("Permission conflict"):
+            for node in nodes:
+                drain_node_bounce(daemon, node, times=2)
+        raise
+    for node in nodes:
+        drain_node_bounce(daemon, node, times=2)
+
+
+def _descendants(node: Node) -> list[Node]:
+    seen = {node.id}
+    out = [node]
+    for cur in out:
+        for edge in cur.children:
+            child = edge.child
+            if child is not None and child.id not in seen:
+                seen.add(child.id)
+                out.append(child)
+    return out
+
+
+class SubtreeDrains:
+    """bdrv_subtree_drained_begin on each node as it is named, all ended
+    together: a job holding any node of those subtrees, or a node above
+    one, pauses once and resumes at the end."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.paused: list[Job] = []
+
+    def add(self, node: Node) -> None:
+        """Drain ``node``'s subtree (the jobs it quiesces pause now)."""
+        nodes: set[int] = set()
+        for sub in _descendants(node):
+            nodes |= _ancestors(sub)
+        for job in reversed(list(job_runner(self.daemon))):
+            if job not in self.paused and _holds(job, nodes) and _pause_event(job):
+                self.paused.append(job)
+
+    def end(self) -> None:
+        """The drains end: the paused jobs go on."""
+        for job in reversed(self.paused):
+            _resume_event(job)
+        self.paused.clear()
+
+
+@contextmanager
+def subtree_drains(daemon: Daemon) -> Iterator[SubtreeDrains]:
+    """A ``SubtreeDrains`` ended when the block exits (error or not)."""
+    drains = SubtreeDrains(daemon)
+    try:
+        yield drains
+    finally:
+        drains.end()
 
 
 class Drain:
