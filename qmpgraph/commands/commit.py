@@ -21,6 +21,10 @@ resolution, the COMMIT_TARGET blockers from top down to base, then:
   base (``ActiveCommitJob`` on ``qmpgraph.jobs.mirror.MirrorJob``): it
   goes ``ready``, and ``job-complete`` puts the base in the top's place.
 
+A read-only base (a backing image opened read-only, libvirt's usual chain)
+is reopened read-write for the job and back to read-only when the job is
+cleaned up (commit_clean; the active commit: when it is aborted).
+
 What does not live here: the job core, the mirror job.
 """
 
@@ -43,6 +47,8 @@ from qmpgraph.commands.stream import (
     freeze_chain,
     image_filename,
     next_in_chain,
+    reopen_set_read_only,
+    restore_read_only,
     unfreeze_chain,
 )
 from qmpgraph.drivers import INTERNAL
@@ -94,6 +100,7 @@ class CommitJob(BlockJob):
     top_edge: Edge | None
     backing_file: str | None
     chain_frozen: bool = False
+    base_read_only: bool = False
 
     async def run(self) -> None:
         top_edge, base_edge = self.top_edge, self.base_edge
@@ -188,6 +195,8 @@ class CommitJob(BlockJob):
         with daemon.graph_transaction("block-commit-clean", {"id": self.id}) as tran:
             _detach_backend(tran, daemon, self.top_edge)
             self.top_edge = None
+        if self.base_read_only:
+            restore_read_only(daemon, self.base_node, "block-commit-read-only")
 
 
 def _inherits_recursive(child: Node, parent: Node) -> bool:
@@ -223,10 +232,6 @@ def commit_start(
     base_perms = int(Perm.CONSISTENT_READ | Perm.WRITE)
     if node_size(base) < node_size(top):
         base_perms |= int(Perm.RESIZE)
-    if base.read_only:
-        # QEMU reopens it read-write; qmpgraph's reopen keeps the file's
-        # read-only descriptor, so the job could not write.
-        raise GenericError("block-commit into a read-only base is not supported by qmpgraph yet")
     with daemon.graph_transaction("block-commit", args) as tran:
         job = CommitJob(
             daemon,
@@ -241,6 +246,10 @@ def commit_start(
             auto_dismiss=bool(args.get("auto-dismiss", True)),
         )
         try:
+            if base.read_only:
+                # The base becomes writable for the job (commit_start).
+                reopen_set_read_only(tran, graph, base, False)
+                job.base_read_only = True
             commit_top = _new_commit_top(tran, daemon, args.get("filter-node-name"))
             append(tran, graph, commit_top, top)
             unref_node(tran, graph, commit_top)  # its parents hold it now

@@ -9,7 +9,10 @@ base held as "intermediate node" (sharing WRITE and WRITE_UNCHANGED, and
 CONSISTENT_READ from the base's filters on), and the chain frozen from the
 ``mirror_top`` filter down to the base (unfrozen when the job exits).  The
 dirty map starts with what is allocated above the base; the job goes
-``ready`` and ``job-complete`` puts the base in the source's place.
+``ready`` and ``job-complete`` puts the base in the source's place.  A
+read-only base is reopened read-write first and stays writable whatever
+the job's end (verified against qsd 7.2: after a cancel too); only a job
+that fails to start undoes the reopen.
 
 What does not live here: intermediate commit (``commit``), the mirror job.
 """
@@ -19,7 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.stream import find_overlay, freeze_chain, next_in_chain, unfreeze_chain
+from qmpgraph.commands.stream import (
+    find_overlay,
+    freeze_chain,
+    next_in_chain,
+    reopen_set_read_only,
+    unfreeze_chain,
+)
 from qmpgraph.drivers.job_filters import mark_commit
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import cow_child
@@ -86,10 +95,12 @@ def commit_active_start(ctx: CommandContext, args: dict[str, Any], top: Node, ba
         auto_finalize=bool(args.get("auto-finalize", True)),
         auto_dismiss=bool(args.get("auto-dismiss", True)),
     )
-    if base.read_only:
-        # As in commit.py: the base's descriptor would stay read-only.
-        raise GenericError("block-commit into a read-only base is not supported by qmpgraph yet")
+    base_ro = base.read_only
     with daemon.graph_transaction("block-commit", args) as tran:
+        if base_ro:
+            # commit_active_start: the base becomes writable before the
+            # mirror job is set up (the transaction's abort undoes it).
+            reopen_set_read_only(tran, graph, base, False)
         mirror_top = insert_mirror_top(tran, graph, top, params.filter_node_name)
         mark_commit(mirror_top)
         job_id = check_job_id(daemon, args.get("job-id"), mirror_top)

@@ -10,6 +10,10 @@ chunk that is allocated below the top but above the base, at the job's
 speed; on success ``prepare`` drops the filter, sets the top's backing to
 the base and rewrites the image header's backing file name.
 
+A read-only top (a backing image opened read-only) is reopened read-write
+for the job (``reopen_set_read_only``, which block-commit uses for its base
+too) and back to read-only when the job is cleaned up or fails to start.
+
 What does not live here: the job core (``qmpgraph.jobs``).
 """
 
@@ -23,6 +27,7 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.query.filenames import Filenames
 from qmpgraph.commands.registry import command
+from qmpgraph.commands.reopen import ReopenQueue
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.commands.snapshot import set_node_state
 from qmpgraph.drivers.file import FileState
@@ -52,6 +57,7 @@ from qmpgraph.transactions.composite import (
     set_backing,
 )
 from qmpgraph.transactions.engine import Transaction
+from qmpgraph.transactions.reopen import reopen_multiple
 
 STREAM_CHUNK = 512 * 1024
 _BASIC = int(Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
@@ -152,6 +158,25 @@ def unfreeze_chain(tran: Transaction, top: Node, base: Node | None) -> None:
         cur = edge.child if edge is not None else None
 
 
+def reopen_set_read_only(tran: Transaction, graph: Any, node: Node, read_only: bool) -> None:
+    """bdrv_reopen_set_read_only: reopen ``node`` (and the children that inherit
+    from it) with its old options and ``read-only`` changed; raises GenericError."""
+    queue = ReopenQueue()
+    queue.add(node, {"read-only": read_only}, None, True)
+    reopen_multiple(tran, graph, queue.entries)
+
+
+def restore_read_only(daemon: Any, node: Node, what: str) -> None:
+    """Make ``node`` read-only again after a job; errors are ignored, as QEMU does."""
+    if node.refcnt <= 0 or node.read_only:
+        return
+    try:
+        with daemon.graph_transaction(what, {"node": node.node_name}) as tran:
+            reopen_set_read_only(tran, daemon.graph, node, True)
+    except GenericError:
+        pass
+
+
 def change_backing_file(tran: Transaction, node: Node, name: str | None, fmt: str | None) -> None:
     """bdrv_change_backing_file: rewrite a qcow2 header's backing name and format."""
     state = node.state
@@ -176,6 +201,7 @@ class StreamJob(BlockJob):
     above_base: Node
     backing_file: str | None
     data_blk: BlockBackend
+    bs_read_only: bool = False
 
     async def run(self) -> None:
         top = skip_filters(self.target)
@@ -267,6 +293,10 @@ class StreamJob(BlockJob):
         if self.cor is not None:
             with self.daemon.graph_transaction("block-stream-clean", {"id": self.id}) as tran:
                 self._drop_filter(tran)
+        if self.bs_read_only:
+            # stream_clean: the top goes back to read-only (QEMU gives up the
+            # job's write permission first; here the filter is gone already).
+            restore_read_only(self.daemon, self.target, "block-stream-read-only")
 
 
 def _check_args(args: dict[str, Any]) -> None:
@@ -335,11 +365,10 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
         freeze_chain(tran, bs, above_base)
         bs_read_only = bs.read_only
         if bs_read_only:
-            # QEMU reopens it read-write; qmpgraph's reopen keeps the file's
-            # read-only descriptor, so the job could not write.
-            raise GenericError(
-                "block-stream into a read-only node is not supported by qmpgraph yet"
-            )
+            # stream_start: the top becomes writable for the job (the frozen
+            # chain holds it during the reopen); the transaction's abort
+            # makes it read-only again if the job does not start.
+            reopen_set_read_only(tran, graph, bs, False)
         opts: dict[str, Any] = {
             "driver": "copy-on-read",
             "file": bs.node_name,
@@ -393,4 +422,5 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
         job.base_overlay = base_overlay
         job.above_base = above_base
         job.backing_file = args.get("backing-file")
+        job.bs_read_only = bs_read_only
     job.start()

@@ -3,7 +3,10 @@
 Open mirrors file-posix: a read-write open first (falling back to read-only
 with ``auto-read-only``), then the regular-file check, with QEMU's messages.
 The descriptor stays open for the node's lifetime because it carries the
-node's image locks (``qmpgraph.drivers.filelock``): the permission refresh
+node's image locks (``qmpgraph.drivers.filelock``); a reopen that changes
+the read-only flag (blockdev-reopen, or a job making a backing image
+writable and back) switches to a descriptor of the new access mode, which
+takes over the lock bytes (``reopen_access_mode``).  The permission refresh
 drives them through ``check_perm``/``set_perm``/``abort_perm_update``, and
 they go away when the node is closed (deleted, or its blockdev-add aborted).
 ``locking`` is ``auto`` (lock when OFD locks exist), ``on`` or ``off``.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from qmpgraph.drivers.base import Driver, OpenContext
@@ -24,8 +27,8 @@ from qmpgraph.drivers.filelock import ImageLock, ofd_supported
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
-from qmpgraph.transactions.actions import set_open_flags
-from qmpgraph.transactions.engine import Action
+from qmpgraph.transactions.actions import set_open_flags, set_runtime
+from qmpgraph.transactions.engine import Action, Transaction
 
 if TYPE_CHECKING:
     from qmpgraph.graph.graph import BlockGraph
@@ -33,11 +36,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class FileState:
-    """Per-node state of a file node: the path, its size at open, its locks."""
+    """Per-node state of a file node: the path, its size at open, its locks.
+
+    ``writable``: whether the descriptor was opened read-write.
+    """
 
     filename: str
     size: int
     lock: ImageLock
+    writable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,22 @@ class CloseOnAbort(Action):
 
     def abort(self) -> None:
         self.lock.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchDescriptor(Action):
+    """A reopen's new descriptor, holding the lock bytes now: the old one is
+    closed on commit; on abort it takes the bytes back and the new one closes."""
+
+    name = "file-switch-descriptor"
+    old: ImageLock
+    new: ImageLock
+
+    def commit(self) -> None:
+        self.old.close()
+
+    def abort(self) -> None:
+        self.old.take_back(self.new)
 
 
 def _use_lock(value: Any) -> bool:
@@ -120,6 +143,7 @@ class File(Driver):
                 raise
             fd = _open_fd(filename, os.O_RDONLY)
             set_open_flags(ctx.tran, node, node.open_flags & ~OpenFlag.RDWR)
+            want_rw = False
         lock = ImageLock(fd, filename, use_lock=use_lock)
         ctx.tran.add(CloseOnAbort(lock))
         if options.get("aio") == "native" and not node.open_flags & OpenFlag.NOCACHE:
@@ -130,7 +154,23 @@ class File(Driver):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise GenericError(f"'file' driver requires '{filename}' to be a regular file")
-        node.state = FileState(filename, st.st_size, lock)
+        node.state = FileState(filename, st.st_size, lock, want_rw)
+
+    def reopen_access_mode(self, tran: Transaction, node: Node) -> None:
+        """A reopen's commit, once the node has its new flags: the descriptor
+        follows the read-only flag (file-posix opens a new one when the access
+        mode changes, raw_reconfigure_getfd).  The new descriptor takes over
+        the lock bytes; the old one is closed when ``tran`` commits."""
+        state = node.state
+        if not isinstance(state, FileState) or state.lock.closed:
+            return
+        want_rw = bool(node.open_flags & OpenFlag.RDWR)
+        if want_rw == state.writable:
+            return
+        fd = _open_fd(state.filename, os.O_RDWR if want_rw else os.O_RDONLY)
+        lock = state.lock.moved_to(fd)  # closes fd if it raises
+        tran.add(SwitchDescriptor(state.lock, lock))
+        set_runtime(tran, node, state=replace(state, lock=lock, writable=want_rw))
 
     @staticmethod
     def _lock(node: Node) -> ImageLock | None:

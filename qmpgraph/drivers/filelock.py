@@ -163,6 +163,32 @@ class ImageLock:
         """Close the descriptor: the kernel drops all its locks."""
         self._closer()
 
+    def moved_to(self, fd: int) -> ImageLock:
+        """The same lock bytes and permissions on a new descriptor ``fd`` (now owned).
+
+        For a reopen that switches the access mode: the new descriptor takes
+        every byte this one holds, then this one releases them (its own bytes
+        would conflict with the new descriptor's tests: OFD locks of two open
+        file descriptions) but stays open, so ``take_back`` can undo the move.
+        No other process sees a gap.  Raises GenericError (``fd`` closed) if
+        a byte cannot be locked.
+        """
+        new = ImageLock(fd, self.filename, use_lock=self.use_lock)
+        if self.use_lock and not self.closed:
+            error = new._apply(self.locked_perm, self.locked_unshared, unlock=False)
+            if error is not None:
+                new.close()
+                raise error
+            self._apply(0, 0, unlock=True)  # only unlocks: cannot fail
+        new.perm, new.shared = self.perm, self.shared
+        return new
+
+    def take_back(self, new: ImageLock) -> None:
+        """Undo ``moved_to``: lock again what ``new`` holds, then close ``new``."""
+        if self.use_lock and not self.closed and not new.closed:
+            self._apply(new.locked_perm, new.locked_unshared, unlock=True)
+        new.close()
+
     def _apply(self, perm: int, unshared: int, *, unlock: bool) -> GenericError | None:
         """Lock the bytes of ``perm`` and ``unshared``; with ``unlock``, release the rest."""
         for base, want, attr in (

@@ -256,6 +256,11 @@ def _commit(tran: Transaction, req: ReopenRequest, flags: int) -> None:
     """bdrv_reopen_commit: install flags, options (no child references), state."""
     node = req.node
     set_open_flags(tran, node, flags)
+    # The file driver switches its descriptor to the new access mode
+    # (file-posix does it in its permission check with the reopen's flags).
+    switch = getattr(node.driver, "reopen_access_mode", None)
+    if switch is not None:
+        switch(tran, node)
     if req.options is None:
         return
     drop = {e.name for e in node.children} | {"backing"}
