@@ -3,8 +3,9 @@
 ``HostFile`` is the narrow, synchronous interface ``Qcow2Image`` needs from
 the file under it (the image file, or an external data file): positional
 ``pread``/``pwrite``, ``size``, ``flush`` and ``truncate``.  ``FdFile``
-implements it over a POSIX file descriptor; an async I/O layer can wrap its
-own objects in anything with these five methods.
+implements it over a POSIX file descriptor (``WatchedFdFile`` also reports
+the ranges it wrote); an async I/O layer can wrap its own objects in
+anything with these five methods.
 
 ``BlockSource`` is what a backing image must offer: a virtual ``size``,
 ``read`` and ``block_status``.  ``Qcow2Image`` is one; ``RawImage`` (a raw
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 
@@ -128,6 +130,30 @@ class FdFile:
         if self.owned and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class WatchedFdFile(FdFile):
+    """``FdFile`` that reports every write's range to ``on_write`` (after it,
+    whatever its outcome), so the layer above can mark the file node's dirty
+    bitmaps as QEMU's block layer does for a format driver's writes."""
+
+    def __init__(self, fd: int, on_write: Callable[[int, int], None]) -> None:
+        super().__init__(fd)
+        self.on_write = on_write
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset``, then report the range."""
+        try:
+            super().pwrite(offset, data)
+        finally:
+            self.on_write(offset, memoryview(data).nbytes)
+
+    def pwritev(self, offset: int, bufs: list[bytes | bytearray | memoryview]) -> None:
+        """Write the buffers back to back at ``offset``, then report the range."""
+        try:
+            super().pwritev(offset, bufs)
+        finally:
+            self.on_write(offset, sum(memoryview(b).nbytes for b in bufs))
 
 
 class Status(enum.IntFlag):

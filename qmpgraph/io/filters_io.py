@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
+from qmpgraph.bitmaps.registry import mark_dirty
 from qmpgraph.drivers.base import node_alignment
 from qmpgraph.drivers.blklogwrites import BlklogwritesState
 from qmpgraph.drivers.preallocate import PreallocateState, child_length
@@ -123,7 +124,13 @@ class CompressIO(PassThroughIO):
             return 0
 
         # The qcow2 hook runs calls on its image one at a time in a worker.
-        err = await QCOW2_IO._call(child, compressed)
+        try:
+            err = await QCOW2_IO._call(child, compressed)
+        finally:
+            # The tracked writes of both nodes cover the padded clusters (the
+            # generic path marks this node for the unpadded request only).
+            mark_dirty(node, offset, len(data))
+            mark_dirty(child, offset, len(data))
         if err:
             raise BlockIOError(err)
 

@@ -29,6 +29,7 @@ path (``hooks``).
 from __future__ import annotations
 
 import errno
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,9 +38,11 @@ from typing import Any, TypeVar, cast
 import outcome
 import trio
 
+from qmpgraph.bitmaps.registry import bitmaps_of, mark_dirty
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2_discard import DiscardType, freeing, passed_types
-from qmpgraph.drivers.qcow2_io import Extent, FdFile, Qcow2Error, Qcow2Image, Status
+from qmpgraph.drivers.qcow2_io import Extent, Qcow2Error, Qcow2Image, Status
+from qmpgraph.drivers.qcow2_storage import WatchedFdFile
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.io.hooks import IOHook, child_block_status, child_read, register_hook
@@ -214,6 +217,43 @@ def _key(node: Node) -> tuple[Any, ...]:
     )
 
 
+# L1 and refcount table entries: the table's host offset.
+_TABLE_OFFSET = 0x00FF_FFFF_FFFF_FE00
+
+
+class _BitmapMarker:
+    """Marks a child node's dirty bitmaps for every write the library makes
+    through its descriptor (data and metadata), as QEMU's bdrv_co_pwritev on
+    ``bs->file`` does.  A write into an L2 table or a refcount block marks
+    the whole cluster: QEMU's metadata caches write whole tables.  Writes
+    made in a worker thread are marked from the trio thread, before the
+    call's result is seen (run_sync_soon keeps order)."""
+
+    def __init__(self, edge: Edge | None) -> None:
+        self.node = edge.child if edge is not None else None
+        self.token = trio.lowlevel.current_trio_token()
+        self.thread = threading.get_ident()
+        self.image: Qcow2Image | None = None  # set for the image file (its metadata)
+
+    def __call__(self, offset: int, length: int) -> None:
+        node = self.node
+        if node is None or not bitmaps_of(node):
+            return
+        image = self.image
+        if image is not None:
+            cs = image.cluster_size
+            start = offset - offset % cs
+            if offset + length <= start + cs and (
+                any(e & _TABLE_OFFSET == start for e in image.l1)
+                or any(e & _TABLE_OFFSET == start for e in image.refcounts.table)
+            ):
+                offset, length = start, cs
+        if threading.get_ident() == self.thread:
+            mark_dirty(node, offset, length)
+        else:
+            self.token.run_sync_soon(mark_dirty, node, offset, length)
+
+
 class Qcow2IO(IOHook):
     """qcow2: guest requests through the image's L1/L2 tables (``Qcow2Image``)."""
 
@@ -237,11 +277,14 @@ class Qcow2IO(IOHook):
                 del self._images[node_id]
         file_state = _file_state(node.file)
         data_edge = _edge(node, "data-file")
-        data_file = FdFile(_file_state(data_edge).lock.fd) if data_edge is not None else None
+        data_file = None
+        if data_edge is not None:
+            data_file = WatchedFdFile(_file_state(data_edge).lock.fd, _BitmapMarker(data_edge))
+        marker = _BitmapMarker(node.file)
         source = _BackingSource(node)
         try:
             image = Qcow2Image(
-                FdFile(file_state.lock.fd),
+                WatchedFdFile(file_state.lock.fd, marker),
                 backing=source,
                 data_file=data_file,
                 read_only=node.read_only,
@@ -250,6 +293,7 @@ class Qcow2IO(IOHook):
             raise BlockIOError(errno.EIO, str(err)) from err
         except OSError as err:
             raise BlockIOError(err.errno or errno.EIO) from err
+        marker.image = image
         opened = _Open(image, trio.Lock(), _key(node), file_state, source)
         self._images[node.id] = opened
         return opened

@@ -74,7 +74,6 @@ def _session(kind: str, qsd: str, d: Path, cor: dict[str, Any], extra: list[str]
             run("qemu-io", "-f", "raw", *[a for c in extra for a in ("-c", c)], daemon.uri("cor"))
         else:
             run("nbdcopy", "--", daemon.uri("cor"), str(d / kind / "copy.raw"))
-        daemon.ok("block-export-del", id="e")
     finally:
         daemon.stop()
 
