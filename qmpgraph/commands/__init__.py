@@ -3,6 +3,7 @@
 Importing this package registers every implemented command.
 """
 
+from qmpgraph.commands import amend as amend
 from qmpgraph.commands import backup as backup
 from qmpgraph.commands import bitmaps as bitmaps
 from qmpgraph.commands import block as block
