@@ -4,7 +4,10 @@ Both daemons export a copy-on-read node over a qcow2 overlay (with and
 without ``bottom``); the same reads are made through NBD with qemu-io and
 nbdcopy; then the daemons stop and ``qemu-img map`` of each overlay (what
 was copied, as data or zero clusters) and the overlay's contents must be the
-same for qmpgraph as for qsd.  A write through the filter lands too.
+same for qmpgraph as for qsd, and so must the dirty counts of bitmaps on
+the filter, the overlay and the overlay's file (the copies are the
+driver's own writes).  A write through the filter lands too, and
+NBD_CMD_CACHE on the filter's export copies as in qsd.
 Every process and tool has a timeout (``livekit.TIMEOUT``).
 """
 
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "nbd"))
 
 from conftest import require_qemu
 from livekit import LiveDaemon, run  # tests/nbd helpers, put on sys.path above
+from test_clients import SYSTEM_PYTHON, need_libnbd
 
 pytestmark = pytest.mark.qemu
 
@@ -48,7 +52,7 @@ def _chain(d: Path) -> None:
     _io(d / "top.qcow2", "write -P 0x33 512k 100k", "write -P 0x44 2M 4k")
 
 
-def _session(kind: str, qsd: str, d: Path, cor: dict[str, Any], extra: list[str]) -> None:
+def _session(kind: str, qsd: str, d: Path, cor: dict[str, Any], extra: list[str]) -> Any:
     daemon = LiveDaemon(kind, qsd, d / kind, [])
     try:
         backing: str | None = None
@@ -58,10 +62,18 @@ def _session(kind: str, qsd: str, d: Path, cor: dict[str, Any], extra: list[str]
                 driver="qcow2",
                 node_name=name,
                 backing=backing,
-                file={"driver": "file", "filename": str(d / f"{name}.qcow2")},
+                file={
+                    "driver": "file",
+                    "filename": str(d / f"{name}.qcow2"),
+                    "node-name": f"{name}-f",
+                },
             )
             backing = name
         daemon.ok("blockdev-add", driver="copy-on-read", node_name="cor", file="top", **cor)
+        # Copies are the driver's own writes: bitmaps of the node below do
+        # not see them, those of its file do (QEMU's bdrv_driver_pwritev).
+        for node in ("cor", "top", "top-f"):
+            daemon.ok("block-dirty-bitmap-add", node=node, name="b", granularity=512)
         daemon.start_nbd()
         daemon.ok(
             "block-export-add", type="nbd", id="e", node_name="cor", name="cor", writable=True
@@ -74,6 +86,10 @@ def _session(kind: str, qsd: str, d: Path, cor: dict[str, Any], extra: list[str]
             run("qemu-io", "-f", "raw", *[a for c in extra for a in ("-c", c)], daemon.uri("cor"))
         else:
             run("nbdcopy", "--", daemon.uri("cor"), str(d / kind / "copy.raw"))
+        nodes = daemon.ok("query-named-block-nodes", flat=True)
+        return sorted(
+            [n["node-name"], b["count"]] for n in nodes for b in n.get("dirty-bitmaps", [])
+        )
     finally:
         daemon.stop()
 
@@ -81,12 +97,12 @@ def _session(kind: str, qsd: str, d: Path, cor: dict[str, Any], extra: list[str]
 def _after(kind: str, qsd: str, tmp: Path, cor: dict[str, Any], extra: list[str]) -> Any:
     d = tmp / kind
     _chain(d)
-    _session(kind, qsd, d, cor, extra)
+    counts = _session(kind, qsd, d, cor, extra)
     run("qemu-img", "check", str(d / "top.qcow2"))
     raw = d / "top.raw"
     run("qemu-img", "convert", "-O", "raw", str(d / "top.qcow2"), str(raw))
     mapped = json.loads(run("qemu-img", "map", "--output=json", str(d / "top.qcow2")))
-    return _merged(mapped), raw.read_bytes()
+    return _merged(mapped), raw.read_bytes(), counts
 
 
 def _merged(extents: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -128,3 +144,52 @@ def test_cor_overlay_map_equals_qsd(tmp_path: Path, cor: dict[str, Any], extra: 
     got = _after("qmpgraph", qsd, tmp_path, cor, extra)
     assert got[0] == want[0]
     assert got[1] == want[1]
+    assert got[2] == want[2]
+
+
+CACHE_SCRIPT = """
+import sys
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for off, n in ((0, 4096), (100000, 70000), (1500000, 200000), (3100000, 300000)):
+    try:
+        h.cache(n, off)
+        print("ok", off)
+    except nbd.Error as err:
+        print("error", off, err.errno)
+h.shutdown()
+"""
+
+
+def _cache_session(kind: str, qsd: str, d: Path) -> Any:
+    _chain(d)
+    daemon = LiveDaemon(kind, qsd, d / kind, [])
+    try:
+        daemon.ok(
+            "blockdev-add",
+            driver="qcow2",
+            node_name="top",
+            file={"driver": "file", "filename": str(d / "top.qcow2")},
+        )
+        daemon.ok("blockdev-add", driver="copy-on-read", node_name="cor", file="top")
+        daemon.ok("block-dirty-bitmap-add", node="top", name="b", granularity=512)
+        daemon.start_nbd()
+        daemon.ok("block-export-add", type="nbd", id="e", node_name="cor", name="cor")
+        out = run(SYSTEM_PYTHON, "-c", CACHE_SCRIPT, daemon.uri("cor"))
+        nodes = daemon.ok("query-named-block-nodes", flat=True)
+        counts = [b["count"] for n in nodes for b in n.get("dirty-bitmaps", [])]
+    finally:
+        daemon.stop()
+    mapped = json.loads(run("qemu-img", "map", "--output=json", str(d / "top.qcow2")))
+    return out, counts, _merged(mapped)
+
+
+def test_nbd_cache_through_cor_equals_qsd(tmp_path: Path) -> None:
+    # NBD_CMD_CACHE at a copy-on-read export: the prefetch reads through the
+    # filter (which copies) and writes back through it, as QEMU does.
+    qsd = require_qemu()
+    need_libnbd()
+    want = _cache_session("qsd", qsd, tmp_path / "qsd")
+    got = _cache_session("qmpgraph", qsd, tmp_path / "qmpgraph")
+    assert got == want
