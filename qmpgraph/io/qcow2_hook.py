@@ -28,6 +28,7 @@ path (``hooks``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from collections import deque
@@ -231,8 +232,11 @@ class _BitmapMarker:
 
     def __init__(self, edge: Edge | None) -> None:
         self.node = edge.child if edge is not None else None
-        self.token = trio.lowlevel.current_trio_token()
         self.thread = threading.get_ident()
+        # None when the image is made outside trio (a synchronous command).
+        self.token: trio.lowlevel.TrioToken | None = None
+        with contextlib.suppress(RuntimeError):
+            self.token = trio.lowlevel.current_trio_token()
         self.image: Qcow2Image | None = None  # set for the image file (its metadata)
 
     def __call__(self, offset: int, length: int) -> None:
@@ -248,7 +252,9 @@ class _BitmapMarker:
                 or any(e & _TABLE_OFFSET == start for e in image.refcounts.table)
             ):
                 offset, length = start, cs
-        if threading.get_ident() == self.thread:
+        if self.token is None or threading.get_ident() == self.thread:
+            # In trio's thread, or with no trio run known (the image was made
+            # by a synchronous command and no worker has used it yet).
             mark_dirty(node, offset, length)
         else:
             self.token.run_sync_soon(mark_dirty, node, offset, length)
