@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "nbd"))
 
@@ -193,3 +195,49 @@ def test_nbd_cache_through_cor_equals_qsd(tmp_path: Path) -> None:
     want = _cache_session("qsd", qsd, tmp_path / "qsd")
     got = _cache_session("qmpgraph", qsd, tmp_path / "qmpgraph")
     assert got == want
+
+
+async def test_copy_and_guest_write_are_serialised(tmp_path: Path) -> None:
+    # A copy that reads slowly (the backing file sits under a throttle node)
+    # and a guest write to the same cluster through the filter: QEMU makes
+    # copy-on-read requests serialising, so the write waits and lands after
+    # the copy, never under it (the old data must not win).
+    sys.path.insert(0, str(Path(__file__).parent.parent / "commands"))
+    from cmdkit import Client
+    from test_backend_io import attach
+
+    run("qemu-img", "create", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M")
+    _io(tmp_path / "base.qcow2", "write -P 0x11 0 1M")
+    run("qemu-img", "create", "-f", "qcow2", str(tmp_path / "top.qcow2"), "1M")
+    c = Client()
+    c.ok("object-add", {"qom-type": "throttle-group", "id": "g", "limits": {"bps-read": 262144}})
+    c.ok(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "base",
+            "file": {"driver": "file", "filename": str(tmp_path / "base.qcow2")},
+        },
+    )
+    c.ok(
+        "blockdev-add",
+        {"driver": "throttle", "node-name": "thr", "throttle-group": "g", "file": "base"},
+    )
+    c.ok(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "backing": "thr",
+            "file": {"driver": "file", "filename": str(tmp_path / "top.qcow2")},
+        },
+    )
+    c.ok("blockdev-add", {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+    with trio.fail_after(20):
+        io = attach(c, "cor", writable=True)
+        await io.read(512 << 10, 64 << 10)  # fills the throttle bucket
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(io.read, 0, 4096)
+            await trio.testing.wait_all_tasks_blocked()  # the copy of cluster 0 waits
+            nursery.start_soon(io.write, 0, b"\x99" * 4096)
+        assert await io.read(0, 8192) == b"\x99" * 4096 + b"\x11" * 4096
