@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "nbd"))
 
 from conftest import require_qemu
 from livekit import LiveDaemon, run  # tests/nbd helpers, put on sys.path above
-from test_clients import SYSTEM_PYTHON, need_libnbd
+from test_clients import SYSTEM_PYTHON, need_libnbd, tool
 
 pytestmark = pytest.mark.qemu
 
@@ -241,3 +241,41 @@ async def test_copy_and_guest_write_are_serialised(tmp_path: Path) -> None:
             await trio.testing.wait_all_tasks_blocked()  # the copy of cluster 0 waits
             nursery.start_soon(io.write, 0, b"\x99" * 4096)
         assert await io.read(0, 8192) == b"\x99" * 4096 + b"\x11" * 4096
+
+
+def _event_session(kind: str, qsd: str, d: Path) -> Any:
+    d.mkdir(parents=True)
+    run("qemu-img", "create", "-f", "qcow2", str(d / "base.qcow2"), "4M")
+    _io(d / "base.qcow2", "write -P 0x11 0 1M")
+    run(
+        "qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2")
+    )
+    daemon = LiveDaemon(kind, qsd, d / kind, [])
+    try:
+        top = {"driver": "file", "filename": str(d / "top.qcow2")}
+        daemon.ok("blockdev-add", driver="qcow2", node_name="top", file=top)
+        rule = {"event": "cor_write", "errno": 5, "once": True}
+        daemon.ok(
+            "blockdev-add", driver="blkdebug", node_name="dbg", image="top", inject_error=[rule]
+        )
+        daemon.ok("blockdev-add", driver="copy-on-read", node_name="cor", file="dbg")
+        daemon.start_nbd()
+        daemon.ok("block-export-add", type="nbd", id="e", node_name="cor", name="cor")
+        out = []
+        for cmd in ("read 0 4k", "read 0 4k", "read 200k 4k"):
+            rc, text = tool(daemon, "qemu-io", "-r", "-f", "raw", "-c", cmd, daemon.uri("cor"))
+            out.append([cmd, rc, text.splitlines()[0]])
+    finally:
+        daemon.stop()
+    mapped = json.loads(run("qemu-img", "map", "--output=json", str(d / "top.qcow2")))
+    return out, _merged(mapped)
+
+
+def test_cor_write_event_reaches_blkdebug(tmp_path: Path) -> None:
+    # The copy fires cor_write on the node below; blkdebug's rule fails the
+    # copy's write (the read fails with EIO) once, then copies go through.
+    qsd = require_qemu()
+    want = _event_session("qsd", qsd, tmp_path / "qsd")
+    got = _event_session("qmpgraph", qsd, tmp_path / "qmpgraph")
+    assert got == want
+    assert want[0][0][1] == 1 and want[0][1][1] == 0
