@@ -40,14 +40,16 @@ import contextlib
 import ctypes
 import ctypes.util
 import enum
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qmpgraph.graph.perms import OpenFlag
 
 if TYPE_CHECKING:
     from qmpgraph.drivers.qcow2_refcount import Refcounts
     from qmpgraph.graph.model import Node
+
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -159,3 +161,23 @@ def discarding(
     finally:
         refcounts.discards = None
     queue.process()
+
+
+class _Image(Protocol):
+    @property
+    def refcounts(self) -> Refcounts: ...
+
+    @property
+    def host(self) -> object: ...
+
+
+def freeing(
+    img: _Image, passed: frozenset[DiscardType], kind: DiscardType, fn: Callable[[], T]
+) -> T:
+    """Run ``fn`` (a data-path call on ``img``) with the clusters it frees
+    discarded in the image file when ``kind`` is passed."""
+    fd = getattr(img.host, "fd", None)
+    if not isinstance(fd, int):
+        return fn()
+    with discarding(img.refcounts, fd, passed, kind):
+        return fn()

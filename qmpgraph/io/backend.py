@@ -65,13 +65,13 @@ class BackendIO:
         fua: bool = False,
         no_fallback: bool = False,
     ) -> None:
-        """Zero a range (holes allowed with ``may_unmap`` where the node discards);
+        """Zero a range (holes allowed with ``may_unmap``, whatever the node's discard);
         with ``no_fallback``, ENOTSUP where zeroing would mean writing zeros."""
         self._check(offset, length)
         if no_fallback and not await fastzero.supported(self.node, offset, length):
             raise BlockIOError(errno.ENOTSUP)
         flags = (REQ_MAY_UNMAP if may_unmap else 0) | (REQ_FUA if fua else 0)
-        await hooks.child_write_zeroes(self.edge, offset, length, flags)
+        await hooks.child_write_zeroes(self.edge, offset, length, flags, backend=True)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard a range (a no-op on nodes without ``discard=unmap``)."""

@@ -154,12 +154,19 @@ async def child_write(edge: Edge, offset: int, data: bytes, flags: int = 0) -> N
         await flush_node(node)
 
 
-async def child_write_zeroes(edge: Edge, offset: int, length: int, flags: int = 0) -> None:
-    """Zero through ``edge``; unmapping only where the node allows discards."""
+async def child_write_zeroes(
+    edge: Edge, offset: int, length: int, flags: int = 0, *, backend: bool = False
+) -> None:
+    """Zero through ``edge``; unmapping only where the node allows discards.
+
+    ``backend``: a request entering at a BlockBackend (blk_co_pwrite_zeroes)
+    keeps REQ_MAY_UNMAP whatever the node's discard option, as QEMU 7.2's
+    does (only bdrv_co_pwrite_zeroes, a driver's call on its child, drops it).
+    """
     node = _check_write(edge)
     if not length:
         return
-    if not node.open_flags & OpenFlag.UNMAP:
+    if not backend and not node.open_flags & OpenFlag.UNMAP:
         flags &= ~REQ_MAY_UNMAP
     hook = hook_of(node)
     try:
