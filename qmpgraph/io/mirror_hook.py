@@ -124,6 +124,9 @@ class MirrorTopState:
     # (the job's last check before the pivot: QEMU drains the source there).
     inflight: int = 0
     idle: trio.Event | None = None
+    # write-blocking mode: told the errno of a failed copy to the target
+    # (the guest's write itself succeeds, as in QEMU's do_sync_target_write).
+    on_target_error: Callable[[int], None] | None = None
 
     def begin(self) -> None:
         """A write-like request enters the filter."""
@@ -211,7 +214,15 @@ class MirrorTopIO(IOHook):
                 self._mark(st, active, offset, length)
             if active is not None:
                 async with st.lock:
-                    await send(active)
+                    try:
+                        await send(active)
+                    except (BlockIOError, OSError) as exc:
+                        # The range is to be copied again; the job's
+                        # on-target-error decides about the job.
+                        if st.dirty is not None:
+                            st.dirty.mark(offset, length)
+                        if st.on_target_error is not None:
+                            st.on_target_error(exc.errno or errno.EIO)
         finally:
             st.end()
 

@@ -221,6 +221,7 @@ class MirrorJob(BlockJob):
         self.bitmap: DirtyBitmap | None = None
         self.to_replace: Node | None = None
         self.replace_blocker: str | None = None
+        self.active_error: int | None = None
         state = top.state
         assert isinstance(state, MirrorTopState)
         self.top_state = state
@@ -280,8 +281,13 @@ class MirrorJob(BlockJob):
                 return
         if self.params.copy_mode == "write-blocking":
             self.top_state.active_target = self.target_edge
+            self.top_state.on_target_error = self._active_write_failed
         cursor = 0
         while True:
+            if self.active_error is not None:
+                # mirror_run's s->ret check: an active write's error reported.
+                await self.io_point()
+                raise JobFailed(self.active_error)
             await self.pause_point()
             if self.is_cancelled():
                 # QEMU drains the source on the way out: the command that
@@ -410,6 +416,14 @@ class MirrorJob(BlockJob):
         if failed:
             return 0
         return end if end < len(dirty.bits) else 0
+
+    def _active_write_failed(self, code: int) -> None:
+        """do_sync_target_write's error: the target policy decides; a report
+        fails the job at its loop's next turn (the range is dirty again)."""
+        action = error_action(self, self.params.on_target_error, False, code)
+        if action == "report" and self.active_error is None:
+            self.active_error = code
+            self.enter()
 
     # -- verbs ------------------------------------------------------------------------
 
