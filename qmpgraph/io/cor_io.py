@@ -145,8 +145,16 @@ class CopyOnReadIO(PassThroughIO):
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
         """cor_co_preadv_part."""
+        return await self._read(node, offset, length, prefetch=False)
+
+    async def populate(self, node: Node, offset: int, length: int) -> None:
+        """A read with BDRV_REQ_PREFETCH through the filter (block-stream's
+        stream_populate): the copies happen, no data is read for nothing."""
+        await self._read(node, offset, length, prefetch=True)
+
+    async def _read(self, node: Node, offset: int, length: int, *, prefetch: bool) -> bytes:
         if node.options.get("bottom") is None:
-            return await self._cor_read(node, offset, length)
+            return await self._cor_read(node, offset, length, prefetch)
         below = _file(node).child
         assert below is not None
         out: list[bytes] = []
@@ -160,34 +168,39 @@ class CopyOnReadIO(PassThroughIO):
                     break  # the end of a backing file: the rest stays zeros
             n = min(n, end - pos)
             if copy:
-                out.append(await self._cor_read(node, pos, n))
-            else:
+                out.append(await self._cor_read(node, pos, n, prefetch))
+            elif not prefetch:  # a prefetch that copies nothing has nothing to do
                 out.append(await child_read(_file(node), pos, n))
             pos += n
+        if prefetch:
+            return b""
         data = b"".join(out)
         return data + bytes(length - len(data))
 
-    async def _cor_read(self, node: Node, offset: int, length: int) -> bytes:
+    async def _cor_read(self, node: Node, offset: int, length: int, prefetch: bool) -> bytes:
         """A read of ``file`` with BDRV_REQ_COPY_ON_READ (bdrv_aligned_preadv)."""
         edge = _file(node)
         below = edge.child
         assert below is not None
         allocated, pnum = await _allocated(below, offset, length)
         if allocated and pnum >= length:
-            return await child_read(edge, offset, length)
+            return b"" if prefetch else await child_read(edge, offset, length)
         cluster = _cor_cluster(below)
         start = offset - offset % cluster
         stop = -(-(offset + length) // cluster) * cluster
         track = self._track(node)
         req = await track.begin(start, stop, True)
         try:
-            return await self._copy_on_readv(below, offset, length, cluster)
+            return await self._copy_on_readv(below, offset, length, cluster, prefetch)
         finally:
             track.end(req)
 
-    async def _copy_on_readv(self, below: Node, offset: int, length: int, cluster: int) -> bytes:
+    async def _copy_on_readv(
+        self, below: Node, offset: int, length: int, cluster: int, prefetch: bool
+    ) -> bytes:
         """bdrv_co_do_copy_on_readv: whole clusters; unallocated ones are read
-        through the chain and written back into ``below``."""
+        through the chain and written back into ``below`` (allocated ones are
+        read only for the caller: not at all for a prefetch)."""
         hook = hook_of(below)
         pos = offset - offset % cluster
         end = min(
@@ -201,7 +214,8 @@ class CopyOnReadIO(PassThroughIO):
                 break  # the image ends inside the last cluster
             pnum = min(pnum, end - pos)
             if allocated:
-                data = await hook.read(below, pos, pnum)
+                if not prefetch:
+                    out += await hook.read(below, pos, pnum)
             else:
                 pnum = min(pnum, _MAX_BOUNCE)
                 data = await hook.read(below, pos, pnum)
@@ -210,8 +224,11 @@ class CopyOnReadIO(PassThroughIO):
                     await hook.write_zeroes(below, pos, pnum, _WRITE_UNCHANGED)
                 else:
                     await hook.write(below, pos, data, _WRITE_UNCHANGED)
-            out += data
+                if not prefetch:
+                    out += data
             pos += pnum
+        if prefetch:
+            return b""
         skip = offset - (offset - offset % cluster)
         piece = bytes(out[skip : skip + length])
         return piece + bytes(length - len(piece))
