@@ -13,7 +13,8 @@ fires ``cor_write`` on the node below (blkdebug acts on it).
 
 With ``bottom``, only ranges that some layer from ``file``'s backing down to
 ``bottom`` allocates are copied; the rest is read without copying (block-stream
-uses this to copy only what lies above its base).
+uses this to copy only what lies above its base).  ``populate`` is the same
+read with BDRV_REQ_PREFETCH (QEMU's stream_populate): the copies only.
 
 Copies are serialising as QEMU makes them: a copy waits for overlapping writes
 through the filter and such writes wait for the copy, so a copy never puts old
