@@ -50,6 +50,7 @@ from qmpgraph.io.depth import own_status
 from qmpgraph.io.hooks import (
     RawIO,
     child_block_status,
+    child_discard,
     child_read,
     child_write,
     child_write_zeroes,
@@ -88,6 +89,7 @@ _UNFLUSHED: dict[int, bool] = {}
 
 DEFAULT_BUF_SIZE = 16 << 20  # DEFAULT_MIRROR_BUF_SIZE: MAX_IN_FLIGHT * MAX_IO_BYTES
 MAX_IO_BYTES = 1 << 20
+MAX_IN_FLIGHT = 16
 
 
 @dataclass(slots=True)
@@ -377,20 +379,21 @@ class MirrorJob(BlockJob):
         pos = start
         failed = False
         report: int | None = None
+        max_io = max(self.params.buf_size // MAX_IN_FLIGHT, MAX_IO_BYTES)
         async with self.top_state.lock:
             while pos < stop:
-                n = min(MAX_IO_BYTES, stop - pos)
-                flags, pnum = await child_block_status(backing, pos, n)
-                n = min(n, pnum)
-                is_zero = bool(flags & ZERO and not flags & DATA)
-                if is_zero or not _fails_at_once(backing.child, pos, n):
+                n, method = await self._operation(backing, pos, stop, gran, max_io)
+                n = min(n, length - pos)  # mirror_clip_bytes
+                if method != "copy" or not _fails_at_once(backing.child, pos, n):
                     await self.io_point()
                 _UNFLUSHED[self.target.id] = True
                 is_read = False
                 try:
-                    if is_zero:
+                    if method == "zero":
                         zflags = REQ_MAY_UNMAP if self.params.unmap else 0
                         await child_write_zeroes(target_edge, pos, n, zflags, backend=True)
+                    elif method == "discard":
+                        await child_discard(target_edge, pos, n)
                     else:
                         is_read = True
                         data = await child_read(backing, pos, n)
@@ -416,6 +419,28 @@ class MirrorJob(BlockJob):
         if failed:
             return 0
         return end if end < len(dirty.bits) else 0
+
+    async def _operation(
+        self, backing: Edge, pos: int, stop: int, gran: int, max_io: int
+    ) -> tuple[int, str]:
+        """One operation of mirror_iteration: its length (whole chunks; one
+        chunk at least) and method ("copy", "zero" or "discard") from the
+        source's block status; zeroing or discarding only whole target
+        clusters."""
+        try:
+            flags, pnum = await child_block_status(backing, pos, stop - pos)
+        except (BlockIOError, OSError):
+            return max(gran, min(stop - pos, max_io) // gran * gran), "copy"
+        n = min(pnum, max_io) if flags & DATA else pnum
+        n -= n % gran
+        if n < gran:
+            return gran, "copy"
+        if flags & DATA:
+            return n, "copy"
+        cluster = _target_cluster(self.target)
+        if cluster and (pos % cluster or (pos + n) % cluster):
+            return n, "copy"
+        return n, "zero" if flags & ZERO else "discard"
 
     def _active_write_failed(self, code: int) -> None:
         """do_sync_target_write's error: the target policy decides; a report
@@ -536,6 +561,23 @@ class MirrorJob(BlockJob):
             tran.rollback_to(mark)
             return err.desc
         return None
+
+
+def _target_cluster(target: Node) -> int:
+    """bdrv_get_info's cluster size of the target (following filters and raw);
+    0 when it has none."""
+    node: Node | None = target
+    while node is not None:
+        state = node.state
+        for holder in (state, getattr(state, "header", None)):
+            size = getattr(holder, "cluster_size", None)
+            if isinstance(size, int) and size:
+                return size
+        if node.format_name not in ("raw", "copy-on-read", "throttle", "blkdebug"):
+            return 0
+        edge = node.file
+        node = edge.child if edge is not None else None
+    return 0
 
 
 def _fails_at_once(node: Node | None, offset: int, length: int) -> bool:
