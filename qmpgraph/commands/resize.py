@@ -28,6 +28,7 @@ from qmpgraph.commands.registry import command
 from qmpgraph.drivers import qcow2_resize
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State
+from qmpgraph.drivers.qcow2_discard import FreedClusters, passed_types
 from qmpgraph.drivers.raw import RawState
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import BlockGraph, filter_child
@@ -132,12 +133,19 @@ def _truncate_qcow2(tran: Transaction, node: Node, size: int) -> None:
     io = qcow2_resize.ImageWriter(fd, os.fstat(fd).st_size)
     tran.add(ImageUndo(io))
     header = state.header
+    # Freed clusters are discarded in the file once the resize commits (an
+    # abort puts the journaled bytes back).
+    passed = passed_types(node)
+    discards = FreedClusters(fd, header.cluster_bits, passed) if passed else None
+    if discards is not None:
+        tran.on_commit(discards.process)
     result = qcow2_resize.resize(
         io,
         size,
         nb_snapshots=header.nb_snapshots,
         version=header.version,
         free_hint=_free_hints.get(node.id, 0),
+        discards=discards,
     )
     _set_table(tran, _free_hints, node.id, result.free_hint)
     if header.has_data_file:

@@ -334,7 +334,9 @@ def _snapshot_discards(tran: Transaction, target: Node, host: JournalFile) -> Fr
         return None
     state = target.state
     assert isinstance(state, Qcow2State)
-    discards = FreedClusters(host.io.fd, state.header.cluster_bits)
+    discards = FreedClusters(
+        host.io.fd, state.header.cluster_bits, passed_types(target), DiscardType.SNAPSHOT
+    )
     tran.on_commit(discards.process)
     return discards
 

@@ -112,14 +112,25 @@ def punch(fd: int, offset: int, length: int) -> None:
 class FreedClusters:
     """``s->discards``: freed regions of one operation, waiting to be discarded."""
 
-    def __init__(self, fd: int, cluster_bits: int) -> None:
+    def __init__(
+        self,
+        fd: int,
+        cluster_bits: int,
+        passed: frozenset[DiscardType] = frozenset(DiscardType),
+        kind: DiscardType = DiscardType.ALWAYS,
+    ) -> None:
         self.fd = fd
         self.cluster_bits = cluster_bits
-        # Sorted [start, end) cluster ranges; adjacent ones are merged.
+        self.passed = passed
+        #: Why clusters are being freed now; only passed kinds are recorded.
+        self.kind = kind
+        # [start, end) cluster ranges; adjacent ones are merged.
         self.regions: list[list[int]] = []
 
     def freed(self, cluster: int) -> None:
         """update_refcount_discard: one cluster's refcount reached 0."""
+        if self.kind not in self.passed:
+            return
         regions = self.regions
         if regions and regions[-1][1] == cluster:
             regions[-1][1] += 1
@@ -127,6 +138,20 @@ class FreedClusters:
             regions[-1][0] = cluster
         else:
             regions.append([cluster, cluster + 1])
+
+    def reused(self, first: int, count: int) -> None:
+        """Clusters [first, first + count) were allocated again: not discarded."""
+        end = first + count
+        kept: list[list[int]] = []
+        for start, stop in self.regions:
+            if stop <= first or start >= end:
+                kept.append([start, stop])
+                continue
+            if start < first:
+                kept.append([start, first])
+            if stop > end:
+                kept.append([end, stop])
+        self.regions = kept
 
     def process(self) -> None:
         """qcow2_process_discards: discard every pending region, coalesced."""
@@ -154,7 +179,7 @@ def discarding(
     if kind not in passed or refcounts.discards is not None:
         yield
         return
-    queue = FreedClusters(fd, refcounts.cluster_bits)
+    queue = FreedClusters(fd, refcounts.cluster_bits, passed, kind)
     refcounts.discards = queue
     try:
         yield

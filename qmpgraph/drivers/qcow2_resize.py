@@ -23,6 +23,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from qmpgraph.drivers.qcow2_discard import DiscardType, FreedClusters
 from qmpgraph.errors import GenericError
 
 _COPIED = 1 << 63
@@ -146,6 +147,13 @@ class Refcounts:
         raw = io.read(geo.reftable_offset, count * 8)
         self.table = list(struct.unpack(f">{count}Q", raw))
         self.free_hint = free_hint
+        #: Freed clusters to discard in the file (qcow2_discard), if any.
+        self.discards: FreedClusters | None = None
+
+    def freeing(self, kind: DiscardType) -> None:
+        """Clusters freed from now on are freed for ``kind`` (discard_passthrough)."""
+        if self.discards is not None:
+            self.discards.kind = kind
 
     def _locate(self, cluster: int) -> tuple[int, int] | None:
         index, slot = divmod(cluster, self.per_block)
@@ -190,6 +198,8 @@ class Refcounts:
             self.free_hint += 1
             run = run + 1 if self.get(cluster) == 0 else 0
         start = self.free_hint - count
+        if self.discards is not None:
+            self.discards.reused(start, count)
         for cluster in range(start, start + count):
             self.set(cluster, 1)
         return start << self.geo.cluster_bits
@@ -210,6 +220,8 @@ class Refcounts:
         for cluster in range(first, last + 1):
             value = self.get(cluster) - 1
             self.set(cluster, value)
+            if value == 0 and self.discards is not None:
+                self.discards.freed(cluster)
             if value == 0 and cluster < self.free_hint:
                 self.free_hint = cluster
 
@@ -244,6 +256,7 @@ def _grow_l1(io: ImageWriter, geo: Geometry, refs: Refcounts, new_l1: int) -> No
     io.write(_HEADER_L1_OFFSET, struct.pack(">IQ", new_l1, offset))
     old_offset, old_size = geo.l1_table_offset, geo.l1_size
     geo.l1_size, geo.l1_table_offset = new_l1, offset
+    refs.freeing(DiscardType.OTHER)
     refs.free(old_offset, old_size * 8)
 
 
@@ -285,6 +298,8 @@ def _discard(
             # An empty table QEMU allocates here and frees again in the L1
             # shrink: only its place (hint, file length, zeros) matters.
             new = refs.skip_free_cluster()
+            if refs.discards is not None:
+                refs.discards.freed(new >> geo.cluster_bits)
             temp_first = new if temp_first is None else temp_first
             temp_bytes += geo.cluster_size
             if new < io.length or temp_bytes <= _TEMP_WRITE_LIMIT:
@@ -303,7 +318,9 @@ def _discard(
             l1[index] = new | _COPIED
             io.write(geo.l1_table_offset + index * 8, struct.pack(">Q", l1[index]))
             if old:
+                refs.freeing(DiscardType.OTHER)
                 refs.free(old, geo.cluster_size)
+                refs.freeing(DiscardType.ALWAYS)
         table = l1[index] & _L1_OFFSET_MASK
         stop = min(last, (index + 1) * per_l2 - 1)
         for c in range(cluster, stop + 1):
@@ -346,6 +363,12 @@ def _shrink_reftable(io: ImageWriter, geo: Geometry, refs: Refcounts) -> None:
                 content[bit // 8] &= ~(((1 << refs.bits) - 1) << (bit % 8)) & 0xFF
         new_table.append(entry if any(content) else 0)
     io.write(geo.reftable_offset, struct.pack(f">{len(new_table)}Q", *new_table))
+    if refs.discards is not None:
+        # qcow2_discard_refcount_block: whatever the kinds passed through.
+        refs.discards.kind = DiscardType.ALWAYS
+        for old, new in zip(refs.table, new_table, strict=True):
+            if old & _L1_OFFSET_MASK and not new:
+                refs.discards.freed((old & _L1_OFFSET_MASK) >> geo.cluster_bits)
     refs.table = new_table
 
 
@@ -357,15 +380,29 @@ def _last_cluster(geo: Geometry, refs: Refcounts, length: int) -> int:
 
 
 def resize(
-    io: ImageWriter, new_size: int, *, nb_snapshots: int, version: int, free_hint: int
+    io: ImageWriter,
+    new_size: int,
+    *,
+    nb_snapshots: int,
+    version: int,
+    free_hint: int,
+    discards: FreedClusters | None = None,
 ) -> ResizeResult:
-    """qcow2_co_truncate's metadata part for ``new_size`` (PREALLOC_MODE_OFF)."""
+    """qcow2_co_truncate's metadata part for ``new_size`` (PREALLOC_MODE_OFF).
+
+    Clusters it frees are recorded in ``discards`` when given (the cut-off
+    clusters and L2 tables as QCOW2_DISCARD_ALWAYS, replaced tables as
+    QCOW2_DISCARD_OTHER, dropped refcount blocks always); the caller
+    discards them once the resize stands.
+    """
     if new_size % 512:
         raise GenericError("The new size must be a multiple of 512")
     if nb_snapshots and version < 3:
         raise GenericError("Can't resize a v2 image which has snapshots")
     geo = read_geometry(io)
     refs = Refcounts(io, geo, free_hint)
+    refs.discards = discards
+    refs.freeing(DiscardType.ALWAYS)
     old_length = geo.size // 512 * 512
     new_l1 = geo.size_to_l1(new_size)
     try:
