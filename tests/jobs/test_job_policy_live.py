@@ -194,3 +194,42 @@ def test_compressed_backup_writes_the_same_file(tmp_path: Path) -> None:
 
     results = _each(tmp_path, body)
     assert results["qmpgraph"] == results["qsd"]
+
+
+def test_active_mirror_target_error_leaves_the_guest_write(tmp_path: Path) -> None:
+    """write-blocking: the guest's write succeeds although its copy to the
+    target fails; on-target-error=stop pauses the job, the resumed job copies
+    the range again and the completed target equals the source."""
+
+    def body(daemon: LiveDaemon, d: Path) -> Any:
+        run("qemu-img", "create", "-q", "-f", "raw", str(d / "dst.img"), "4M")
+        _add_raw(daemon, "src", "src.img")
+        # Offset 3 MiB is a hole of the source: the initial copy zeroes it
+        # (a write-zeroes request, not a write), only the guest's write hits.
+        rule = {"event": "none", "iotype": "write", "errno": 5, "once": True, "sector": 6144}
+        _add_raw(daemon, "dst", "dst.img", rules=[rule])
+        daemon.ok(
+            "blockdev-mirror", job_id="j", device="src", target="dst", sync="full",
+            copy_mode="write-blocking", on_target_error="stop", filter_node_name="mt",
+        )  # fmt: skip
+        _wait_event(daemon, "BLOCK_JOB_READY")
+        daemon.start_nbd()
+        # The guest writes through the mirror's filter (a write straight to
+        # the source would bypass the job).
+        daemon.ok("block-export-add", type="nbd", id="g", node_name="mt", writable=True)
+        out = run("qemu-io", "-f", "raw", "-c", f"write -P 0x66 {3 * MiB} 4096", daemon.uri("mt"))
+        assert "wrote" in out, out
+        _wait_event(daemon, "JOB_STATUS_CHANGE", "standby")
+        info = daemon.ok("query-block-jobs")[0]
+        assert (info["io-status"], info["status"]) == ("failed", "standby")
+        daemon.ok("block-export-del", id="g")
+        daemon.ok("block-job-resume", device="j")
+        daemon.ok("block-job-complete", device="j")
+        _jobs_gone(daemon)
+        run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(d / "src.img"),
+            str(d / "dst.img"))  # fmt: skip
+        return _events(daemon)
+
+    results = _each(tmp_path, body)
+    assert results["qmpgraph"] == results["qsd"]
+    assert ("BLOCK_JOB_ERROR", "stop") in results["qsd"]
