@@ -131,18 +131,26 @@ class CreateJob(Job):
         ref = opts["file"]
         if isinstance(ref, dict):
             raise JobFailed(errno.ENOTSUP, "inline file options are not supported by qmpgraph yet")
+        data_nodes: list[Node] = []
+
+        def data_file_name(data_ref: Any) -> str:
+            if isinstance(data_ref, dict):
+                raise GenericError("inline data-file options are not supported by qmpgraph yet")
+            data = lookup_bs(graph, str(data_ref), str(data_ref))
+            data_nodes.append(data)
+            return _file_state(data).filename
+
         try:
             node = lookup_bs(graph, str(ref), str(ref))
-            layout = validate(opts)
+            layout = validate(opts, data_file_name)
         except GenericError as err:
             raise _fail(err) from err
         try:
-            self._take_file(node)
+            for taken in (node, *data_nodes):
+                self._take_file(taken)
         except GenericError as err:
             raise JobFailed(errno.EPERM, err.desc) from err
-        state = node.state
-        if not isinstance(state, FileState) or state.lock.closed:
-            raise JobFailed(errno.ENOTSUP, "qcow2 images can be created on 'file' nodes only")
+        state = _file_state(node)
         await self.io_point()
         data = image_bytes(layout)
         graph.names.generate()  # blk_new_open of the image (refcounts, header, size)
@@ -151,9 +159,24 @@ class CreateJob(Job):
         try:
             while pos < len(view):
                 pos += os.pwrite(state.lock.fd, view[pos:], pos)
+            for data_node in data_nodes:
+                # The image's truncate to its size resizes the data file exactly;
+                # an empty one gets its first block written (allocate_first_block).
+                data_fd = _file_state(data_node).lock.fd
+                old_length = os.fstat(data_fd).st_size
+                os.ftruncate(data_fd, layout.size)
+                if old_length == 0 and layout.size > 0:
+                    os.pwrite(data_fd, bytes(512 if layout.size < 4096 else 4096), 0)
         except OSError as err:
             raise JobFailed(err.errno or errno.EIO) from err
         graph.names.generate()  # blk_new_open again, to flush
+
+
+def _file_state(node: Node) -> FileState:
+    state = node.state
+    if not isinstance(state, FileState) or state.lock.closed:
+        raise JobFailed(errno.ENOTSUP, "qcow2 images can be created on 'file' nodes only")
+    return state
 
 
 @command("blockdev-create")

@@ -6,7 +6,8 @@ feature table) and truncates it to its size, which allocates the L1 table at
 cluster 3 (written exactly ``l1_size * 8`` bytes long).  ``image_bytes``
 builds that end state for any of blockdev-create's layout options (version,
 cluster size, refcount width, lazy refcounts, extended L2, compression type,
-backing file and format); ``validate`` is the option checks in QEMU's order.
+backing file and format, an external data file by node name); ``validate``
+is the option checks in QEMU's order.
 
 What does not live here: the job and the command (``create``), the default
 ``qemu-img create`` writer (``qmpgraph.drivers.qcow2_image``).
@@ -15,10 +16,11 @@ What does not live here: the job and the command (``create``), the default
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qmpgraph.drivers.qcow2 import EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, MAGIC
+from qmpgraph.drivers.qcow2 import EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, MAGIC
 from qmpgraph.drivers.qcow2_image import FEATURES
 from qmpgraph.errors import GenericError
 
@@ -40,6 +42,8 @@ class Qcow2Layout:
     zstd: bool = False
     backing_file: str | None = None
     backing_fmt: str | None = None
+    # The data file node's filename, written in the header (incompatible bit 2).
+    data_file: str | None = None
 
     @property
     def cluster_size(self) -> int:
@@ -54,8 +58,15 @@ class Qcow2Layout:
         return -(-self.size // per_l1)
 
 
-def validate(opts: dict[str, Any]) -> Qcow2Layout:
-    """qcow2_co_create's option checks, in order (after the file lookup)."""
+def validate(
+    opts: dict[str, Any], data_file_name: Callable[[Any], str] | None = None
+) -> Qcow2Layout:
+    """qcow2_co_create's option checks, in order (after the file lookup).
+
+    ``data_file_name`` resolves the ``data-file`` reference to the filename
+    the header records (raising QEMU's lookup error); without it a
+    ``data-file`` is refused.
+    """
     size = int(opts["size"])
     if size % 512:
         raise GenericError("Image size must be a multiple of 512 bytes")
@@ -97,10 +108,15 @@ def validate(opts: dict[str, Any]) -> Qcow2Layout:
         raise GenericError("Backing file and data-file-raw cannot be used at the same time")
     if data_file_raw and prealloc != "off":
         raise GenericError("Preallocation and data-file-raw cannot be used at the same time")
+    data_file = None
     if "data-file" in opts:
         if version < 3:
             raise GenericError(f"External data files are only supported with {_V3_HINT}")
-        raise GenericError("qcow2 data-file in blockdev-create is not supported by qmpgraph yet")
+        if data_file_name is None or data_file_raw:
+            # data-file-raw makes QEMU preallocate the metadata, which qmpgraph cannot yet.
+            what = "data-file-raw" if data_file_raw else "data-file"
+            raise GenericError(f"qcow2 {what} in blockdev-create is not supported by qmpgraph yet")
+        data_file = data_file_name(opts["data-file"])
     zstd = False
     if opts.get("compression-type", "zlib") != "zlib":
         if version < 3:
@@ -118,6 +134,7 @@ def validate(opts: dict[str, Any]) -> Qcow2Layout:
         zstd=zstd,
         backing_file=opts.get("backing-file"),
         backing_fmt=opts.get("backing-fmt"),
+        data_file=data_file,
     )
 
 
@@ -152,6 +169,8 @@ def image_bytes(lay: Qcow2Layout) -> bytes:
     exts = b""
     if lay.backing_fmt:
         exts += _extension(EXT_BACKING_FORMAT, lay.backing_fmt.encode())
+    if lay.data_file is not None:
+        exts += _extension(EXT_DATA_FILE, lay.data_file.encode())
     # QEMU leaves the feature name table out of headers of 4 KiB clusters or less.
     if lay.version >= 3 and cs > 4096:
         table = b"".join(
@@ -162,6 +181,7 @@ def image_bytes(lay: Qcow2Layout) -> bytes:
     name = lay.backing_file.encode() if lay.backing_file else b""
     name_off = header_len + len(exts) if name else 0
     incompat = (8 if lay.zstd else 0) | (16 if lay.extended_l2 else 0)
+    incompat |= 4 if lay.data_file is not None else 0
     compat = 1 if lay.lazy_refcounts else 0
     header = struct.pack(
         ">IIQIIQIIQQIIQ",
