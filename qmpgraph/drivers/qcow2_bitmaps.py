@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import struct
 import sys
@@ -45,6 +43,7 @@ from qmpgraph.bitmaps import registry
 from qmpgraph.bitmaps.model import DirtyBitmap
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State
+from qmpgraph.drivers.qcow2_discard import DiscardType, FreedClusters, passed_types
 from qmpgraph.drivers.qcow2_refcount import Refcounts
 from qmpgraph.drivers.qcow2_storage import FdFile, HostFile, Qcow2Error, pread_full
 from qmpgraph.graph.model import Node
@@ -258,6 +257,7 @@ def remove_stored(tran: Transaction, node: Node, name: str) -> None:
     cluster_bits = _be(">I", raw, 20)
     cluster = 1 << cluster_bits
     refcounts = _refcounts(host, raw)
+    _discarding(refcounts, fd, node)
     kept = [e for e in entries if e[0] != name]
     blob = b"".join(_entry_bytes(*e) for e in kept)
     dir_offset = 0
@@ -271,6 +271,8 @@ def remove_stored(tran: Transaction, node: Node, name: str) -> None:
     _, t_off, t_size, _flags, _gbits = gone[0]
     _free_table(host, refcounts, t_off, t_size)
     host.flush()
+    if refcounts.discards is not None:
+        refcounts.discards.process()
     _STORED[node] = _Stored(dir_offset, len(blob), kept)
 
 
@@ -339,6 +341,7 @@ def _write(fd: int, node: Node, old: _Stored | None, bitmaps: list[DirtyBitmap])
     cluster_bits = _be(">I", raw, 20)
     cluster = 1 << cluster_bits
     refcounts = _refcounts(host, raw)
+    _discarding(refcounts, fd, node)
     by_name = {bm.name: bm for bm in bitmaps}
     old_entries = old.entries if old is not None else []
     # Directory order: stored ones keep theirs, new ones follow (newest first).
@@ -370,9 +373,11 @@ def _write(fd: int, node: Node, old: _Stored | None, bitmaps: list[DirtyBitmap])
             if t_off and t_off not in kept_tables:
                 _free_table(host, refcounts, t_off, t_size)
         if old.dir_size:
+            _kind(refcounts, DiscardType.OTHER)
             refcounts.free_bytes(old.dir_offset, old.dir_size)
     host.flush()
-    del node
+    if refcounts.discards is not None:
+        refcounts.discards.process()
 
 
 def _write_bits(
@@ -395,27 +400,28 @@ def _write_bits(
     return t_off, n
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01
+def _discarding(refcounts: Refcounts, fd: int, node: Node) -> None:
+    """Clusters ``refcounts`` frees from now on are discarded in the file as the
+    qcow2 node's discard options say (old directories and tables:
+    QCOW2_DISCARD_OTHER, bitmap data clusters: QCOW2_DISCARD_ALWAYS)."""
+    passed = passed_types(node)
+    if passed:
+        refcounts.discards = FreedClusters(fd, refcounts.cluster_bits, passed, DiscardType.OTHER)
 
 
-def _punch(host: FdFile, offset: int, length: int) -> None:
-    """Discard freed data clusters (QCOW2_DISCARD_ALWAYS), best effort."""
-    _libc.fallocate(
-        ctypes.c_int(host.fd),
-        ctypes.c_int(_PUNCH_HOLE_KEEP_SIZE),
-        ctypes.c_int64(offset),
-        ctypes.c_int64(length),
-    )
+def _kind(refcounts: Refcounts, kind: DiscardType) -> None:
+    if refcounts.discards is not None:
+        refcounts.discards.kind = kind
 
 
 def _free_table(host: FdFile, refcounts: Refcounts, t_off: int, t_size: int) -> None:
-    """free_bitmap_clusters: the data clusters (discarded), then the table."""
+    """free_bitmap_clusters: the data clusters (always discarded), then the table."""
     table = struct.unpack(f">{t_size}Q", pread_full(host, t_off, t_size * 8))
+    _kind(refcounts, DiscardType.ALWAYS)
     for entry in table:
         if entry & _OFFSET_MASK:
             refcounts.free_bytes(entry & _OFFSET_MASK, 1)
-            _punch(host, entry & _OFFSET_MASK, refcounts.cluster_size)
+    _kind(refcounts, DiscardType.OTHER)
     refcounts.free_bytes(t_off, t_size * 8)
 
 
