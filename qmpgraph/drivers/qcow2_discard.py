@@ -126,6 +126,8 @@ class FreedClusters:
         self.kind = kind
         # [start, end) cluster ranges; adjacent ones are merged.
         self.regions: list[list[int]] = []
+        #: Told each discarded byte range (the file node's dirty bitmaps).
+        self.on_discard: Callable[[int, int], None] | None = None
 
     def freed(self, cluster: int) -> None:
         """update_refcount_discard: one cluster's refcount reached 0."""
@@ -168,11 +170,17 @@ class FreedClusters:
         cb = self.cluster_bits
         for start, end in merged:
             punch(self.fd, start << cb, (end - start) << cb)
+            if self.on_discard is not None:
+                self.on_discard(start << cb, (end - start) << cb)
 
 
 @contextlib.contextmanager
 def discarding(
-    refcounts: Refcounts, fd: int, passed: frozenset[DiscardType], kind: DiscardType
+    refcounts: Refcounts,
+    fd: int,
+    passed: frozenset[DiscardType],
+    kind: DiscardType,
+    on_discard: Callable[[int, int], None] | None = None,
 ) -> Iterator[None]:
     """Within the block, clusters ``refcounts`` frees are discarded in the file
     (fd) when ``kind`` is passed; at the end if it succeeds, dropped if not."""
@@ -180,6 +188,7 @@ def discarding(
         yield
         return
     queue = FreedClusters(fd, refcounts.cluster_bits, passed, kind)
+    queue.on_discard = on_discard
     refcounts.discards = queue
     try:
         yield
@@ -204,5 +213,6 @@ def freeing(
     fd = getattr(img.host, "fd", None)
     if not isinstance(fd, int):
         return fn()
-    with discarding(img.refcounts, fd, passed, kind):
+    # A WatchedFdFile's on_write marks the file node's bitmaps: discards too.
+    with discarding(img.refcounts, fd, passed, kind, getattr(img.host, "on_write", None)):
         return fn()
