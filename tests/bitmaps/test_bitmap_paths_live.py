@@ -2,7 +2,9 @@
 
 * A bitmap on the ``file`` node under a qcow2 node sees what the qcow2
   driver writes there: guest data, and the metadata of cluster allocation
-  (L2 tables, refcount blocks, L1 and header updates).
+  (L2 tables, refcount blocks, L1 and header updates), and the discards of
+  freed clusters.  (qemu-io's NBD client flushes when it closes, so QEMU's
+  metadata cache has been written back when the counts are read.)
 * A bitmap on the qcow2 node under a ``compress`` filter sees the filter's
   compressed writes (whole clusters), and one on the filter its requests.
 
@@ -116,3 +118,33 @@ def test_compressed_writes_mark_bitmaps(tmp_path: Path, granularity: int) -> Non
         ours.stop()
     for w, g in zip(want, got, strict=True):
         assert g == w
+
+
+def _discard_session(daemon: LiveDaemon) -> list[Any]:
+    daemon.ok("blockdev-add", driver="file", node_name="f", filename="img.qcow2", discard="unmap")
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q", file="f", discard="unmap")
+    daemon.ok("block-dirty-bitmap-add", node="f", name="fb", granularity=512)
+    daemon.start_nbd()
+    daemon.ok("block-export-add", type="nbd", id="e", node_name="q", name="q", writable=True)
+    steps: list[Any] = []
+    for cmd in ("discard 0 64k", "discard 128k 4k", "write -z -u 1M 128k", "write -z 2M 64k"):
+        rc, _ = tool(daemon, "qemu-io", "-f", "raw", "-c", cmd, daemon.uri("q"))
+        steps.append([cmd, rc, _counts(daemon), _sha(daemon, "f", "fb")])
+    return steps
+
+
+def test_file_node_bitmap_sees_qcow2_discards(tmp_path: Path) -> None:
+    # Freed clusters are discarded in the file (both nodes discard=unmap):
+    # the file node's bitmap sees those discards besides the metadata writes.
+    setup = (
+        "qemu-img create -f qcow2 img.qcow2 64M >/dev/null;"
+        " qemu-io -f qcow2 -c 'write -P 1 0 4M' img.qcow2 >/dev/null"
+    )
+    qsd, ours = start_pair(tmp_path, setup, [])
+    try:
+        want = _discard_session(qsd)
+        got = _discard_session(ours)
+    finally:
+        qsd.stop()
+        ours.stop()
+    assert got == want
