@@ -13,7 +13,7 @@ driver's create function; its failure is the job's error (query-jobs):
   on the file node through a temporary BlockBackend (so a parent that does
   not share them refuses with the permission system's message), then the
   image written through the node's descriptor as QEMU leaves it
-  (``create_qcow2.image_bytes``, equal to ``qemu-img create``'s bytes).  QEMU
+  (``create_qcow2.image_writes``, equal to ``qemu-img create``'s bytes).  QEMU
   opens the new image twice, which takes two automatic node names.
 
 What does not live here: the job core (``qmpgraph.jobs``).
@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.create_qcow2 import image_bytes, validate
+from qmpgraph.commands.create_qcow2 import image_writes, validate
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
@@ -152,13 +152,20 @@ class CreateJob(Job):
             raise JobFailed(errno.EPERM, err.desc) from err
         state = _file_state(node)
         await self.io_point()
-        data = image_bytes(layout)
-        graph.names.generate()  # blk_new_open of the image (refcounts, header, size)
-        view = memoryview(data)
-        pos = 0
         try:
-            while pos < len(view):
-                pos += os.pwrite(state.lock.fd, view[pos:], pos)
+            writes, length = image_writes(layout)
+        except GenericError as err:
+            raise _fail(err) from err
+        graph.names.generate()  # blk_new_open of the image (refcounts, header, size)
+        try:
+            for offset, data in writes:
+                view = memoryview(data)
+                pos = 0
+                while pos < len(view):
+                    pos += os.pwrite(state.lock.fd, view[pos:], offset + pos)
+            if os.fstat(state.lock.fd).st_size < length:
+                # Preallocated data clusters: the file grows over them (holes).
+                os.ftruncate(state.lock.fd, length)
             for data_node in data_nodes:
                 # The image's truncate to its size resizes the data file exactly;
                 # an empty one gets its first block written (allocate_first_block).

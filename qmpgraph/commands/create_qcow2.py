@@ -24,6 +24,7 @@ from qmpgraph.drivers.qcow2 import EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATUR
 from qmpgraph.drivers.qcow2_image import FEATURES
 from qmpgraph.errors import GenericError
 
+_COPIED = 1 << 63
 _HEADER_V3 = 112
 _HEADER_V2 = 72
 _V3_HINT = "compatibility level 1.1 and above (use version=v3 or greater)"
@@ -44,6 +45,8 @@ class Qcow2Layout:
     backing_fmt: str | None = None
     # The data file node's filename, written in the header (incompatible bit 2).
     data_file: str | None = None
+    # preallocation=metadata: every L2 table and data cluster allocated.
+    preallocate: bool = False
 
     @property
     def cluster_size(self) -> int:
@@ -122,7 +125,7 @@ def validate(
         if version < 3:
             raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
         zstd = True
-    if prealloc != "off":
+    if prealloc not in ("off", "metadata") or (prealloc != "off" and (extended_l2 or data_file)):
         raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
         size=size,
@@ -135,6 +138,7 @@ def validate(
         backing_file=opts.get("backing-file"),
         backing_fmt=opts.get("backing-fmt"),
         data_file=data_file,
+        preallocate=prealloc == "metadata",
     )
 
 
@@ -159,7 +163,46 @@ def _refblock(lay: Qcow2Layout, used: int) -> bytes:
     return bytes(block)
 
 
-def image_bytes(lay: Qcow2Layout) -> bytes:
+def image_writes(lay: Qcow2Layout) -> tuple[list[tuple[int, bytes]], int]:
+    """The writes that make the new image, and the file's final length.
+
+    Without preallocation that is ``image_bytes``.  With metadata
+    preallocation QEMU's preallocate_co allocates, L2 table by L2 table, the
+    table and then its data clusters right after the L1 table, all with
+    refcount 1 and the COPIED flag; the data clusters stay holes (but the
+    zeros after the image's end in the last one).  Only
+    images whose clusters one refcount block covers are handled here.
+    """
+    if not lay.preallocate:
+        data = image_bytes(lay)
+        return [(0, data)], len(data)
+    cs = lay.cluster_size
+    entries = cs // 8
+    data_clusters = -(-lay.size // cs)
+    l1_clusters = -(-lay.l1_size * 8 // cs)
+    cluster = 3 + l1_clusters
+    l1 = bytearray()
+    writes: list[tuple[int, bytes]] = []
+    for i in range(lay.l1_size):
+        l2_cluster = cluster
+        count = min(entries, data_clusters - i * entries)
+        l1 += struct.pack(">Q", l2_cluster * cs | _COPIED)
+        table = b"".join(
+            struct.pack(">Q", (l2_cluster + 1 + j) * cs | _COPIED) for j in range(count)
+        )
+        writes.append((l2_cluster * cs, table.ljust(cs, b"\0")))
+        cluster += 1 + count
+    tail = lay.size % cs
+    if tail:
+        # The last data cluster is allocated for part of its bytes: QEMU's
+        # copy-on-write fills the rest of it with (written) zeros.
+        writes.append(((cluster - 1) * cs + tail, bytes(cs - tail)))
+    head = image_bytes(lay, used=cluster)
+    head = head[: len(head) - lay.l1_size * 8] + bytes(l1)
+    return [(0, head), *writes], cluster * cs
+
+
+def image_bytes(lay: Qcow2Layout, used: int = 0) -> bytes:
     """Header cluster, refcount table, refcount block and L1 table of the new image."""
     cs = lay.cluster_size
     l1_size = lay.l1_size
@@ -193,4 +236,5 @@ def image_bytes(lay: Qcow2Layout) -> bytes:
         header += bytes([1 if lay.zstd else 0])
     cluster0 = (header.ljust(header_len, b"\0") + exts + name).ljust(cs, b"\0")
     reftable = struct.pack(">Q", 2 * cs).ljust(cs, b"\0")
-    return cluster0 + reftable + _refblock(lay, 3 + l1_clusters) + bytes(l1_size * 8)
+    refblock = _refblock(lay, used or 3 + l1_clusters)
+    return cluster0 + reftable + refblock + bytes(l1_size * 8)

@@ -1,4 +1,5 @@
-"""blockdev-create of qcow2 images with an external data file, against qsd.
+"""blockdev-create of qcow2 images with an external data file or with
+preallocation=metadata, against qsd.
 
 The same creation runs on qemu-storage-daemon and on qmpgraph, each in a
 directory of its own whose path has the same length (the header records the
@@ -66,3 +67,57 @@ def test_create_with_data_file_matches_qsd(
     info = json.loads(run("qemu-img", "info", "-U", "--output=json", image))
     assert info["format-specific"]["data"]["data-file"] == str(works[1] / "a.data")
     subprocess.run(["qemu-img", "check", "-q", image], check=True, timeout=TIMEOUT)
+
+
+PREALLOC_CASES = [
+    {"size": 1048576},
+    {"size": 1000448},
+    {"size": 5243392, "cluster-size": 4096},
+    {"size": 1073741824},
+    {"size": 3145728, "cluster-size": 4096, "version": "v2"},
+    {"size": 2097152, "lazy-refcounts": True, "refcount-bits": 1},
+    {"size": 1048576, "cluster-size": 2097152, "compression-type": "zstd"},
+]
+
+
+@pytest.mark.parametrize("options", PREALLOC_CASES, ids=str)
+def test_create_preallocated_metadata_matches_qsd(
+    tmp_path: Path, qsd_path: str, options: dict[str, Any]
+) -> None:
+    """preallocation=metadata: the same bytes, length and data extents (the
+    data clusters are holes but the zeros after the image's end)."""
+    files = []
+    for kind in ("qsd", "qmpgraph"):
+        work = tmp_path / kind
+        work.mkdir()
+        image = work / "a.qcow2"
+        image.touch()
+        d = LiveDaemon(kind, qsd_path, work, [])
+        try:
+            d.ok("blockdev-add", driver="file", node_name="f", filename=str(image))
+            opts = {"driver": "qcow2", "file": "f", "preallocation": "metadata", **options}
+            d.ok("blockdev-create", job_id="c", options=opts)
+            assert "error" not in wait_concluded(d, "c")
+        finally:
+            d.stop()
+        files.append(image)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    assert _extents(files[0]) == _extents(files[1])
+    subprocess.run(["qemu-img", "check", "-q", str(files[1])], check=True, timeout=TIMEOUT)
+
+
+def _extents(path: Path) -> list[tuple[int, int]]:
+    """The file's data extents (SEEK_DATA/SEEK_HOLE)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out, offset, end = [], 0, os.fstat(fd).st_size
+        while offset < end:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
+                break
+            offset = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, offset))
+        return out
+    finally:
+        os.close(fd)
