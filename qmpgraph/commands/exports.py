@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from qmpgraph.bitmaps.model import DirtyBitmap
+from qmpgraph.commands import socket_addr
 from qmpgraph.commands.bitmaps import export_bitmaps, release_export_bitmaps
 from qmpgraph.commands.registry import command
 from qmpgraph.errors import GenericError
@@ -197,7 +198,8 @@ class ServerSet(Action):
 
 
 def _listen(addr: dict[str, Any]) -> tuple[socket.socket, str | None]:
-    """Bind and listen as QEMU's socket_listen (unix or inet)."""
+    """Bind and listen as QEMU's socket_listen (unix, inet; fd and vsock in
+    ``socket_addr``)."""
     kind = addr.get("type")
     data = addr.get("data", {})
     if kind == "unix":
@@ -230,6 +232,9 @@ def _listen(addr: dict[str, Any]) -> tuple[socket.socket, str | None]:
         except OSError as err:
             raise GenericError(f"Failed to bind socket: {os.strerror(err.errno or 0)}") from err
         return sock, None
+    other = socket_addr.listen_other(str(kind), data)
+    if other is not None:
+        return other, None
     raise GenericError(f"socket family '{kind}' is not supported by qmpgraph")
 
 

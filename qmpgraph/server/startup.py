@@ -38,6 +38,7 @@ import qmpgraph.commands  # noqa: F401 (registers blockdev-add for --blockdev)
 from qmpgraph.cmdline.chardev import ChardevSpec, MonitorSpec
 from qmpgraph.cmdline.errors import CmdlineError
 from qmpgraph.cmdline.qsd import OptionArgs, ReportFn
+from qmpgraph.commands import socket_addr
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import REGISTRY
 from qmpgraph.daemon import Daemon
@@ -273,7 +274,8 @@ def add_nbd_server(daemon: Daemon, args: OptionArgs) -> None:
         for key in ("tls-creds", "tls-authz", "max-connections"):
             if key in typed:
                 command_args[key] = typed[key]
-        _run_command(daemon, "nbd-server-start", command_args)
+        with socket_addr.without_monitor():  # fd addresses are numbers here
+            _run_command(daemon, "nbd-server-start", command_args)
     except QMPError as exc:
         raise CmdlineError(exc.desc) from None
 
