@@ -153,19 +153,25 @@ class CreateJob(Job):
         state = _file_state(node)
         await self.io_point()
         try:
-            writes, length = image_writes(layout)
+            plan = image_writes(layout)
         except GenericError as err:
             raise _fail(err) from err
         graph.names.generate()  # blk_new_open of the image (refcounts, header, size)
+        fd = state.lock.fd
         try:
-            for offset, data in writes:
-                view = memoryview(data)
-                pos = 0
-                while pos < len(view):
-                    pos += os.pwrite(state.lock.fd, view[pos:], offset + pos)
-            if os.fstat(state.lock.fd).st_size < length:
-                # Preallocated data clusters: the file grows over them (holes).
-                os.ftruncate(state.lock.fd, length)
+            for offset, data in plan.writes:
+                _write(fd, offset, data)
+            if os.fstat(fd).st_size < plan.length:
+                # Preallocated data clusters: the file grows over them.
+                os.ftruncate(fd, plan.length)
+            if plan.fill is not None:
+                start, length = plan.fill
+                if layout.preallocation == "falloc":
+                    os.posix_fallocate(fd, start, length)
+                else:
+                    chunk = bytes(min(length, 1 << 20))
+                    for offset in range(start, start + length, len(chunk)):
+                        _write(fd, offset, chunk[: start + length - offset])
             for data_node in data_nodes:
                 # The image's truncate to its size resizes the data file exactly;
                 # an empty one gets its first block written (allocate_first_block).
@@ -177,6 +183,13 @@ class CreateJob(Job):
         except OSError as err:
             raise JobFailed(err.errno or errno.EIO) from err
         graph.names.generate()  # blk_new_open again, to flush
+
+
+def _write(fd: int, offset: int, data: bytes) -> None:
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        pos += os.pwrite(fd, view[pos:], offset + pos)
 
 
 def _file_state(node: Node) -> FileState:

@@ -6,8 +6,9 @@ feature table) and truncates it to its size, which allocates the L1 table at
 cluster 3 (written exactly ``l1_size * 8`` bytes long).  ``image_bytes``
 builds that end state for any of blockdev-create's layout options (version,
 cluster size, refcount width, lazy refcounts, extended L2, compression type,
-backing file and format, an external data file by node name); ``validate``
-is the option checks in QEMU's order.
+backing file and format, an external data file by node name) and
+``image_writes`` adds preallocation (metadata, falloc, full) for images one
+refcount block covers; ``validate`` is the option checks in QEMU's order.
 
 What does not live here: the job and the command (``create``), the default
 ``qemu-img create`` writer (``qmpgraph.drivers.qcow2_image``).
@@ -45,8 +46,8 @@ class Qcow2Layout:
     backing_fmt: str | None = None
     # The data file node's filename, written in the header (incompatible bit 2).
     data_file: str | None = None
-    # preallocation=metadata: every L2 table and data cluster allocated.
-    preallocate: bool = False
+    # metadata, falloc, full: every L2 table and data cluster allocated.
+    preallocation: str = "off"
 
     @property
     def cluster_size(self) -> int:
@@ -125,7 +126,7 @@ def validate(
         if version < 3:
             raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
         zstd = True
-    if prealloc not in ("off", "metadata") or (prealloc != "off" and (extended_l2 or data_file)):
+    if prealloc != "off" and (extended_l2 or data_file):
         raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
         size=size,
@@ -138,7 +139,7 @@ def validate(
         backing_file=opts.get("backing-file"),
         backing_fmt=opts.get("backing-fmt"),
         data_file=data_file,
-        preallocate=prealloc == "metadata",
+        preallocation=str(prealloc),
     )
 
 
@@ -163,19 +164,34 @@ def _refblock(lay: Qcow2Layout, used: int) -> bytes:
     return bytes(block)
 
 
-def image_writes(lay: Qcow2Layout) -> tuple[list[tuple[int, bytes]], int]:
-    """The writes that make the new image, and the file's final length.
+@dataclass(frozen=True, slots=True)
+class ImageWrites:
+    """How to lay the new image down: ``writes`` (offset, bytes), then the
+    file's final ``length``, and ``fill`` (offset, length) of data clusters
+    to fallocate (``falloc``) or write zeros over (``full``)."""
 
-    Without preallocation that is ``image_bytes``.  With metadata
-    preallocation QEMU's preallocate_co allocates, L2 table by L2 table, the
-    table and then its data clusters right after the L1 table, all with
-    refcount 1 and the COPIED flag; the data clusters stay holes (but the
-    zeros after the image's end in the last one).  Only
-    images whose clusters one refcount block covers are handled here.
+    writes: list[tuple[int, bytes]]
+    length: int
+    fill: tuple[int, int] | None = None
+
+
+def image_writes(lay: Qcow2Layout) -> ImageWrites:
+    """The writes that make the new image, as QEMU's truncate to its size leaves it.
+
+    Without preallocation that is ``image_bytes``.  With ``metadata``,
+    QEMU's preallocate_co allocates, L2 table by L2 table, the table and
+    then its data clusters right after the L1 table; the data clusters stay
+    holes (but the zeros copy-on-write writes after an unaligned end).
+    ``falloc`` and ``full`` (``_preallocated_data``) allocate the data
+    clusters in one run first.  Every cluster has refcount 1 and the
+    COPIED flag.  Only images whose clusters one refcount block covers are
+    handled here.
     """
-    if not lay.preallocate:
+    if lay.preallocation == "off":
         data = image_bytes(lay)
-        return [(0, data)], len(data)
+        return ImageWrites([(0, data)], len(data))
+    if lay.preallocation != "metadata":
+        return _preallocated_data(lay)
     cs = lay.cluster_size
     entries = cs // 8
     data_clusters = -(-lay.size // cs)
@@ -199,11 +215,52 @@ def image_writes(lay: Qcow2Layout) -> tuple[list[tuple[int, bytes]], int]:
         writes.append(((cluster - 1) * cs + tail, bytes(cs - tail)))
     head = image_bytes(lay, used=cluster)
     head = head[: len(head) - lay.l1_size * 8] + bytes(l1)
-    return [(0, head), *writes], cluster * cs
+    return ImageWrites([(0, head), *writes], cluster * cs)
 
 
-def image_bytes(lay: Qcow2Layout, used: int = 0) -> bytes:
-    """Header cluster, refcount table, refcount block and L1 table of the new image."""
+def _l2_table(lay: Qcow2Layout, first_data: int, count: int) -> bytes:
+    cs = lay.cluster_size
+    entries = (struct.pack(">Q", (first_data + j) * cs | _COPIED) for j in range(count))
+    return b"".join(entries).ljust(cs, b"\0")
+
+
+def _preallocated_data(lay: Qcow2Layout) -> ImageWrites:
+    """falloc/full (qcow2_co_truncate): the data clusters in one run.
+
+    After the L1 table QEMU lays a refcount area (a new one-cluster refcount
+    table, the old one freed) and the data clusters; the L2 tables are
+    allocated afterwards, the first in the freed cluster 1, the others
+    after the data.
+    """
+    cs = lay.cluster_size
+    entries = cs // 8
+    data_clusters = -(-lay.size // cs)
+    reftable = 3 + -(-lay.l1_size * 8 // cs)
+    first_data = reftable + 1
+    l2_clusters = [1] + [first_data + data_clusters + i for i in range(lay.l1_size - 1)]
+    total = first_data + data_clusters + lay.l1_size - 1
+    head = bytearray(image_bytes(lay, used=total, reftable_cluster=reftable))
+    l1 = b"".join(struct.pack(">Q", c * cs | _COPIED) for c in l2_clusters)
+    head[len(head) - len(l1) :] = l1
+    writes: list[tuple[int, bytes]] = []
+    for i, l2 in enumerate(l2_clusters):
+        count = min(entries, data_clusters - i * entries)
+        table = _l2_table(lay, first_data + i * entries, count)
+        if l2 == 1:
+            head[cs : 2 * cs] = table
+        else:
+            writes.append((l2 * cs, table))
+    writes.insert(0, (reftable * cs, struct.pack(">Q", 2 * cs).ljust(cs, b"\0")))
+    writes.insert(0, (0, bytes(head)))
+    return ImageWrites(writes, total * cs, (first_data * cs, data_clusters * cs))
+
+
+def image_bytes(lay: Qcow2Layout, used: int = 0, reftable_cluster: int = 1) -> bytes:
+    """Header cluster, refcount table, refcount block and L1 table of the new image.
+
+    ``used``: clusters with refcount 1 (default: these); ``reftable_cluster``:
+    where the header says the refcount table is.
+    """
     cs = lay.cluster_size
     l1_size = lay.l1_size
     l1_clusters = -(-l1_size * 8 // cs)
@@ -229,7 +286,7 @@ def image_bytes(lay: Qcow2Layout, used: int = 0) -> bytes:
     header = struct.pack(
         ">IIQIIQIIQQIIQ",
         MAGIC, lay.version, name_off, len(name), lay.cluster_bits, lay.size, 0,
-        l1_size, l1_offset, cs, 1, 0, 0,
+        l1_size, l1_offset, reftable_cluster * cs, 1, 0, 0,
     )  # fmt: skip
     if lay.version >= 3:
         header += struct.pack(">QQQII", incompat, compat, 0, lay.refcount_order, header_len)

@@ -1,5 +1,5 @@
 """blockdev-create of qcow2 images with an external data file or with
-preallocation=metadata, against qsd.
+preallocation (metadata, falloc, full), against qsd.
 
 The same creation runs on qemu-storage-daemon and on qmpgraph, each in a
 directory of its own whose path has the same length (the header records the
@@ -70,22 +70,29 @@ def test_create_with_data_file_matches_qsd(
 
 
 PREALLOC_CASES = [
-    {"size": 1048576},
-    {"size": 1000448},
-    {"size": 5243392, "cluster-size": 4096},
-    {"size": 1073741824},
-    {"size": 3145728, "cluster-size": 4096, "version": "v2"},
-    {"size": 2097152, "lazy-refcounts": True, "refcount-bits": 1},
-    {"size": 1048576, "cluster-size": 2097152, "compression-type": "zstd"},
+    ("metadata", {"size": 1048576}),
+    ("metadata", {"size": 1000448}),
+    ("metadata", {"size": 5243392, "cluster-size": 4096}),
+    ("metadata", {"size": 1073741824}),
+    ("metadata", {"size": 3145728, "cluster-size": 4096, "version": "v2"}),
+    ("metadata", {"size": 2097152, "lazy-refcounts": True, "refcount-bits": 1}),
+    ("metadata", {"size": 1048576, "cluster-size": 2097152, "compression-type": "zstd"}),
+    ("falloc", {"size": 1048576}),
+    ("falloc", {"size": 5242880, "cluster-size": 4096}),
+    ("falloc", {"size": 1073741824, "lazy-refcounts": True}),
+    ("full", {"size": 1000448}),
+    ("full", {"size": 5243392, "cluster-size": 4096, "version": "v2"}),
+    ("full", {"size": 2097152, "cluster-size": 16384, "refcount-bits": 8}),
 ]
 
 
-@pytest.mark.parametrize("options", PREALLOC_CASES, ids=str)
-def test_create_preallocated_metadata_matches_qsd(
-    tmp_path: Path, qsd_path: str, options: dict[str, Any]
+@pytest.mark.parametrize(("mode", "options"), PREALLOC_CASES, ids=str)
+def test_create_preallocated_matches_qsd(
+    tmp_path: Path, qsd_path: str, mode: str, options: dict[str, Any]
 ) -> None:
-    """preallocation=metadata: the same bytes, length and data extents (the
-    data clusters are holes but the zeros after the image's end)."""
+    """preallocation metadata/falloc/full: the same bytes, length and data
+    extents (metadata: data clusters are holes but the zeros after the
+    image's end; falloc/full: the data clusters allocated)."""
     files = []
     for kind in ("qsd", "qmpgraph"):
         work = tmp_path / kind
@@ -95,7 +102,7 @@ def test_create_preallocated_metadata_matches_qsd(
         d = LiveDaemon(kind, qsd_path, work, [])
         try:
             d.ok("blockdev-add", driver="file", node_name="f", filename=str(image))
-            opts = {"driver": "qcow2", "file": "f", "preallocation": "metadata", **options}
+            opts = {"driver": "qcow2", "file": "f", "preallocation": mode, **options}
             d.ok("blockdev-create", job_id="c", options=opts)
             assert "error" not in wait_concluded(d, "c")
         finally:
