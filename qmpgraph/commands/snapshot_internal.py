@@ -222,6 +222,7 @@ class InternalSnapshot(BlkAction):
                 date_sec=now // 1_000_000_000,
                 date_nsec=now % 1_000_000_000,
                 vm_clock_nsec=now,
+                discards=_snapshot_discards(tran, target, host),
             )
         except SnapshotFailed as err:
             raise GenericError(
@@ -328,8 +329,9 @@ def blockdev_snapshot_delete_internal_sync(
 
 
 def _snapshot_discards(tran: Transaction, target: Node, host: JournalFile) -> FreedClusters | None:
-    """Where a deletion's freed clusters go (QCOW2_DISCARD_SNAPSHOT): discarded
-    in the file once the transaction commits (an abort puts the bytes back)."""
+    """Where the clusters a snapshot operation frees go (QCOW2_DISCARD_SNAPSHOT):
+    discarded in the file once the transaction commits (an abort puts the
+    bytes back)."""
     if DiscardType.SNAPSHOT not in passed_types(target):
         return None
     state = target.state

@@ -111,6 +111,31 @@ class _Entry:
         return head + extra + self.unknown_extra + self.id + self.name
 
 
+class _WholeBlocks(Refcounts):
+    """Refcounts whose changed blocks are also written back whole at the end
+    (``write_back``), as QEMU's refcount-block cache writes clusters: in a
+    sparse image file that allocates the whole block, as qsd's actual-size
+    shows."""
+
+    def __init__(self, host: HostFile, **kwargs: int) -> None:
+        super().__init__(host, **kwargs)
+        self.touched: set[int] = set()
+
+    def change(self, first: int, count: int, delta: int) -> None:
+        super().change(first, count, delta)
+        if count > 0:
+            per = self.per_block
+            self.touched.update(range(first // per, (first + count - 1) // per + 1))
+
+    def write_back(self) -> None:
+        """Write every changed refcount block whole."""
+        for index in sorted(self.touched):
+            if index < len(self.table) and self.table[index] & OFFSET_MASK:
+                offset = self.table[index] & OFFSET_MASK
+                self.host.pwrite(offset, pread_full(self.host, offset, self.cluster_size))
+        self.touched.clear()
+
+
 class _Image:
     """What a snapshot operation needs of an image: header, refcounts, tables."""
 
@@ -128,7 +153,7 @@ class _Image:
         self.cluster_size = header.cluster_size
         self.l2_entries = 1 << header.l2_bits
         rt_offset, rt_clusters = struct.unpack_from(">QI", raw.ljust(60, b"\0"), 48)
-        self.refcounts = Refcounts(
+        self.refcounts = _WholeBlocks(
             host,
             cluster_bits=header.cluster_bits,
             refcount_order=header.refcount_order,
@@ -303,6 +328,7 @@ def create_snapshot(
     date_nsec: int,
     vm_clock_nsec: int = 0,
     icount: int | None = None,
+    discards: FreedClusters | None = None,
 ) -> SnapshotEntry:
     """qcow2_snapshot_create (no VM state): take a snapshot of the active layer.
 
@@ -310,7 +336,8 @@ def create_snapshot(
     truncates it as QEMU's 256-byte buffer would, even inside a character).
     Errors: ``SnapshotFailed`` with QEMU's errno (EFBIG for too many
     snapshots, ENOTSUP for images this library cannot snapshot, EINVAL when a
-    refcount would overflow, as update_refcount).
+    refcount would overflow, as update_refcount).  The old snapshot table
+    it frees (QCOW2_DISCARD_SNAPSHOT) is recorded in ``discards`` if given.
     """
     img = _Image(host)
     header = img.header
@@ -343,7 +370,10 @@ def create_snapshot(
         b"",
     )
     img.entries.append(entry)
+    img.refcounts.discards = discards  # the old snapshot table
     img.write_table()
+    img.refcounts.discards = None
+    img.refcounts.write_back()
     return entry.public()
 
 
@@ -396,4 +426,5 @@ def delete_snapshot(
         img.refcounts.free_bytes(entry.l1_table_offset, entry.l1_size * 8)
     img.refcounts.discards = None
     img.update_refcounts(img.header.l1_table_offset, img.header.l1_size, 0)
+    img.refcounts.write_back()
     return entry.public()

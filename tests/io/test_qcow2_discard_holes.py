@@ -101,3 +101,35 @@ def test_freed_clusters_match_qsd(tmp_path: Path, requests: list[str]) -> None:
     got = _serve("qmpgraph", qsd, tmp_path / "qmpgraph", requests)
     for name in VARIANTS:
         assert got[name] == expected[name], name
+
+
+@pytest.mark.parametrize("command", ["create", "delete"])
+def test_internal_snapshot_on_sparse_file_as_qsd(tmp_path: Path, command: str) -> None:
+    """A sparse copy of an image with a snapshot: the operation writes whole
+    refcount blocks (QEMU's cache writes clusters) and discards the clusters
+    it frees (the old snapshot table; for delete the snapshot's own clusters),
+    so the file's extents equal qsd's."""
+    qsd = require_qemu()
+    src = tmp_path / "src.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(src), "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 2M", str(src))
+    run("qemu-img", "snapshot", "-c", "s1", str(src))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 2 0 1M", str(src))
+    extents = {}
+    for kind in ("qsd", "qmpgraph"):
+        work = tmp_path / kind
+        work.mkdir()
+        image = work / "a.qcow2"
+        run("cp", "--sparse=always", str(src), str(image))
+        spec = f"driver=qcow2,node-name=q,file.driver=file,file.filename={image}"
+        daemon = LiveDaemon(kind, qsd, work, [spec])
+        try:
+            if command == "create":
+                daemon.ok("blockdev-snapshot-internal-sync", device="q", name="s2")
+            else:
+                daemon.ok("blockdev-snapshot-delete-internal-sync", device="q", name="s1")
+        finally:
+            daemon.stop()
+        extents[kind] = _extents(image)
+        run("qemu-img", "check", "-q", str(image))
+    assert extents["qmpgraph"] == extents["qsd"]
