@@ -29,9 +29,15 @@ punched after its new contents were written: the pending regions are
 discarded before each allocation (QEMU writes its cached tables back after
 discarding, with the same end result).
 
-What does not live here: the refcounts themselves (``qcow2_refcount``),
-the L1/L2 walks that free clusters (``qcow2_io``, ``qcow2_snapshot_write``,
-``qcow2_bitmaps``).
+Who records what: the data path's guest discards and unmapping zero
+writes (``qmpgraph.io.qcow2_hook`` through ``freeing``), internal snapshot
+create/delete and ``block_resize`` (recorded during the command, discarded
+when its transaction commits, since an abort puts the journaled bytes back),
+persistent bitmap removal and storing (``qcow2_bitmaps``).
+
+What does not live here: the refcounts themselves (``qcow2_refcount``,
+``qcow2_resize``), the L1/L2 walks that free clusters (``qcow2_io``,
+``qcow2_snapshot_write``, ``qcow2_resize``, ``qcow2_bitmaps``).
 """
 
 from __future__ import annotations
