@@ -19,7 +19,11 @@ bitmap, ``none`` copies nothing itself and runs until cancelled (the filter
 alone keeps the target a point-in-time copy: old-style fleecing).  Clusters
 go in tasks of up to 1 MiB cut to the source's block status extents under
 the speed limit, as block-copy's READ_WRITE method does; zero extents are
-written as zeroes.
+written as zeroes; with ``compress`` each cluster is a task of its own,
+written compressed into the qcow2 target.  A failed task leaves its
+clusters to copy; when the call's started tasks are done, on-source-error
+(a failed read) or on-target-error (a failed write) decides: report fails
+the job, stop pauses it and ignore retries (a new call from the start).
 
 When the job ends (``clean``) the filter is dropped: its parents move back
 onto the source.

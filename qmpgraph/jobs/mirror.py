@@ -12,7 +12,11 @@ and target image have different sizes"), the dirty map starts full
 (``top``) or empty (``none``); then dirty runs of chunks (at most
 ``buf-size`` bytes each) are cleared, read through the filter's ``backing``
 and written (or zeroed, where the source reads as zeros) to the target,
-until nothing is dirty: the job goes ``ready`` and keeps copying what guest
+until nothing is dirty (operations cut as mirror_iteration cuts them: whole
+chunks, data runs up to max(buf-size/16, 1 MiB), zero/discard for whole
+target clusters; a failed operation is dirty again and on-source-error or
+on-target-error decides, ``qmpgraph.jobs.policy``): the job goes ``ready``
+and keeps copying what guest
 writes dirty (``qmpgraph.io.mirror_hook``) until it is completed or
 cancelled.  A soft cancel of a ready job ends it successfully without the
 pivot (``cancel_hook``).
