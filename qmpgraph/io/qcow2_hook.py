@@ -43,6 +43,7 @@ from qmpgraph.bitmaps.registry import bitmaps_of, mark_dirty
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2_discard import DiscardType, freeing, passed_types
 from qmpgraph.drivers.qcow2_io import Extent, Qcow2Error, Qcow2Image, Status
+from qmpgraph.drivers.qcow2_read import UNALLOCATED
 from qmpgraph.drivers.qcow2_storage import WatchedFdFile
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
@@ -311,9 +312,12 @@ class Qcow2IO(IOHook):
         opened = self._images.get(node.id)
         return opened is not None and not opened.runner.idle(opened.lock)
 
-    async def _call(self, node: Node, fn: Callable[[Qcow2Image], T]) -> T:
+    async def _call(
+        self, node: Node, fn: Callable[[Qcow2Image], T], *, own_only: bool = False
+    ) -> T:
         """Run ``fn(image)``, one call per image at a time: in a worker thread,
-        or right here when the node has no backing child and the image is idle."""
+        or right here when the image is idle and the node has no backing child
+        (or ``own_only``: ``fn`` never reads through the backing chain)."""
         # The common case inline (an NBD copy makes thousands of calls): the
         # image is open, current and idle, and the node has no backing child.
         opened = self._images.get(node.id)
@@ -321,7 +325,7 @@ class Qcow2IO(IOHook):
             opened = self._image(node)
         backing = node.backing
         if (
-            (backing is None or backing.child is None)
+            (own_only or backing is None or backing.child is None)
             and not opened.runner.busy
             and not opened.lock.locked()
         ):
@@ -353,10 +357,45 @@ class Qcow2IO(IOHook):
         return await opened.runner.run(opened.lock, work)
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
-        return await self._call(node, lambda img: img.read(offset, length))
+        backing = node.backing
+        if backing is None or backing.child is None:
+            return await self._call(node, lambda img: img.read(offset, length))
+
+        def own_read(img: Qcow2Image) -> bytes | None:
+            # In the trio thread (idle image), only a range this layer holds
+            # whole is read here; None sends the read to a worker thread.
+            # An overlay export otherwise paid two thread hand-offs for every
+            # read (in-process sparse read of a half-allocated 256 MiB
+            # overlay: see tools/bench/README.md).
+            source = img.backing_source
+            inline = isinstance(source, _BackingSource) and source.inline
+            if inline and not _own_range(img, offset, length):
+                return None
+            return img.read(offset, length)
+
+        data = await self._call(node, own_read, own_only=True)
+        if data is None:
+            data = await self._call(node, lambda img: img.read(offset, length))
+        return data
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
-        await self._call(node, lambda img: img.write(offset, data))
+        backing = node.backing
+        if backing is None or backing.child is None:
+            await self._call(node, lambda img: img.write(offset, data))
+            return
+
+        def own_write(img: Qcow2Image) -> bool:
+            # As own_read: in the trio thread only a write that copies
+            # nothing from the backing chain (see _own_write).
+            source = img.backing_source
+            inline = isinstance(source, _BackingSource) and source.inline
+            if inline and not _own_write(img, offset, len(data)):
+                return False
+            img.write(offset, data)
+            return True
+
+        if not await self._call(node, own_write, own_only=True):
+            await self._call(node, lambda img: img.write(offset, data))
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
         unmap = bool(flags & REQ_MAY_UNMAP)
@@ -380,7 +419,9 @@ class Qcow2IO(IOHook):
         """This layer's cluster runs ``(kind, guest offset, length, host)`` over a range
         inside the image, backing chain left out (``qcow2_read.GuestMapping._runs``);
         with ``first_only`` just the first run."""
-        return await self._call(node, lambda img: img._runs(offset, length, first_only))
+        return await self._call(
+            node, lambda img: img._runs(offset, length, first_only), own_only=True
+        )
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
         extents = await self._call(node, lambda img: img.block_status(offset, length))
@@ -403,6 +444,30 @@ class Qcow2IO(IOHook):
             node, lambda img: img.snapshot(snap_id).block_status(offset, length)
         )
         return _first_status(extents, length, offset_valid=False)
+
+
+def _own_range(img: Qcow2Image, offset: int, length: int) -> bool:
+    """Whether reading the range needs nothing from the backing chain (a
+    range outside the image counts as own: ``read`` refuses it anyway)."""
+    if offset < 0 or length < 0 or offset + length > img.size:
+        return True
+    return all(run[0] != UNALLOCATED for run in img._runs(offset, length))
+
+
+def _own_write(img: Qcow2Image, offset: int, length: int) -> bool:
+    """Whether a write of the range copies nothing from the backing chain:
+    only a partial cluster this layer does not hold is filled from there
+    (``Qcow2Image.write``'s copy-on-write).  Outside the image: True."""
+    if offset < 0 or length < 0 or offset + length > img.size:
+        return True
+    cs = img.cluster_size
+    end = offset + length
+    for start, partial in ((offset - offset % cs, offset % cs), (end - end % cs, end % cs)):
+        if partial and start < img.size:
+            piece = min(cs, img.size - start)
+            if any(run[0] == UNALLOCATED for run in img._runs(start, piece)):
+                return False
+    return True
 
 
 def _first_status(extents: list[Extent], length: int, *, offset_valid: bool) -> tuple[int, int]:
