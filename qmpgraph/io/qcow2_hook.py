@@ -10,8 +10,10 @@ whatever driver the backing node has, its own hook serves the reads.
 The library is synchronous and not thread-safe: calls on one image run one
 at a time, in a worker thread under that image's ``trio.Lock`` (one worker
 drains the queued calls); from there, backing reads come back into trio
-with ``trio.from_thread``.  While the node has no backing child and the
-image is idle, a call runs in the trio thread itself, as file reads do.
+with ``trio.from_thread``.  While the image is idle, a call runs in the
+trio thread itself, as file reads do, when the node has no backing child or
+the call needs nothing from the backing chain (block status of this layer,
+a read of clusters it holds, a write that copies nothing from below).
 An image is dropped when its node's file descriptor was closed (the node
 went away) or when the node was reopened (its state, children or
 read-only flag changed), and rebuilt on the next request.  The library keeps no dirty
@@ -365,8 +367,7 @@ class Qcow2IO(IOHook):
             # In the trio thread (idle image), only a range this layer holds
             # whole is read here; None sends the read to a worker thread.
             # An overlay export otherwise paid two thread hand-offs for every
-            # read (in-process sparse read of a half-allocated 256 MiB
-            # overlay: see tools/bench/README.md).
+            # read (tools/bench/README.md has the figures).
             source = img.backing_source
             inline = isinstance(source, _BackingSource) and source.inline
             if inline and not _own_range(img, offset, length):
