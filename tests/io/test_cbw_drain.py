@@ -3,9 +3,9 @@ under way through it ended (QEMU drains the node first), checked live
 against qemu-storage-daemon.
 
 A raw source (1 MiB of 0x11) is exported writable; ``blockdev-backup
-sync=none`` to a throttled target (32 KiB/s) puts a copy-before-write filter
+sync=none`` to a throttled target (16 KiB/s) puts a copy-before-write filter
 under the export.  A first guest write fills the throttle bucket, so the
-copy before the second one waits about 2 s; while that write is under way the
+copy before the second one waits about 4 s; while that write is under way the
 job is cancelled (its filter goes).  The write must succeed, its data must be
 in the source and the old data it replaced in the target, exactly as with
 qsd.  Every process and tool has a timeout (``livekit.TIMEOUT``).
@@ -42,7 +42,7 @@ def _wait_no_jobs(daemon: LiveDaemon) -> None:
 
 def _session(daemon: LiveDaemon, work: Path) -> list[Any]:
     daemon.ok("blockdev-add", driver="file", node_name="src", filename="src.raw")
-    daemon.ok("object-add", qom_type="throttle-group", id="tg", limits={"bps-write": 32768})
+    daemon.ok("object-add", qom_type="throttle-group", id="tg", limits={"bps-write": 16384})
     daemon.ok(
         "blockdev-add",
         driver="throttle",
@@ -63,7 +63,7 @@ def _session(daemon: LiveDaemon, work: Path) -> list[Any]:
         text=True,
     )
     try:
-        time.sleep(0.5)  # the write is in the filter, its copy waiting for the throttle
+        time.sleep(1)  # the write is in the filter, its copy waiting for the throttle
         daemon.ok("block-job-cancel", device="j")
         _wait_no_jobs(daemon)
         out, _ = slow.communicate(timeout=TIMEOUT)
