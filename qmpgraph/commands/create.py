@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.create_qcow2 import image_writes, validate
+from qmpgraph.commands.create_qcow2 import Qcow2Layout, image_writes, validate
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
@@ -173,16 +173,32 @@ class CreateJob(Job):
                     for offset in range(start, start + length, len(chunk)):
                         _write(fd, offset, chunk[: start + length - offset])
             for data_node in data_nodes:
-                # The image's truncate to its size resizes the data file exactly;
-                # an empty one gets its first block written (allocate_first_block).
-                data_fd = _file_state(data_node).lock.fd
-                old_length = os.fstat(data_fd).st_size
-                os.ftruncate(data_fd, layout.size)
-                if old_length == 0 and layout.size > 0:
-                    os.pwrite(data_fd, bytes(512 if layout.size < 4096 else 4096), 0)
+                _size_data_file(_file_state(data_node).lock.fd, layout)
         except OSError as err:
             raise JobFailed(err.errno or errno.EIO) from err
         graph.names.generate()  # blk_new_open again, to flush
+
+
+def _size_data_file(fd: int, layout: Qcow2Layout) -> None:
+    """The data file after the image's truncate to its size.
+
+    Without preallocation it is resized exactly.  With metadata
+    preallocation, copy-on-write writes zeros from an unaligned end to the
+    cluster's end, else the file grows (only) to the size.  A file that was
+    empty gets its first block written (allocate_first_block).
+    """
+    size = layout.size
+    old_length = os.fstat(fd).st_size
+    if layout.preallocation != "off":
+        tail = size % layout.cluster_size
+        if tail:
+            _write(fd, size, bytes(layout.cluster_size - tail))
+            return
+        if old_length >= size:
+            return
+    os.ftruncate(fd, size)
+    if old_length == 0 and size > 0:
+        os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
 
 
 def _write(fd: int, offset: int, data: bytes) -> None:

@@ -48,6 +48,7 @@ class Qcow2Layout:
     data_file: str | None = None
     # metadata, falloc, full: every L2 table and data cluster allocated.
     preallocation: str = "off"
+    data_file_raw: bool = False
 
     @property
     def cluster_size(self) -> int:
@@ -116,17 +117,19 @@ def validate(
     if "data-file" in opts:
         if version < 3:
             raise GenericError(f"External data files are only supported with {_V3_HINT}")
-        if data_file_name is None or data_file_raw:
-            # data-file-raw makes QEMU preallocate the metadata, which qmpgraph cannot yet.
-            what = "data-file-raw" if data_file_raw else "data-file"
-            raise GenericError(f"qcow2 {what} in blockdev-create is not supported by qmpgraph yet")
+        if data_file_name is None:
+            raise GenericError(
+                "qcow2 data-file in blockdev-create is not supported by qmpgraph yet"
+            )
         data_file = data_file_name(opts["data-file"])
+        if data_file_raw:
+            prealloc = "metadata"  # QEMU maps the whole data file from the start
     zstd = False
     if opts.get("compression-type", "zlib") != "zlib":
         if version < 3:
             raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
         zstd = True
-    if prealloc != "off" and (extended_l2 or data_file):
+    if prealloc != "off" and (extended_l2 or (data_file and prealloc != "metadata")):
         raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
         size=size,
@@ -140,6 +143,7 @@ def validate(
         backing_fmt=opts.get("backing-fmt"),
         data_file=data_file,
         preallocation=str(prealloc),
+        data_file_raw=data_file_raw,
     )
 
 
@@ -199,6 +203,17 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
     cluster = 3 + l1_clusters
     l1 = bytearray()
     writes: list[tuple[int, bytes]] = []
+    if lay.data_file is not None:
+        # Data clusters live in the data file at their guest offsets: only
+        # the L2 tables are allocated here, one after the other.
+        for i in range(lay.l1_size):
+            count = min(entries, data_clusters - i * entries)
+            l1 += struct.pack(">Q", cluster * cs | _COPIED)
+            writes.append((cluster * cs, _l2_table(lay, i * entries, count)))
+            cluster += 1
+        head = image_bytes(lay, used=cluster)
+        head = head[: len(head) - lay.l1_size * 8] + bytes(l1)
+        return ImageWrites([(0, head), *writes], cluster * cs)
     for i in range(lay.l1_size):
         l2_cluster = cluster
         count = min(entries, data_clusters - i * entries)
@@ -289,7 +304,8 @@ def image_bytes(lay: Qcow2Layout, used: int = 0, reftable_cluster: int = 1) -> b
         l1_size, l1_offset, reftable_cluster * cs, 1, 0, 0,
     )  # fmt: skip
     if lay.version >= 3:
-        header += struct.pack(">QQQII", incompat, compat, 0, lay.refcount_order, header_len)
+        autoclear = 2 if lay.data_file_raw else 0
+        header += struct.pack(">QQQII", incompat, compat, autoclear, lay.refcount_order, header_len)
         header += bytes([1 if lay.zstd else 0])
     cluster0 = (header.ljust(header_len, b"\0") + exts + name).ljust(cs, b"\0")
     reftable = struct.pack(">Q", 2 * cs).ljust(cs, b"\0")

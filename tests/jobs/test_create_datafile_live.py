@@ -1,5 +1,6 @@
-"""blockdev-create of qcow2 images with an external data file or with
-preallocation (metadata, falloc, full), against qsd.
+"""blockdev-create of qcow2 images with an external data file (also
+data-file-raw and metadata preallocation) or with preallocation (metadata,
+falloc, full), against qsd.
 
 The same creation runs on qemu-storage-daemon and on qmpgraph, each in a
 directory of its own whose path has the same length (the header records the
@@ -31,6 +32,10 @@ CASES = [
     ({"size": 3145728, "cluster-size": 4096, "lazy-refcounts": True}, ""),
     ({"size": 1048576, "extended-l2": True, "compression-type": "zstd"}, "3000"),
     ({"size": 2097152, "backing-file": "b.qcow2", "backing-fmt": "qcow2", "refcount-bits": 1}, ""),
+    ({"size": 1048576, "data-file-raw": True}, ""),
+    ({"size": 5242880, "cluster-size": 4096, "data-file-raw": True}, "8M"),
+    ({"size": 1000448, "preallocation": "metadata"}, ""),
+    ({"size": 5243392, "cluster-size": 4096, "preallocation": "metadata"}, "8M"),
 ]
 
 
@@ -63,6 +68,7 @@ def test_create_with_data_file_matches_qsd(
     assert images[0] == images[1]
     sizes = [(os.stat(w / "a.data").st_size, os.stat(w / "a.data").st_blocks) for w in works]
     assert sizes[0] == sizes[1]
+    assert _extents(works[0] / "a.data") == _extents(works[1] / "a.data")
     image = str(works[1] / "a.qcow2")
     info = json.loads(run("qemu-img", "info", "-U", "--output=json", image))
     assert info["format-specific"]["data"]["data-file"] == str(works[1] / "a.data")
