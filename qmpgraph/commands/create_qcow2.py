@@ -188,8 +188,9 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
     holes (but the zeros copy-on-write writes after an unaligned end).
     ``falloc`` and ``full`` (``_preallocated_data``) allocate the data
     clusters in one run first.  Every cluster has refcount 1 and the
-    COPIED flag.  Only images whose clusters one refcount block covers are
-    handled here.
+    COPIED flag.  falloc and full are handled for images whose clusters one
+    refcount block covers, metadata for those one refcount table cluster
+    covers.
     """
     if lay.preallocation == "off":
         data = image_bytes(lay)
@@ -199,38 +200,69 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
     cs = lay.cluster_size
     entries = cs // 8
     data_clusters = -(-lay.size // cs)
-    l1_clusters = -(-lay.l1_size * 8 // cs)
-    cluster = 3 + l1_clusters
+    alloc = _Allocator(lay, 3 + -(-lay.l1_size * 8 // cs))
     l1 = bytearray()
     writes: list[tuple[int, bytes]] = []
-    if lay.data_file is not None:
-        # Data clusters live in the data file at their guest offsets: only
-        # the L2 tables are allocated here, one after the other.
-        for i in range(lay.l1_size):
-            count = min(entries, data_clusters - i * entries)
-            l1 += struct.pack(">Q", cluster * cs | _COPIED)
-            writes.append((cluster * cs, _l2_table(lay, i * entries, count)))
-            cluster += 1
-        head = image_bytes(lay, used=cluster)
-        head = head[: len(head) - lay.l1_size * 8] + bytes(l1)
-        return ImageWrites([(0, head), *writes], cluster * cs)
+    last_data = 0
     for i in range(lay.l1_size):
-        l2_cluster = cluster
         count = min(entries, data_clusters - i * entries)
-        l1 += struct.pack(">Q", l2_cluster * cs | _COPIED)
-        table = b"".join(
-            struct.pack(">Q", (l2_cluster + 1 + j) * cs | _COPIED) for j in range(count)
-        )
-        writes.append((l2_cluster * cs, table.ljust(cs, b"\0")))
-        cluster += 1 + count
+        l2 = alloc.run(1)
+        l1 += struct.pack(">Q", l2 * cs | _COPIED)
+        if lay.data_file is not None:
+            # Data clusters live in the data file at their guest offsets.
+            writes.append((l2 * cs, _l2_table(lay, i * entries, count)))
+            continue
+        first = alloc.run(count)
+        writes.append((l2 * cs, _l2_table(lay, first, count)))
+        last_data = first + count - 1
     tail = lay.size % cs
-    if tail:
+    if tail and lay.data_file is None:
         # The last data cluster is allocated for part of its bytes: QEMU's
         # copy-on-write fills the rest of it with (written) zeros.
-        writes.append(((cluster - 1) * cs + tail, bytes(cs - tail)))
-    head = image_bytes(lay, used=cluster)
-    head = head[: len(head) - lay.l1_size * 8] + bytes(l1)
-    return ImageWrites([(0, head), *writes], cluster * cs)
+        writes.append((last_data * cs + tail, bytes(cs - tail)))
+    total = alloc.next
+    head = bytearray(image_bytes(lay, used=min(total, alloc.per_block)))
+    head[len(head) - len(l1) :] = l1
+    for index, cluster in sorted(alloc.refblocks.items()):
+        head[cs + index * 8 : cs + index * 8 + 8] = struct.pack(">Q", cluster * cs)
+        if index:
+            used = min(alloc.per_block, total - index * alloc.per_block)
+            writes.append((cluster * cs, _refblock(lay, used)))
+    return ImageWrites([(0, bytes(head)), *writes], total * cs)
+
+
+class _Allocator:
+    """Clusters handed out one after the other, as a fresh image's allocator
+    does: a run whose clusters fall where no refcount block is yet gets one
+    at the next free cluster (alloc_refcount_block), which may itself need
+    one (it describes itself when it lies in its own range)."""
+
+    def __init__(self, lay: Qcow2Layout, first_free: int) -> None:
+        self.per_block = lay.cluster_size * 8 >> lay.refcount_order
+        self.max_blocks = lay.cluster_size // 8  # one refcount table cluster
+        self.next = first_free
+        self.refblocks = {0: 2}
+        if first_free > self.per_block:
+            raise GenericError("qcow2 images needing two refcount blocks are not supported yet")
+
+    def run(self, count: int) -> int:
+        """Allocate ``count`` clusters; the first one."""
+        start = self.next
+        self.next += count
+        for index in range(start // self.per_block, (start + count - 1) // self.per_block + 1):
+            self._refblock(index)
+        return start
+
+    def _refblock(self, index: int) -> None:
+        if index in self.refblocks:
+            return
+        if index >= self.max_blocks:
+            # QEMU would grow the refcount table: not done here.
+            raise GenericError("qcow2 images needing a larger refcount table are not supported yet")
+        cluster = self.next
+        self.next += 1
+        self.refblocks[index] = cluster
+        self._refblock(cluster // self.per_block)
 
 
 def _l2_table(lay: Qcow2Layout, first_data: int, count: int) -> bytes:
