@@ -271,22 +271,54 @@ def _l2_table(lay: Qcow2Layout, first_data: int, count: int) -> bytes:
     return b"".join(entries).ljust(cs, b"\0")
 
 
+def _refcount_blocks(clusters: int, lay: Qcow2Layout, generous: bool) -> tuple[int, int]:
+    """qcow2_refcount_metadata_size's fixed point: (refcount blocks, table clusters)
+    that count ``clusters`` clusters plus themselves."""
+    per_block = lay.cluster_size * 8 >> lay.refcount_order
+    per_table = lay.cluster_size // 8
+    blocks = table = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n, generous = 0, False
+        elif n == last:
+            return blocks, table
+
+
 def _preallocated_data(lay: Qcow2Layout) -> ImageWrites:
     """falloc/full (qcow2_co_truncate): the data clusters in one run.
 
-    After the L1 table QEMU lays a refcount area (a new one-cluster refcount
-    table, the old one freed) and the data clusters; the L2 tables are
-    allocated afterwards, the first in the freed cluster 1, the others
-    after the data.
+    After the L1 table QEMU lays a refcount area (the refcount blocks the
+    new clusters need, then a new refcount table, the old one freed) and the
+    data clusters; the L2 tables are allocated afterwards, the first in the
+    freed cluster 1, the others after the data.  Where the ways of counting
+    the area QEMU might use disagree, or the table would need more than one
+    cluster, the image is refused.
     """
     cs = lay.cluster_size
     entries = cs // 8
     data_clusters = -(-lay.size // cs)
-    reftable = 3 + -(-lay.l1_size * 8 // cs)
+    start = 3 + -(-lay.l1_size * 8 // cs)
+    counts = {
+        _refcount_blocks(start + data_clusters + extra, lay, generous)
+        for extra in (0, lay.l1_size)
+        for generous in (False, True)
+    }
+    if len(counts) != 1 or next(iter(counts))[1] != 1:
+        raise GenericError("qcow2 images needing a larger refcount table are not supported yet")
+    blocks = next(iter(counts))[0]
+    reftable = start + blocks - 1
     first_data = reftable + 1
     l2_clusters = [1] + [first_data + data_clusters + i for i in range(lay.l1_size - 1)]
     total = first_data + data_clusters + lay.l1_size - 1
-    head = bytearray(image_bytes(lay, used=total, reftable_cluster=reftable))
+    per_block = cs * 8 >> lay.refcount_order
+    if -(-total // per_block) != blocks:
+        raise GenericError("qcow2 images needing a larger refcount table are not supported yet")
+    head = bytearray(image_bytes(lay, used=min(total, per_block), reftable_cluster=reftable))
     l1 = b"".join(struct.pack(">Q", c * cs | _COPIED) for c in l2_clusters)
     head[len(head) - len(l1) :] = l1
     writes: list[tuple[int, bytes]] = []
@@ -297,9 +329,14 @@ def _preallocated_data(lay: Qcow2Layout) -> ImageWrites:
             head[cs : 2 * cs] = table
         else:
             writes.append((l2 * cs, table))
-    writes.insert(0, (reftable * cs, struct.pack(">Q", 2 * cs).ljust(cs, b"\0")))
-    writes.insert(0, (0, bytes(head)))
-    return ImageWrites(writes, total * cs, (first_data * cs, data_clusters * cs))
+    refblocks = [2] + [start + i for i in range(blocks - 1)]
+    area = [(c * cs, _refblock(lay, min(per_block, total - i * per_block)))
+            for i, c in enumerate(refblocks) if i]  # fmt: skip
+    table = b"".join(struct.pack(">Q", c * cs) for c in refblocks).ljust(cs, b"\0")
+    area.append((reftable * cs, table))
+    return ImageWrites(
+        [(0, bytes(head)), *area, *writes], total * cs, (first_data * cs, data_clusters * cs)
+    )
 
 
 def image_bytes(lay: Qcow2Layout, used: int = 0, reftable_cluster: int = 1) -> bytes:

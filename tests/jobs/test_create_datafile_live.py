@@ -89,6 +89,8 @@ PREALLOC_CASES = [
     ("falloc", {"size": 1048576}),
     ("falloc", {"size": 5242880, "cluster-size": 4096}),
     ("falloc", {"size": 1073741824, "lazy-refcounts": True}),
+    ("falloc", {"size": 4194304, "cluster-size": 512}),
+    ("full", {"size": 8388608, "cluster-size": 1024, "refcount-bits": 8}),
     ("full", {"size": 1000448}),
     ("full", {"size": 5243392, "cluster-size": 4096, "version": "v2"}),
     ("full", {"size": 2097152, "cluster-size": 16384, "refcount-bits": 8}),
