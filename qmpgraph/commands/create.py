@@ -8,7 +8,8 @@ driver's create function; its failure is the job's error (query-jobs):
 * ``file``: raw_co_create: the file is created (O_CREAT) or reused, its image
   locks checked for WRITE and RESIZE, emptied, then set to its size with the
   preallocation asked for (off, falloc, full).
-* ``qcow2``: qcow2_co_create: the ``file`` node is looked up, the options
+* ``qcow2``: qcow2_co_create: the ``file`` node is looked up (an inline
+  reference is opened for the job's duration, as is ``data-file``), the options
   checked in QEMU's order (``create_qcow2.validate``), WRITE and RESIZE taken
   on the file node through a temporary BlockBackend (so a parent that does
   not share them refuses with the permission system's message), then the
@@ -31,6 +32,7 @@ from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.filelock import ImageLock, ofd_supported
+from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
@@ -126,22 +128,37 @@ class CreateJob(Job):
             tran.abort()
 
     async def _create_qcow2(self) -> None:
+        # Nodes opened from inline references live until the image is written
+        # (bdrv_open_blockdev_ref ... bdrv_unref): this transaction is aborted.
+        temp = Transaction()
+        try:
+            await self._write_qcow2(temp)
+        finally:
+            temp.abort()
+
+    async def _write_qcow2(self, temp: Transaction) -> None:
         opts = self.options
         graph = self.daemon.graph
-        ref = opts["file"]
-        if isinstance(ref, dict):
-            raise JobFailed(errno.ENOTSUP, "inline file options are not supported by qmpgraph yet")
         data_nodes: list[Node] = []
 
+        def resolve(ref: Any) -> Node:
+            if not isinstance(ref, dict):
+                return lookup_bs(graph, str(ref), str(ref))
+            options = {"read-only": False, **ref}
+            try:
+                return open_one(TreeOpenContext(graph, temp), options, None)
+            except GenericError as err:
+                raise JobFailed(errno.EIO, err.desc) from err
+
         def data_file_name(data_ref: Any) -> str:
-            if isinstance(data_ref, dict):
-                raise GenericError("inline data-file options are not supported by qmpgraph yet")
-            data = lookup_bs(graph, str(data_ref), str(data_ref))
+            data = resolve(data_ref)
             data_nodes.append(data)
             return _file_state(data).filename
 
+        if isinstance(opts["file"], dict):
+            await self.io_point()  # opening a file is I/O: the reply goes out first
         try:
-            node = lookup_bs(graph, str(ref), str(ref))
+            node = resolve(opts["file"])
             layout = validate(opts, data_file_name)
         except GenericError as err:
             raise _fail(err) from err
