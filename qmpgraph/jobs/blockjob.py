@@ -16,7 +16,6 @@ What does not live here: the job core (``core``), job types (commands).
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.attach import OP_TYPES
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.model import Job as JobParent
+from qmpgraph.jobs import policy
 from qmpgraph.jobs.core import Job, JobTxn
 from qmpgraph.jobs.state import JobVerb, check_verb
 from qmpgraph.transactions.actions import add_root_parent, remove_root_parent
@@ -209,30 +209,13 @@ class BlockJob(Job):
     # -- errors ---------------------------------------------------------------------
 
     def error_action(self, is_read: bool, error: int) -> str:
-        """block_job_error_action: what on-error says, with BLOCK_JOB_ERROR sent.
+        """block_job_error_action with the job's one ``on-error`` policy.
 
-        Returns "ignore", "report" or "stop" (the caller pauses itself on "stop"
-        through ``user_pause``-like accounting done here).
+        Returns "ignore", "report" or "stop" (on "stop" the job is paused as
+        a user pause); the rules live in ``policy.error_action``, which
+        mirror and backup call with the policy of the failed direction.
         """
-        policy = self.on_error
-        if policy == "enospc":
-            action = "stop" if error == errno.ENOSPC else "report"
-        elif policy == "stop":
-            action = "stop"
-        elif policy == "ignore":
-            action = "ignore"
-        else:
-            action = "report"
-        if self.id is not None:
-            self.daemon.emit_event(
-                "BLOCK_JOB_ERROR",
-                {"device": self.id, "operation": "read" if is_read else "write", "action": action},
-            )
-        if action == "stop" and not self.user_paused:
-            self.user_paused = True
-            self.pause()
-            self.iostatus = "nospace" if error == errno.ENOSPC else "failed"
-        return action
+        return policy.error_action(self, self.on_error, is_read, error)
 
     def on_user_resume(self) -> None:
         """block_job_user_resume: a resumed job's I/O status is fine again."""

@@ -13,17 +13,20 @@ block_job_error_action with that policy passed in:
   the user had paused it already, and sets the job's I/O status ("nospace"
   for ENOSPC, else "failed") if it was "ok".
 
-Synchronous.  What does not live here: BlockJob's single-policy version for
-stream and commit (``blockjob.BlockJob.error_action``), the retry logic of
-each job (``mirror``, ``backup``).
+Synchronous.  BlockJob.error_action (stream, commit) calls it with its one
+``on-error`` policy.  What does not live here: the retry logic of each job
+(``mirror``, ``backup``).
 """
 
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
 
 from qmpgraph.io.request import BlockIOError
-from qmpgraph.jobs.blockjob import BlockJob
+
+if TYPE_CHECKING:
+    from qmpgraph.jobs.blockjob import BlockJob
 
 
 def error_action(job: BlockJob, policy: str, is_read: bool, error: int) -> str:
