@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpgraph.bitmaps import registry as bitmap_registry
 from qmpgraph.bitmaps.model import DirtyBitmap
+from qmpgraph.commands.reopen import ReopenQueue
 from qmpgraph.drivers.base import node_size
 from qmpgraph.drivers.open import TreeOpenContext
 from qmpgraph.drivers.open import _open_backing as open_backing
@@ -80,7 +81,7 @@ from qmpgraph.jobs.policy import error_action, io_errno
 from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
-from qmpgraph.transactions.reopen import ReopenRequest, reopen_multiple
+from qmpgraph.transactions.reopen import reopen_multiple
 
 if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
@@ -619,11 +620,12 @@ async def _allocated_above(chain: list[Node], offset: int, length: int) -> tuple
 
 
 def _set_read_only(tran: Transaction, graph: Any, node: Node, read_only: bool) -> None:
-    """bdrv_reopen_set_read_only for the target (errors ignored, as QEMU does)."""
-    flags = node.open_flags
-    new = flags & ~OpenFlag.RDWR if read_only else flags | OpenFlag.RDWR
+    """bdrv_reopen_set_read_only for the target (errors ignored, as QEMU does):
+    the node and the children that inherit from it (its file node too)."""
+    queue = ReopenQueue()
+    queue.add(node, {"read-only": read_only}, None, True)
     mark = tran.mark()
     try:
-        reopen_multiple(tran, graph, [ReopenRequest(node, int(new))])
+        reopen_multiple(tran, graph, queue.entries)
     except GenericError:
         tran.rollback_to(mark)
