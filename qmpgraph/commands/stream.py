@@ -38,6 +38,7 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import cow_child, filter_child, filter_or_cow_child, skip_filters
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
+from qmpgraph.io.cor_io import COR_IO
 from qmpgraph.io.hooks import child_read
 from qmpgraph.io.request import BlockIOError
 from qmpgraph.jobs.blockjob import BlockJob
@@ -234,9 +235,16 @@ class StreamJob(BlockJob):
                     # A read that fails fails at once (no real I/O): its
                     # events come before the reply of the command that
                     # entered the job; real I/O lets the reply go first.
-                    data = await child_read(self.copy_edge, offset, n)
-                    await self.io_point()
-                    await write_back(self.copy_edge, offset, data)
+                    if self.cor is not None:
+                        # stream_populate: a prefetch read through the filter,
+                        # whose copy is the driver's own write (no dirty
+                        # bitmap of the top sees it, as in QEMU).
+                        await COR_IO.populate(self.cor, offset, n)
+                        await self.io_point()
+                    else:
+                        data = await child_read(self.copy_edge, offset, n)
+                        await self.io_point()
+                        await write_back(self.copy_edge, offset, data)
             except (BlockIOError, OSError) as exc:
                 code = exc.errno or errno.EIO
                 action = self.error_action(True, code)
