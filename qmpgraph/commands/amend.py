@@ -12,8 +12,11 @@ the job concludes; ``encrypt`` on an image that is not encrypted fails the
 job ("image is not encrypted, can't amend"), as does a format change away
 from (or an image not using) LUKS encryption.
 
+luks (block_crypto_co_amend_luks): the key slots are added or erased by
+``qmpgraph.drivers.luks_amend``.
+
 Not implemented (refused before the job with a qmpgraph message): changing
-LUKS key slots, of a qcow2 image encrypted with LUKS or of a luks node.
+the LUKS key slots of a qcow2 image encrypted with LUKS.
 
 What does not live here: the job core (``qmpgraph.jobs.core``).
 """
@@ -26,10 +29,12 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
+from qmpgraph.drivers.luks_amend import amend_luks_node
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.jobs.core import Job, JobFailed
+from qmpgraph.objects import tree_for
 from qmpgraph.transactions.actions import ref_node, unref_node
 
 # qcow2's crypt_method header values.
@@ -44,10 +49,18 @@ class AmendJob(Job):
 
     job_type = "amend"
 
-    def __init__(self, ctx: CommandContext, job_id: str, node: Node, options: dict[str, Any]):
+    def __init__(
+        self,
+        ctx: CommandContext,
+        job_id: str,
+        node: Node,
+        options: dict[str, Any],
+        force: bool = False,
+    ):
         super().__init__(ctx.daemon, job_id, auto_dismiss=False)
         self.node = node
         self.options = options
+        self.force = force
         self.holds = False
 
     def hold(self) -> None:
@@ -60,7 +73,11 @@ class AmendJob(Job):
         """blockdev_amend_run."""
         self.progress_set_remaining(1)
         try:
-            _qcow2_amend(self.node, self.options)
+            if self.node.format_name == "luks":
+                tree = tree_for(self.daemon.graph)
+                await amend_luks_node(tree, self.node, self.options, self.force)
+            else:
+                _qcow2_amend(self.node, self.options)
         finally:
             self.progress_update(1)
 
@@ -104,12 +121,12 @@ def x_blockdev_amend(ctx: CommandContext, args: dict[str, Any]) -> None:
     if driver not in ("qcow2", "luks"):
         raise GenericError("Driver does not support x-blockdev-amend")
     encrypt = options.get("encrypt")
-    if driver == "luks" or (
+    if (
         encrypt is not None
         and encrypt.get("format") == "luks"
         and _crypt_method(node) == CRYPT_LUKS
     ):
         raise GenericError(NOT_YET)
-    job = AmendJob(ctx, str(args["job-id"]), node, options)
+    job = AmendJob(ctx, str(args["job-id"]), node, options, bool(args.get("force", False)))
     job.hold()
     job.start()

@@ -84,6 +84,8 @@ class LuksState:
 
     header: LuksHeader
     size: int
+    # The key-secret the node was opened with (amend unlocks with it).
+    secret: str | None = None
 
 
 def _cstr(raw: bytes) -> str:
@@ -150,31 +152,32 @@ def parse_header(raw: bytes) -> LuksHeader:
     )  # fmt: skip
 
 
+def load_key(header: LuksHeader, slot: KeySlot, password: str, material: bytes) -> bytes | None:
+    """The master key if ``password`` opens ``slot`` (its ``material`` read), else None."""
+    slot_key = hashlib.pbkdf2_hmac(
+        header.hash_spec, password.encode(), slot.salt, slot.iterations, header.master_key_len
+    )
+    try:
+        split = luks_crypto.decrypt_sectors(
+            header.cipher_name, header.cipher_mode, header.ivgen, slot_key, material
+        )
+    except luks_crypto.Unsupported as exc:
+        raise GenericError(f"qmpgraph cannot unlock this LUKS volume: {exc}") from None
+    master = luks_crypto.af_merge(header.hash_spec, header.master_key_len, slot.stripes, split)
+    digest = hashlib.pbkdf2_hmac(
+        header.hash_spec, master, header.master_key_salt, header.master_key_iterations, _DIGEST_LEN
+    )
+    return master if digest == header.master_key_digest else None
+
+
 def _unlock(node: Node, header: LuksHeader, password: str, read: Any) -> bool:
     """Whether ``password`` opens one active key slot (QEMU's find_key)."""
     for slot in header.slots:
         if slot.active != _SLOT_ENABLED:
             continue
-        slot_key = hashlib.pbkdf2_hmac(
-            header.hash_spec, password.encode(), slot.salt, slot.iterations, header.master_key_len
-        )
         length = header.master_key_len * slot.stripes
         material = read(node, slot.key_offset_sector * _SECTOR, length)
-        try:
-            split = luks_crypto.decrypt_sectors(
-                header.cipher_name, header.cipher_mode, header.ivgen, slot_key, material
-            )
-        except luks_crypto.Unsupported as exc:
-            raise GenericError(f"qmpgraph cannot unlock this LUKS volume: {exc}") from None
-        master = luks_crypto.af_merge(header.hash_spec, header.master_key_len, slot.stripes, split)
-        digest = hashlib.pbkdf2_hmac(
-            header.hash_spec,
-            master,
-            header.master_key_salt,
-            header.master_key_iterations,
-            _DIGEST_LEN,
-        )
-        if digest == header.master_key_digest:
+        if load_key(header, slot, password, material) is not None:
             return True
     return False
 
@@ -208,7 +211,8 @@ class Luks(Driver):
             raise GenericError("Invalid password, cannot unlock any keyslot")
         payload = header.payload_offset_sector * _SECTOR
         size = max(child.driver.size(child) - payload, 0)
-        node.state = LuksState(header, size)
+        secret = options.get("key-secret")
+        node.state = LuksState(header, size, None if secret is None else str(secret))
 
     def adjust_default_perms(
         self, node: Node, perm: int, shared: int, nperm: int, nshared: int

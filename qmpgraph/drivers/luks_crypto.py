@@ -1,6 +1,6 @@
-"""What unlocking a LUKS1 key slot needs, in pure Python: AES, XTS/CBC/ECB
-decryption by 512-byte sectors with plain/plain64 IVs, and the
-anti-forensic merge.
+"""What unlocking and storing a LUKS1 key slot needs, in pure Python: AES,
+XTS/CBC/ECB encryption and decryption by 512-byte sectors with
+plain/plain64 IVs, and the anti-forensic merge and split.
 
 Only the key material (a few hundred KiB) is ever decrypted, once per
 open, so a table-driven AES is fast enough; PBKDF2 comes from ``hashlib``.
@@ -172,17 +172,65 @@ def decrypt_sectors(cipher: str, mode: str, ivgen: str, key: bytes, data: bytes)
     raise Unsupported(f"mode {mode}")
 
 
-def af_merge(hash_name: str, blocklen: int, stripes: int, split: bytes) -> bytes:
-    """The anti-forensic merge: XOR and diffuse every stripe but the last."""
+def encrypt_sectors(cipher: str, mode: str, ivgen: str, key: bytes, data: bytes) -> bytes:
+    """Encrypt ``data`` as consecutive 512-byte sectors numbered from 0."""
+    if cipher != "aes":
+        raise Unsupported(f"cipher {cipher}")
+    out = bytearray()
+    if mode == "xts":
+        half = len(key) // 2
+        data_key, tweak_key = AES(key[:half]), AES(key[half:])
+        for start in range(0, len(data), _SECTOR):
+            tweak = int.from_bytes(tweak_key.encrypt_block(_iv(start // _SECTOR, ivgen)), "little")
+            for off in range(start, min(start + _SECTOR, len(data)), 16):
+                t = tweak.to_bytes(16, "little")
+                out += _xor(data_key.encrypt_block(_xor(data[off : off + 16], t)), t)
+                tweak <<= 1
+                if tweak >> 128:
+                    tweak = (tweak & (2**128 - 1)) ^ 0x87
+        return bytes(out)
+    aes = AES(key)
+    if mode == "ecb":
+        for off in range(0, len(data), 16):
+            out += aes.encrypt_block(data[off : off + 16])
+        return bytes(out)
+    if mode == "cbc":
+        for start in range(0, len(data), _SECTOR):
+            prev = _iv(start // _SECTOR, ivgen)
+            for off in range(start, min(start + _SECTOR, len(data)), 16):
+                prev = aes.encrypt_block(_xor(data[off : off + 16], prev))
+                out += prev
+        return bytes(out)
+    raise Unsupported(f"mode {mode}")
+
+
+def _diffuse(hash_name: str, block: bytes) -> bytes:
     digest_len = hashlib.new(hash_name).digest_size
+    diffused = bytearray()
+    for j in range(0, len(block), digest_len):
+        piece = block[j : j + digest_len]
+        h = hashlib.new(hash_name, (j // digest_len).to_bytes(4, "big") + piece).digest()
+        diffused += h[: len(piece)]
+    return bytes(diffused)
+
+
+def af_split(hash_name: str, master: bytes, stripes: int, random: bytes) -> bytes:
+    """The anti-forensic split of ``master`` into ``stripes`` blocks.
+
+    ``random`` gives the first ``stripes - 1`` blocks; the last one is
+    chosen so that ``af_merge`` gives ``master`` back.
+    """
+    blocklen = len(master)
     block = bytes(blocklen)
     for i in range(stripes - 1):
-        block = _xor(block, split[i * blocklen : (i + 1) * blocklen])
-        diffused = bytearray()
-        for j in range(0, blocklen, digest_len):
-            piece = block[j : j + digest_len]
-            h = hashlib.new(hash_name, (j // digest_len).to_bytes(4, "big") + piece).digest()
-            diffused += h[: len(piece)]
-        block = bytes(diffused)
+        block = _diffuse(hash_name, _xor(block, random[i * blocklen : (i + 1) * blocklen]))
+    return random[: (stripes - 1) * blocklen] + _xor(block, master)
+
+
+def af_merge(hash_name: str, blocklen: int, stripes: int, split: bytes) -> bytes:
+    """The anti-forensic merge: XOR and diffuse every stripe but the last."""
+    block = bytes(blocklen)
+    for i in range(stripes - 1):
+        block = _diffuse(hash_name, _xor(block, split[i * blocklen : (i + 1) * blocklen]))
     last = split[(stripes - 1) * blocklen : stripes * blocklen]
     return _xor(block, last)
