@@ -12,8 +12,11 @@ the job concludes; ``encrypt`` on an image that is not encrypted fails the
 job ("image is not encrypted, can't amend"), as does a format change away
 from (or an image not using) LUKS encryption.
 
-luks (block_crypto_co_amend_luks): the key slots are added or erased by
-``qmpgraph.drivers.luks_amend``.
+luks (block_crypto_co_amend_luks): before the job starts, the node takes
+exclusive write access to its file (a refusal fails the command, the job
+created and gone again); the key slots are added or erased by
+``qmpgraph.drivers.luks_amend``; the access is given back when the job is
+cleaned.
 
 Not implemented (refused before the job with a qmpgraph message): changing
 the LUKS key slots of a qcow2 image encrypted with LUKS.
@@ -29,9 +32,9 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
-from qmpgraph.drivers.luks_amend import amend_luks_node
+from qmpgraph.drivers.luks_amend import amend_luks_node, set_updating_keys
 from qmpgraph.drivers.qcow2 import Qcow2State
-from qmpgraph.errors import GenericError
+from qmpgraph.errors import GenericError, QMPError
 from qmpgraph.graph.model import Node
 from qmpgraph.jobs.core import Job, JobFailed
 from qmpgraph.objects import tree_for
@@ -75,11 +78,16 @@ class AmendJob(Job):
         try:
             if self.node.format_name == "luks":
                 tree = tree_for(self.daemon.graph)
-                await amend_luks_node(tree, self.node, self.options, self.force)
+                await amend_luks_node(tree, self.node, self.options, self.force, self.io_point)
             else:
                 _qcow2_amend(self.node, self.options)
         finally:
             self.progress_update(1)
+
+    def clean(self) -> None:
+        """blockdev_amend_clean: the driver gives back its update permissions."""
+        if self.node.format_name == "luks":
+            set_updating_keys(self.daemon, self.node, False)
 
     def free(self) -> None:
         """blockdev_amend_free: drop the node reference."""
@@ -129,4 +137,12 @@ def x_blockdev_amend(ctx: CommandContext, args: dict[str, Any]) -> None:
         raise GenericError(NOT_YET)
     job = AmendJob(ctx, str(args["job-id"]), node, options, bool(args.get("force", False)))
     job.hold()
+    if driver == "luks":
+        # blockdev_amend_pre_run (block_crypto_amend_prepare): the write
+        # permission for the update is taken before the job starts.
+        try:
+            set_updating_keys(daemon, node, True)
+        except QMPError:
+            job.early_fail()
+            raise
     job.start()

@@ -13,7 +13,9 @@ the file's size minus the payload offset.
 
 Permissions: the default rule for an IMAGE child, then WRITE and RESIZE are
 taken only when the parents take them, and shared whenever the parents
-share them (crypto's own rule, probed on 7.2).
+share them (crypto's own rule, probed on 7.2); while an amend job updates
+the key slots (``updating_keys``), WRITE is taken and CONSISTENT_READ and
+WRITE are not shared.
 
 Not modelled: ESSIV and non-AES ciphers cannot be unlocked here (the open
 is refused with a qmpgraph message), and the data path.
@@ -86,6 +88,8 @@ class LuksState:
     size: int
     # The key-secret the node was opened with (amend unlocks with it).
     secret: str | None = None
+    # During x-blockdev-amend: exclusive write access to the header.
+    updating_keys: bool = False
 
 
 def _cstr(raw: bytes) -> str:
@@ -217,11 +221,16 @@ class Luks(Driver):
     def adjust_default_perms(
         self, node: Node, perm: int, shared: int, nperm: int, nshared: int
     ) -> tuple[int, int]:
-        """WRITE/RESIZE taken and shared only as the parents do."""
-        del node
+        """WRITE/RESIZE taken and shared only as the parents do; while key
+        slots are updated, WRITE is taken and neither CONSISTENT_READ nor
+        WRITE shared (block_crypto_child_perms with updating_keys)."""
         both = Perm.WRITE | Perm.RESIZE
         nshared |= shared & both
         nperm = (nperm & ~both) | (perm & both)
+        state = node.state
+        if isinstance(state, LuksState) and state.updating_keys:
+            nperm |= Perm.WRITE
+            nshared &= ~(Perm.CONSISTENT_READ | Perm.WRITE)
         return int(nperm), int(nshared)
 
     def read(self, node: Node, offset: int, length: int) -> bytes:

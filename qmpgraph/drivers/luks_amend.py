@@ -17,11 +17,15 @@ second, so the number differs from run to run there too; here the rate is
 measured once per hash per process (on a shorter sample), then scaled the
 same way (at least 1000).
 
+Permissions (block_crypto_amend_prepare/cleanup, run before the job starts
+and when it is cleaned): ``set_updating_keys`` flips the node's
+``updating_keys`` and refreshes the permissions below it, so a read-only
+node or another user of ``file`` that needs consistent reads refuses the
+command.
+
 What does not live here: the job (``qmpgraph.commands.amend``), opening
 and the header parser (``qmpgraph.drivers.luks``), the ciphers
-(``qmpgraph.drivers.luks_crypto``).  Not modelled: the WRITE permission
-QEMU takes on ``file`` for the update (bdrv_child_refresh_perms with
-updating_keys); the material is written straight to the file node.
+(``qmpgraph.drivers.luks_crypto``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import hashlib
 import os
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -50,6 +55,7 @@ from qmpgraph.io.hooks import hook_of
 from qmpgraph.jobs.core import JobFailed
 from qmpgraph.objects.qom import ObjectTree
 from qmpgraph.objects.secret import lookup_secret_utf8
+from qmpgraph.transactions.refresh import refresh_subtrees
 
 NUM_SLOTS = 8
 SLOT_ENABLED = 0x00AC71F3
@@ -102,6 +108,24 @@ def slot_iterations(hash_name: str, key_len: int, iter_time: int) -> int:
     return max(iters, MIN_SLOT_ITERS)
 
 
+def set_updating_keys(daemon: Any, node: Node, on: bool) -> None:
+    """Flip ``updating_keys`` and refresh the permissions of ``node``'s subtree.
+
+    Turning it on may fail (the error propagates, the flag is back off);
+    turning it off never fails (QEMU ignores the error there).
+    """
+    state = node.state
+    assert isinstance(state, LuksState)
+    node.state = dataclasses.replace(state, updating_keys=on)
+    try:
+        with daemon.graph_transaction("luks-updating-keys", {"node": node.node_name}) as tran:
+            refresh_subtrees(tran, daemon.graph, [node])
+    except QMPError:
+        node.state = dataclasses.replace(node.state, updating_keys=False)
+        if on:
+            raise
+
+
 def _secret(tree: ObjectTree, secret_id: str) -> str:
     try:
         return lookup_secret_utf8(tree, secret_id)
@@ -110,16 +134,29 @@ def _secret(tree: ObjectTree, secret_id: str) -> str:
 
 
 class _Io:
-    """Reads and writes of the LUKS area of the ``file`` node."""
+    """Reads and writes of the LUKS area of the ``file`` node.
 
-    def __init__(self, file_node: Node, base: int = 0) -> None:
+    ``io_point`` (the job's) comes before each of QEMU's reads and writes:
+    the command's reply goes out before the job's first I/O, as in QEMU.
+    """
+
+    def __init__(
+        self, file_node: Node, io_point: Callable[[], Awaitable[None]], base: int = 0
+    ) -> None:
         self.node = file_node
+        self.io_point = io_point
         self.base = base
 
+    async def header(self, length: int) -> bytes:
+        """The header as it is (QEMU keeps it in memory: no I/O point)."""
+        return await hook_of(self.node).read(self.node, self.base, length)
+
     async def read(self, offset: int, length: int) -> bytes:
+        await self.io_point()
         return await hook_of(self.node).read(self.node, self.base + offset, length)
 
     async def write(self, offset: int, data: bytes) -> None:
+        await self.io_point()
         await hook_of(self.node).write(self.node, self.base + offset, data, 0)
 
 
@@ -277,15 +314,19 @@ async def _erase_keyslots(
 
 
 async def amend_luks_node(
-    tree: ObjectTree, node: Node, options: dict[str, Any], force: bool
+    tree: ObjectTree,
+    node: Node,
+    options: dict[str, Any],
+    force: bool,
+    io_point: Callable[[], Awaitable[None]],
 ) -> None:
     """block_crypto_co_amend_luks: amend the key slots of luks node ``node``."""
     state = node.state
     assert isinstance(state, LuksState)
     file_edge = node.file
     assert file_edge is not None and file_edge.child is not None
-    io = _Io(file_edge.child)
-    raw = bytearray(await io.read(0, _HEADER_LEN))
+    io = _Io(file_edge.child, io_point)
+    raw = bytearray(await io.header(_HEADER_LEN))
     header = parse_header(bytes(raw))
     opts = dict(options, _force=force)
     if opts.get("state") == "active":
