@@ -16,6 +16,9 @@ driver's create function; its failure is the job's error (query-jobs):
   image written through the node's descriptor as QEMU leaves it
   (``create_qcow2.image_writes``, equal to ``qemu-img create``'s bytes).  QEMU
   opens the new image twice, which takes two automatic node names.
+* ``luks``: block_crypto_co_create_luks: the ``file`` node (or inline
+  reference), WRITE and RESIZE taken as for qcow2, then the LUKS1 volume
+  (``qmpgraph.drivers.luks_create``).
 
 What does not live here: the job core (``qmpgraph.jobs``).
 """
@@ -32,19 +35,21 @@ from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.filelock import ImageLock, ofd_supported
+from qmpgraph.drivers.luks_create import write_volume
 from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
 from qmpgraph.jobs.core import Job, JobFailed
+from qmpgraph.objects import tree_for
 from qmpgraph.transactions.actions import add_root_parent
 from qmpgraph.transactions.composite import root_attach
 from qmpgraph.transactions.engine import Transaction
 
-_CREATORS = frozenset({"file", "qcow2"})
+_CREATORS = frozenset({"file", "qcow2", "luks"})
 # Drivers of 7.2's BlockdevCreateOptions that have a create function qmpgraph lacks.
 _NOT_YET = frozenset(
-    {"luks", "gluster", "nfs", "parallels", "qcow", "qed", "rbd", "ssh", "vdi", "vhdx", "vmdk",
+    {"gluster", "nfs", "parallels", "qcow", "qed", "rbd", "ssh", "vdi", "vhdx", "vmdk",
      "vpc"}
 )  # fmt: skip
 
@@ -104,6 +109,8 @@ class CreateJob(Job):
                     )
                 finally:
                     lock.close()
+            elif self.options["driver"] == "luks":
+                await self._create_luks()
             else:
                 await self._create_qcow2()
         finally:
@@ -126,6 +133,30 @@ class CreateJob(Job):
             )  # fmt: skip
         finally:
             tran.abort()
+
+    async def _create_luks(self) -> None:
+        """block_crypto_co_create_luks: the file node, WRITE and RESIZE on it, the volume."""
+        graph = self.daemon.graph
+        temp = Transaction()
+        try:
+            ref = self.options["file"]
+            if isinstance(ref, dict):
+                await self.io_point()
+            try:
+                if isinstance(ref, dict):
+                    node = open_one(TreeOpenContext(graph, temp), {"read-only": False, **ref}, None)
+                else:
+                    node = lookup_bs(graph, str(ref), str(ref))
+            except GenericError as err:
+                raise JobFailed(errno.EIO, err.desc) from err
+            try:
+                self._take_file(node)
+            except GenericError as err:
+                raise JobFailed(errno.EPERM, err.desc) from err
+            await self.io_point()
+            await write_volume(tree_for(graph), node, self.options)
+        finally:
+            temp.abort()
 
     async def _create_qcow2(self) -> None:
         # Nodes opened from inline references live until the image is written

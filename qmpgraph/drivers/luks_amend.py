@@ -197,7 +197,7 @@ def _with_slot(header: LuksHeader, index: int, slot: KeySlot) -> LuksHeader:
     return dataclasses.replace(header, slots=tuple(slots))
 
 
-def _slot_material(
+def slot_material(
     header: LuksHeader, slot: KeySlot, password: str, master: bytes, iter_time: int
 ) -> tuple[KeySlot, bytes]:
     """qcrypto_block_luks_store_key's computation: the new slot and its material."""
@@ -246,7 +246,7 @@ async def _add_keyslot(
     master = await _find_key(io, header, old_password)
     new_password = _secret(tree, str(opts["new-secret"]))
     slot, material = await trio.to_thread.run_sync(
-        _slot_material, header, header.slots[keyslot], new_password, master, iter_time
+        slot_material, header, header.slots[keyslot], new_password, master, iter_time
     )
     await io.write(slot.key_offset_sector * SECTOR, material)
     return _with_slot(header, keyslot, slot)
