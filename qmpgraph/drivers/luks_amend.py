@@ -23,6 +23,9 @@ and when it is cleaned): ``set_updating_keys`` flips the node's
 node or another user of ``file`` that needs consistent reads refuses the
 command.
 
+Not modelled: the header and key material are written straight through
+the file node's I/O hook, so dirty bitmaps on that node are not marked.
+
 What does not live here: the job (``qmpgraph.commands.amend``), opening
 and the header parser (``qmpgraph.drivers.luks``), the ciphers
 (``qmpgraph.drivers.luks_crypto``).
