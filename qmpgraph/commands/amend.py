@@ -15,7 +15,7 @@ from (or an image not using) LUKS encryption.
 luks (block_crypto_co_amend_luks): before the job starts, the node takes
 exclusive write access to its file (a refusal fails the command, the job
 created and gone again); the key slots are added or erased by
-``qmpgraph.drivers.luks_amend``; the access is given back when the job is
+``qmpgraph.io.luks_amend``; the access is given back when the job is
 cleaned.
 
 Not implemented (refused before the job with a qmpgraph message): changing
@@ -32,10 +32,10 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
-from qmpgraph.drivers.luks_amend import amend_luks_node, set_updating_keys
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.errors import GenericError, QMPError
 from qmpgraph.graph.model import Node
+from qmpgraph.io.luks_amend import amend_luks_node, set_updating_keys
 from qmpgraph.jobs.core import Job, JobFailed
 from qmpgraph.objects import tree_for
 from qmpgraph.transactions.actions import ref_node, unref_node

@@ -18,7 +18,7 @@ driver's create function; its failure is the job's error (query-jobs):
   opens the new image twice, which takes two automatic node names.
 * ``luks``: block_crypto_co_create_luks: the ``file`` node (or inline
   reference), WRITE and RESIZE taken as for qcow2, then the LUKS1 volume
-  (``qmpgraph.drivers.luks_create``).
+  (``qmpgraph.io.luks_create``).
 
 What does not live here: the job core (``qmpgraph.jobs``).
 """
@@ -35,11 +35,11 @@ from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.filelock import ImageLock, ofd_supported
-from qmpgraph.drivers.luks_create import write_volume
 from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
+from qmpgraph.io.luks_create import write_volume
 from qmpgraph.jobs.core import Job, JobFailed
 from qmpgraph.objects import tree_for
 from qmpgraph.transactions.actions import add_root_parent

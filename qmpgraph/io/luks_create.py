@@ -33,7 +33,9 @@ import trio
 
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.luks import KeySlot, LuksHeader
-from qmpgraph.drivers.luks_amend import (
+from qmpgraph.errors import QMPError
+from qmpgraph.graph.model import Node
+from qmpgraph.io.luks_amend import (
     NUM_SLOTS,
     SALT_LEN,
     SECTOR,
@@ -41,8 +43,6 @@ from qmpgraph.drivers.luks_amend import (
     iterations_per_second,
     slot_material,
 )
-from qmpgraph.errors import QMPError
-from qmpgraph.graph.model import Node
 from qmpgraph.jobs.core import JobFailed
 from qmpgraph.objects.qom import ObjectTree
 from qmpgraph.objects.secret import lookup_secret_utf8
