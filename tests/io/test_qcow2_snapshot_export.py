@@ -182,7 +182,14 @@ def test_writes_refused_and_exported_snapshot_kept(image_daemon: tuple[LiveDaemo
         capture_output=True, text=True, timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert "write failed: Operation not supported" in res.stdout + res.stderr
-    daemon.ok("block-export-del", id="e")
+    for _ in range(100):
+        # qemu-io has exited, but the daemon may not have seen its hang-up yet
+        # (either daemon: the check is "clients still connected").
+        reply = daemon.qmp("block-export-del", id="e")
+        if "error" not in reply or "still in use" not in reply["error"]["desc"]:
+            break
+        time.sleep(0.02)
+    assert "return" in reply, reply
     for _ in range(100):  # the export goes away once its clients did
         if not daemon.ok("query-block-exports"):
             break
