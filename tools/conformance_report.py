@@ -133,7 +133,15 @@ def run_scripts(qsd: str, jobs: int = 8) -> dict[str, bool]:
     paths = script_paths()
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="conformance") as pool:
         futures = {p.name: pool.submit(run_differential, load_script(p), qsd) for p in paths}
-        return {name: f.result().equal for name, f in futures.items()}
+        passed = {name: f.result().equal for name, f in futures.items()}
+    # Running many scripts at once (two daemons each) loads the machine far
+    # more than the test suite does, and the job scripts compare where events
+    # fall against replies: a script that differs here is judged by a run of
+    # its own, as tests/differential/test_scripts.py runs it.
+    for path in paths:
+        if not passed[path.name]:
+            passed[path.name] = run_differential(load_script(path), qsd).equal
+    return passed
 
 
 def render(table: list[Row], passed: Mapping[str, bool] | None = None) -> str:
