@@ -139,23 +139,30 @@ def _iv(sector: int, ivgen: str) -> bytes:
     raise Unsupported(f"IV generator {ivgen}")
 
 
+def _xts(key: bytes, ivgen: str, data: bytes, *, decrypt: bool) -> bytes:
+    """XTS over consecutive 512-byte sectors (the tweak is the sector's IV)."""
+    half = len(key) // 2
+    data_key, tweak_key = AES(key[:half]), AES(key[half:])
+    block = data_key.decrypt_block if decrypt else data_key.encrypt_block
+    out = bytearray()
+    for start in range(0, len(data), _SECTOR):
+        tweak = int.from_bytes(tweak_key.encrypt_block(_iv(start // _SECTOR, ivgen)), "little")
+        for off in range(start, min(start + _SECTOR, len(data)), 16):
+            t = tweak.to_bytes(16, "little")
+            out += _xor(block(_xor(data[off : off + 16], t)), t)
+            tweak <<= 1
+            if tweak >> 128:
+                tweak = (tweak & (2**128 - 1)) ^ 0x87
+    return bytes(out)
+
+
 def decrypt_sectors(cipher: str, mode: str, ivgen: str, key: bytes, data: bytes) -> bytes:
     """Decrypt ``data`` as consecutive 512-byte sectors numbered from 0."""
     if cipher != "aes":
         raise Unsupported(f"cipher {cipher}")
     out = bytearray()
     if mode == "xts":
-        half = len(key) // 2
-        data_key, tweak_key = AES(key[:half]), AES(key[half:])
-        for start in range(0, len(data), _SECTOR):
-            tweak = int.from_bytes(tweak_key.encrypt_block(_iv(start // _SECTOR, ivgen)), "little")
-            for off in range(start, min(start + _SECTOR, len(data)), 16):
-                t = tweak.to_bytes(16, "little")
-                out += _xor(data_key.decrypt_block(_xor(data[off : off + 16], t)), t)
-                tweak <<= 1
-                if tweak >> 128:
-                    tweak = (tweak & (2**128 - 1)) ^ 0x87
-        return bytes(out)
+        return _xts(key, ivgen, data, decrypt=True)
     aes = AES(key)
     if mode == "ecb":
         for off in range(0, len(data), 16):
@@ -178,17 +185,7 @@ def encrypt_sectors(cipher: str, mode: str, ivgen: str, key: bytes, data: bytes)
         raise Unsupported(f"cipher {cipher}")
     out = bytearray()
     if mode == "xts":
-        half = len(key) // 2
-        data_key, tweak_key = AES(key[:half]), AES(key[half:])
-        for start in range(0, len(data), _SECTOR):
-            tweak = int.from_bytes(tweak_key.encrypt_block(_iv(start // _SECTOR, ivgen)), "little")
-            for off in range(start, min(start + _SECTOR, len(data)), 16):
-                t = tweak.to_bytes(16, "little")
-                out += _xor(data_key.encrypt_block(_xor(data[off : off + 16], t)), t)
-                tweak <<= 1
-                if tweak >> 128:
-                    tweak = (tweak & (2**128 - 1)) ^ 0x87
-        return bytes(out)
+        return _xts(key, ivgen, data, decrypt=False)
     aes = AES(key)
     if mode == "ecb":
         for off in range(0, len(data), 16):
