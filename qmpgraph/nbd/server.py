@@ -556,21 +556,25 @@ class ServerConnection:
         """Success without payload (write, flush, trim, write zeroes, cache)."""
         return wire.simple_reply(cookie, 0)
 
-    def reply_read(self, cookie: int, offset: int, pieces: list[bytes | int]) -> list[bytes]:
+    def reply_read(
+        self, cookie: int, offset: int, pieces: list[bytes | int], *, done: bool = True
+    ) -> list[bytes]:
         """A read's answer: ``pieces`` are data buffers or hole lengths, in order.
 
         Without structured replies the holes become zeros in one simple reply.
+        With ``done=False`` (structured only) no chunk carries the DONE flag:
+        more follow, e.g. an error chunk.
         """
         if not self.structured:
             out = [wire.simple_reply(cookie, 0)]
             out.extend(p if isinstance(p, bytes) else bytes(p) for p in pieces)
             return out
         if not pieces:
-            return [wire.done_chunk(cookie)]
+            return [wire.done_chunk(cookie)] if done else []
         out = []
         pos = offset
         for i, piece in enumerate(pieces):
-            final = i == len(pieces) - 1
+            final = done and i == len(pieces) - 1
             if isinstance(piece, int):
                 out.append(wire.hole_chunk(cookie, pos, piece, final=final))
                 pos += piece

@@ -319,20 +319,6 @@ class _HangUp(Exception):
         self.reason = reason
 
 
-def _open_chunks(cookie: int, offset: int, pieces: list[bytes | int]) -> list[bytes]:
-    """A structured read's chunks without the DONE flag (more follow)."""
-    out: list[bytes] = []
-    pos = offset
-    for piece in pieces:
-        if isinstance(piece, int):
-            out.append(wire.hole_chunk(cookie, pos, piece, final=False))
-            pos += piece
-        else:
-            out.extend(wire.data_chunk(cookie, pos, piece, final=False))
-            pos += len(piece)
-    return out
-
-
 async def _read(conn: ServerConnection, io: BackendIO, req: Request) -> list[bytes]:
     if req.flags & c.CMD_FLAG_FUA:
         try:
@@ -358,7 +344,7 @@ async def _sparse_read(conn: ServerConnection, io: BackendIO, req: Request) -> l
         except BlockIOError as err:
             # The chunks so far, then an error chunk ends the reply.
             text = f"unable to check for holes: {os.strerror(err.errno)}"
-            out = _open_chunks(req.cookie, req.offset, pieces)
+            out = conn.reply_read(req.cookie, req.offset, pieces, done=False)
             out.append(conn.reply_error(req.cookie, c.nbd_errno(err.errno), text))
             return out
         if flags & ZERO:
@@ -368,7 +354,7 @@ async def _sparse_read(conn: ServerConnection, io: BackendIO, req: Request) -> l
                 pieces.append(await io.read(pos, pnum))
             except BlockIOError as err:
                 reason = f"reading from file failed: {os.strerror(err.errno)}"
-                chunks = _open_chunks(req.cookie, req.offset, pieces)
+                chunks = conn.reply_read(req.cookie, req.offset, pieces, done=False)
                 raise _HangUp(chunks, f"Failed to send reply: {reason}") from err
         pos += pnum
     return conn.reply_read(req.cookie, req.offset, pieces)
