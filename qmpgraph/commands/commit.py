@@ -38,6 +38,7 @@ from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.mirror import root_bs
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs, truncate
+from qmpgraph.commands.snapshot import reopen_read_only
 from qmpgraph.commands.stream import (
     blocked,
     chain_contains,
@@ -47,7 +48,6 @@ from qmpgraph.commands.stream import (
     freeze_chain,
     image_filename,
     next_in_chain,
-    reopen_set_read_only,
     restore_read_only,
     unfreeze_chain,
 )
@@ -248,7 +248,7 @@ def commit_start(
         try:
             if base.read_only:
                 # The base becomes writable for the job (commit_start).
-                reopen_set_read_only(tran, graph, base, False)
+                reopen_read_only(tran, graph, base, False)
                 job.base_read_only = True
             commit_top = _new_commit_top(tran, daemon, args.get("filter-node-name"))
             append(tran, graph, commit_top, top)

@@ -22,11 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
+from qmpgraph.commands.snapshot import reopen_read_only
 from qmpgraph.commands.stream import (
     find_overlay,
     freeze_chain,
     next_in_chain,
-    reopen_set_read_only,
     unfreeze_chain,
 )
 from qmpgraph.drivers.job_filters import mark_commit
@@ -100,7 +100,7 @@ def commit_active_start(ctx: CommandContext, args: dict[str, Any], top: Node, ba
         if base_ro:
             # commit_active_start: the base becomes writable before the
             # mirror job is set up (the transaction's abort undoes it).
-            reopen_set_read_only(tran, graph, base, False)
+            reopen_read_only(tran, graph, base, False)
         mirror_top = insert_mirror_top(tran, graph, top, params.filter_node_name)
         mark_commit(mirror_top)
         job_id = check_job_id(daemon, args.get("job-id"), mirror_top)

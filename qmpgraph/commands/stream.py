@@ -11,7 +11,7 @@ speed; on success ``prepare`` drops the filter, sets the top's backing to
 the base and rewrites the image header's backing file name.
 
 A read-only top (a backing image opened read-only) is reopened read-write
-for the job (``reopen_set_read_only``, which block-commit uses for its base
+for the job (``snapshot.reopen_read_only``, which block-commit uses for its base
 too) and back to read-only when the job is cleaned up or fails to start.
 
 What does not live here: the job core (``qmpgraph.jobs``).
@@ -27,9 +27,8 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.query.filenames import Filenames
 from qmpgraph.commands.registry import command
-from qmpgraph.commands.reopen import ReopenQueue
 from qmpgraph.commands.resize import lookup_bs
-from qmpgraph.commands.snapshot import set_node_state
+from qmpgraph.commands.snapshot import reopen_read_only, set_node_state
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.drivers.qcow2 import Qcow2State
@@ -58,7 +57,6 @@ from qmpgraph.transactions.composite import (
     set_backing,
 )
 from qmpgraph.transactions.engine import Transaction
-from qmpgraph.transactions.reopen import reopen_multiple
 
 STREAM_CHUNK = 512 * 1024
 _BASIC = int(Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
@@ -159,21 +157,13 @@ def unfreeze_chain(tran: Transaction, top: Node, base: Node | None) -> None:
         cur = edge.child if edge is not None else None
 
 
-def reopen_set_read_only(tran: Transaction, graph: Any, node: Node, read_only: bool) -> None:
-    """bdrv_reopen_set_read_only: reopen ``node`` (and the children that inherit
-    from it) with its old options and ``read-only`` changed; raises GenericError."""
-    queue = ReopenQueue()
-    queue.add(node, {"read-only": read_only}, None, True)
-    reopen_multiple(tran, graph, queue.entries)
-
-
 def restore_read_only(daemon: Any, node: Node, what: str) -> None:
     """Make ``node`` read-only again after a job; errors are ignored, as QEMU does."""
     if node.refcnt <= 0 or node.read_only:
         return
     try:
         with daemon.graph_transaction(what, {"node": node.node_name}) as tran:
-            reopen_set_read_only(tran, daemon.graph, node, True)
+            reopen_read_only(tran, daemon.graph, node, True)
     except GenericError:
         pass
 
@@ -376,7 +366,7 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
             # stream_start: the top becomes writable for the job (the frozen
             # chain holds it during the reopen); the transaction's abort
             # makes it read-only again if the job does not start.
-            reopen_set_read_only(tran, graph, bs, False)
+            reopen_read_only(tran, graph, bs, False)
         opts: dict[str, Any] = {
             "driver": "copy-on-read",
             "file": bs.node_name,

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpgraph.bitmaps import registry as bitmap_registry
 from qmpgraph.bitmaps.model import DirtyBitmap
-from qmpgraph.commands.reopen import ReopenQueue
+from qmpgraph.commands.snapshot import reopen_read_only
 from qmpgraph.drivers.base import node_size
 from qmpgraph.drivers.open import TreeOpenContext
 from qmpgraph.drivers.open import _open_backing as open_backing
@@ -81,7 +81,6 @@ from qmpgraph.jobs.policy import error_action, io_errno
 from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
-from qmpgraph.transactions.reopen import reopen_multiple
 
 if TYPE_CHECKING:
     from qmpgraph.daemon import Daemon
@@ -622,10 +621,8 @@ async def _allocated_above(chain: list[Node], offset: int, length: int) -> tuple
 def _set_read_only(tran: Transaction, graph: Any, node: Node, read_only: bool) -> None:
     """bdrv_reopen_set_read_only for the target (errors ignored, as QEMU does):
     the node and the children that inherit from it (its file node too)."""
-    queue = ReopenQueue()
-    queue.add(node, {"read-only": read_only}, None, True)
     mark = tran.mark()
     try:
-        reopen_multiple(tran, graph, queue.entries)
+        reopen_read_only(tran, graph, node, read_only)
     except GenericError:
         tran.rollback_to(mark)
