@@ -557,9 +557,12 @@ class Result:
     reference_stderr: str
     candidate_stderr: str
     #: QEMU sent nothing within the timeout for a step that always gets a
-    #: reply: the oracle stalled (seen once under heavy load), so this run says
-    #: nothing about qmpgraph and may be repeated.
-    oracle_silent: bool = False
+    #: reply (the oracle stalled, seen once under heavy load), or QEMU greeted
+    #: twice on one connection (its monitor I/O thread and main loop both
+    #: announced the connection; the parser was reset mid-command, seen once in
+    #: CI): this run says nothing about qmpgraph and may be repeated. The text
+    #: says which glitch it was; empty when there was none.
+    oracle_glitch: str = ""
 
     @property
     def equal(self) -> bool:
@@ -610,13 +613,12 @@ def record_reference(script: Script, qsd: str) -> list[str]:
 def run_differential(script: Script, qsd: str, candidate: Sequence[str] | None = None) -> Result:
     """Run ``script`` against QEMU and qmpgraph side by side and compare.
 
-    When QEMU itself stayed silent on a step that always gets a reply (seen
-    once under heavy load), that run says nothing about qmpgraph: it is run
-    once more. Any other mismatch stands.
+    When QEMU itself misbehaved (see ``Result.oracle_glitch``), that run says
+    nothing about qmpgraph: it is run once more. Any other mismatch stands.
     """
     result = _run_once(script, qsd, candidate)
-    if not result.equal and result.oracle_silent:
-        print(f"{script.name}: qemu-storage-daemon stayed silent; running it again")
+    if not result.equal and result.oracle_glitch:
+        print(f"{script.name}: qemu-storage-daemon {result.oracle_glitch}; running it again")
         result = _run_once(script, qsd, candidate)
     return result
 
@@ -624,7 +626,7 @@ def run_differential(script: Script, qsd: str, candidate: Sequence[str] | None =
 def _run_once(script: Script, qsd: str, candidate: Sequence[str] | None) -> Result:
     ref = DaemonRun("qemu-storage-daemon", [qsd], script)
     cand = DaemonRun("qmpgraph", list(candidate or qmpgraph_command()), script)
-    oracle_silent = False
+    oracle_glitch = ""
     try:
         ref.setup()
         cand.setup()
@@ -644,7 +646,9 @@ def _run_once(script: Script, qsd: str, candidate: Sequence[str] | None) -> Resu
                     cand.send(step.data(cand.tmp))
                 reference = ref.collect_reference(label, expects)
                 if expects and not reference.messages and not reference.closed:
-                    oracle_silent = True
+                    oracle_glitch = f"stayed silent at {label}"
+                if step is None and b"".join(reference.messages).count(b'"QMP"') > 1:
+                    oracle_glitch = "greeted twice"
                 cand.collect_matching(label, reference)
         ref.finish()
         cand.finish()
@@ -656,5 +660,5 @@ def _run_once(script: Script, qsd: str, candidate: Sequence[str] | None) -> Resu
         cand.transcript.render(cand.tmp),
         ref.transcript.stderr,
         cand.transcript.stderr,
-        oracle_silent,
+        oracle_glitch,
     )
