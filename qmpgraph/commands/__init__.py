@@ -22,4 +22,5 @@ from qmpgraph.commands import snapshot as snapshot
 from qmpgraph.commands import snapshot_internal as snapshot_internal
 from qmpgraph.commands import stream as stream
 from qmpgraph.commands import transaction as transaction
+from qmpgraph.commands.query import blockstats as blockstats
 from qmpgraph.commands.registry import REGISTRY as REGISTRY

@@ -219,6 +219,8 @@ def freeing(
     fd = getattr(img.host, "fd", None)
     if not isinstance(fd, int):
         return fn()
-    # A WatchedFdFile's on_write marks the file node's bitmaps: discards too.
-    with discarding(img.refcounts, fd, passed, kind, getattr(img.host, "on_write", None)):
+    # A WatchedFdFile's on_write marks the file node's bitmaps: discards too
+    # (through its ``discarded``, which counts them as discards, not writes).
+    on_write = getattr(img.host, "on_write", None)
+    with discarding(img.refcounts, fd, passed, kind, getattr(on_write, "discarded", on_write)):
         return fn()

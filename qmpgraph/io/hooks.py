@@ -43,6 +43,7 @@ from qmpgraph.io.request import (
     BlockIOError,
     eperm,
 )
+from qmpgraph.io.stats import record_discard, record_write
 
 _ZERO_CHUNK = 1 << 20
 
@@ -150,6 +151,7 @@ async def child_write(edge: Edge, offset: int, data: bytes, flags: int = 0) -> N
         await hook.write(node, offset, data, flags if hook.handles_fua else 0)
     finally:  # bdrv_co_write_req_finish marks bitmaps whatever the outcome
         mark_dirty(node, offset, len(data))
+        record_write(node, offset, len(data))
     if flags & REQ_FUA and not hook.handles_fua:
         await flush_node(node)
 
@@ -173,6 +175,7 @@ async def child_write_zeroes(
         await hook.write_zeroes(node, offset, length, flags & ~REQ_FUA)
     finally:
         mark_dirty(node, offset, length)
+        record_write(node, offset, length)
     if flags & REQ_FUA:
         await flush_node(node)
 
@@ -292,7 +295,8 @@ class FileIO(IOHook):
         await super().write_zeroes(node, offset, length, flags)
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        _fallocate(_fd(node), _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length)
+        done = _fallocate(_fd(node), _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length)
+        record_discard(node, length, done)
 
     async def flush(self, node: Node) -> None:
         if node.open_flags & OpenFlag.NO_FLUSH:

@@ -51,6 +51,7 @@ from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.io.hooks import IOHook, child_block_status, child_read, register_hook
 from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, REQ_MAY_UNMAP, ZERO, BlockIOError
+from qmpgraph.io.stats import highest_offset, record_discard, record_write
 
 T = TypeVar("T")
 
@@ -244,10 +245,18 @@ class _BitmapMarker:
 
     def __call__(self, offset: int, length: int) -> None:
         node = self.node
-        if node is None or not bitmaps_of(node):
+        if node is None:
             return
+        marks = bool(bitmaps_of(node))
         image = self.image
-        if image is not None:
+        # A metadata write past wr_highest_offset may end further as a whole
+        # table: the table scan only then (a data cluster's write is whole).
+        if image is not None and (
+            marks
+            or ((offset + length) % image.cluster_size
+                and offset - offset % image.cluster_size + image.cluster_size
+                > highest_offset(node))
+        ):  # fmt: skip
             cs = image.cluster_size
             start = offset - offset % cs
             if offset + length <= start + cs and (
@@ -255,6 +264,20 @@ class _BitmapMarker:
                 or any(e & _TABLE_OFFSET == start for e in image.refcounts.table)
             ):
                 offset, length = start, cs
+        record_write(node, offset, length)
+        if marks:
+            self._mark(node, offset, length)
+
+    def discarded(self, offset: int, length: int) -> None:
+        """Freed clusters were discarded in the file: its bitmaps and counters."""
+        node = self.node
+        if node is None:
+            return
+        record_discard(node, length, True)
+        if bitmaps_of(node):
+            self._mark(node, offset, length)
+
+    def _mark(self, node: Node, offset: int, length: int) -> None:
         if self.token is None or threading.get_ident() == self.thread:
             # In trio's thread, or with no trio run known (the image was made
             # by a synchronous command and no worker has used it yet).
