@@ -253,11 +253,16 @@ def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
     with daemon.graph_transaction("nbd-server-start", args) as tran:
         if table.server is not None:
             raise GenericError("NBD server already running")
-        if args.get("tls-creds") is not None:
-            raise GenericError(f"No TLS credentials with id '{args['tls-creds']}'")
+        # QEMU listens first: a bind error wins over a TLS one.
         sock, path = _listen(args["addr"])
         server = NBDServer(sock, path, int(args.get("max-connections", 0)))
         tran.add(ServerSet(table, None, server))
+        creds = args.get("tls-creds")
+        if creds is not None:
+            # qmpgraph models no tls-creds-* object: any object found is not one.
+            if tree_for(daemon.graph).lookup(str(creds)) is None:
+                raise GenericError(f"No TLS credentials with id '{creds}'")
+            raise GenericError(f"Object with id '{creds}' is not TLS credentials")
         table.server = server
         tran.on_commit(lambda: _spawn_runtime(daemon, table, server))
 
