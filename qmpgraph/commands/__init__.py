@@ -7,6 +7,7 @@ from qmpgraph.commands import amend as amend
 from qmpgraph.commands import backup as backup
 from qmpgraph.commands import bitmaps as bitmaps
 from qmpgraph.commands import block as block
+from qmpgraph.commands import chardev as chardev
 from qmpgraph.commands import commit as commit
 from qmpgraph.commands import core as core
 from qmpgraph.commands import create as create
@@ -14,6 +15,7 @@ from qmpgraph.commands import exports as exports
 from qmpgraph.commands import jobs as jobs
 from qmpgraph.commands import mirror as mirror
 from qmpgraph.commands import qom as qom
+from qmpgraph.commands import qom_types as qom_types
 from qmpgraph.commands import query as query
 from qmpgraph.commands import quorum as quorum
 from qmpgraph.commands import reopen as reopen
