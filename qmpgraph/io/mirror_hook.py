@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
+from qmpgraph.bitmaps import registry as bitmap_registry
+from qmpgraph.bitmaps.model import DirtyBitmap
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.io.hooks import (
     IOHook,
@@ -47,64 +49,60 @@ from qmpgraph.io.request import BlockIOError
 
 
 class DirtyMap:
-    """Chunks still to be copied, one byte per ``granularity`` bytes."""
+    """Chunks still to be copied: the job's ``DirtyBitmap`` (one bit per
+    ``granularity`` bytes), which query-named-block-nodes lists on the source.
 
-    def __init__(self, length: int, granularity: int) -> None:
+    Every change bumps the bitmaps' generation (cached query replies show the
+    count).  The chunk count is fixed: the source cannot be resized meanwhile.
+    """
+
+    def __init__(self, length: int, granularity: int, bitmap: DirtyBitmap | None = None) -> None:
         self.length = length
         self.granularity = granularity
-        self.bits = bytearray(math.ceil(length / granularity) if length else 0)
-        self._dirty = 0  # number of dirty chunks
+        self.bitmap = bitmap if bitmap is not None else DirtyBitmap(None, length, granularity)
+        self.chunks = math.ceil(length / granularity) if length else 0
         self.on_dirty: Callable[[], None] | None = None
-
-    def _chunks(self, offset: int, length: int) -> range:
-        first = offset // self.granularity
-        end = min(len(self.bits), math.ceil((offset + length) / self.granularity))
-        return range(first, end)
 
     def mark(self, offset: int, length: int) -> None:
         """Mark every chunk the byte range touches dirty; tells ``on_dirty``."""
         if length <= 0:
             return
-        for c in self._chunks(offset, length):
-            if not self.bits[c]:
-                self.bits[c] = 1
-                self._dirty += 1
+        self.bitmap.set_range(offset, length)
+        bitmap_registry._bump()  # cached query replies show the count
         if self.on_dirty is not None:
             self.on_dirty()
 
     def clear_chunks(self, first: int, end: int) -> None:
         """Clear chunks ``first``..``end`` (exclusive)."""
-        for c in range(first, end):
-            if self.bits[c]:
-                self.bits[c] = 0
-                self._dirty -= 1
+        end = min(end, self.chunks)
+        if first >= end:
+            return
+        bits = self.bitmap.bits
+        last = end - 1
+        fb, lb = first >> 3, last >> 3
+        if fb == lb:
+            bits[fb] &= ~((0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))) & 0xFF
+        else:
+            bits[fb] &= ~(0xFF << (first & 7)) & 0xFF
+            bits[fb + 1 : lb] = bytes(lb - fb - 1)
+            bits[lb] &= ~(0xFF >> (7 - (last & 7))) & 0xFF
+        bitmap_registry._bump()  # cached query replies show the count
 
     def dirty_bytes(self) -> int:
         """Bytes covered by dirty chunks (the last chunk counts in full)."""
-        return self._dirty * self.granularity
+        return self.bitmap.count()
 
     def dirty_chunk_count(self) -> int:
         """Number of dirty chunks."""
-        return self._dirty
+        return self.bitmap.count() // self.granularity
 
     def next_run(self, start: int, max_chunks: int) -> tuple[int, int] | None:
         """The first run of dirty chunks at or after chunk ``start`` (wrapping
         round once), at most ``max_chunks`` long, as (first, end); None if clean."""
-        if not self._dirty:
-            return None
-        n = len(self.bits)
-        for first in _wrapped(start, n):
-            if self.bits[first]:
-                end = first + 1
-                while end < n and end - first < max_chunks and self.bits[end]:
-                    end += 1
-                return first, end
+        for lo, hi in ((start, self.chunks), (0, min(start, self.chunks))):
+            for first, end in self.bitmap.granule_runs(lo, hi):
+                return first, min(end, first + max_chunks)
         return None
-
-
-def _wrapped(start: int, n: int) -> Iterator[int]:
-    yield from range(start, n)
-    yield from range(0, min(start, n))
 
 
 @dataclass(slots=True)

@@ -164,6 +164,8 @@ def start_mirror(
         raise GenericError("Invalid parameter 'buf-size'")
     if params.buf_size == 0:
         params.buf_size = DEFAULT_BUF_SIZE
+    # Whole chunks: mirror_start_job rounds the buffer up to the granularity.
+    params.buf_size = -(-params.buf_size // params.granularity) * params.granularity
     if skip_filters(source) is skip_filters(target):
         raise GenericError("Can't mirror node into itself")
     graph = daemon.graph
@@ -244,13 +246,15 @@ class MirrorJob(BlockJob):
         )
         length = node_size(self.source)
         # The map exists (and records guest writes) from now on, as QEMU's
-        # bitmap does; the job uses it once it runs.
-        # QEMU's job bitmap is an anonymous recording bitmap of the source,
-        # which query-named-block-nodes lists; the copy loop's own map is
-        # ``dirty``, and the visible one is cleared whenever that is clean.
+        # bitmap does; the job uses it once it runs.  It is QEMU's job
+        # bitmap: an anonymous bitmap of the source, which
+        # query-named-block-nodes lists with what is still to copy; in
+        # write-blocking mode it is disabled (guest writes go to the target
+        # instead of marking it).
         self.bitmap = DirtyBitmap(None, length, self.params.granularity)
+        self.bitmap.disabled = self.params.copy_mode == "write-blocking"
         bitmap_registry.add(tran, self.daemon.graph, self.source, self.bitmap)
-        dirty = DirtyMap(length, self.params.granularity)
+        dirty = DirtyMap(length, self.params.granularity, self.bitmap)
         dirty.on_dirty = lambda: self.enter(only_if_no_timer=True)
         self.top_state.dirty = dirty
         self.add_node(
@@ -304,8 +308,6 @@ class MirrorJob(BlockJob):
             self.progress_set_remaining(min(cnt, length))
             if cnt:
                 cursor = await self._iteration(dirty, cursor, length)
-                if not dirty.dirty_chunk_count() and self.bitmap is not None:
-                    self.bitmap.clear()
                 delay = self.ratelimit_delay(0)
                 if delay:
                     await self.sleep_ns(delay)
@@ -422,7 +424,7 @@ class MirrorJob(BlockJob):
             raise JobFailed(report)
         if failed:
             return 0
-        return end if end < len(dirty.bits) else 0
+        return end if end < dirty.chunks else 0
 
     async def _operation(
         self, backing: Edge, pos: int, stop: int, gran: int, max_io: int

@@ -174,7 +174,7 @@ def test_dirty_map_runs() -> None:
     woken: list[int] = []
     m = DirtyMap(10 * 65536 + 100, 65536)
     m.on_dirty = lambda: woken.append(1)
-    assert len(m.bits) == 11 and m.next_run(0, 16) is None
+    assert m.chunks == 11 and m.next_run(0, 16) is None
     m.mark(65536 * 2 + 5, 65536)  # touches chunks 2 and 3
     m.mark(65536 * 10, 1)
     assert woken and m.dirty_chunk_count() == 3 and m.dirty_bytes() == 3 * 65536
