@@ -11,6 +11,7 @@ from qmpgraph.commands import commit as commit
 from qmpgraph.commands import core as core
 from qmpgraph.commands import create as create
 from qmpgraph.commands import exports as exports
+from qmpgraph.commands import iothread as iothread
 from qmpgraph.commands import jobs as jobs
 from qmpgraph.commands import mirror as mirror
 from qmpgraph.commands import qom as qom

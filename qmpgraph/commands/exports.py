@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from qmpgraph.bitmaps.model import DirtyBitmap
 from qmpgraph.commands import socket_addr
 from qmpgraph.commands.bitmaps import export_bitmaps, release_export_bitmaps
+from qmpgraph.commands.iothread import export_iothread
 from qmpgraph.commands.registry import command
 from qmpgraph.errors import GenericError
+from qmpgraph.graph.aio_context import unpin
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
 from qmpgraph.jobs.drain import drain_node_bounce
@@ -323,11 +325,16 @@ def _add_export(
     if node.read_only and writable:
         raise GenericError("Cannot export read-only node as writable")
     iothread = args.get("iothread")
-    if iothread is not None and not isinstance(tree_for(graph).lookup(iothread), IOThread):
+    thread = tree_for(graph).lookup(iothread) if iothread is not None else None
+    if iothread is not None and not isinstance(thread, IOThread):
         raise GenericError(f'iothread "{iothread}" not found')
+    fixed = bool(args.get("fixed-iothread"))
+    io = thread if isinstance(thread, IOThread) else None
+    pin_fixed = export_iothread(tran, daemon, node, io, fixed)
     perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else 0)
     bb = BlockBackend()
     add_root_parent(tran, graph, bb)
+    pin_fixed(bb)
     edge = root_attach(
         tran,
         graph,
@@ -380,6 +387,7 @@ def _delete_export(tran: Transaction, daemon: Daemon, table: ExportTable, exp: N
     if edge is not None:
         detach_child(tran, graph, edge)
     remove_root_parent(tran, graph, exp.backend)
+    tran.on_commit(lambda: unpin(exp.backend))
     release_export_bitmaps(tran, exp.bitmaps)
     index = table.exports.index(exp)
     del table.exports[index]

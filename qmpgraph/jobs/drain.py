@@ -11,6 +11,8 @@ visible part is replayed: the two events, then a wake-up.
 * ``drain_node_bounce``: drained sections of one node (and what is above
   it), as deleting an export (twice) or attaching an existing node as a
   new child (twice) makes them;
+* ``drain_nodes_bounce``: one drained section over a set of nodes (an
+  AioContext change);
 * ``file_attach_drains``: blockdev-add naming an existing node as a
   ``file`` child drains that node twice (even when the attach then fails
   on permissions);
@@ -104,6 +106,16 @@ def drain_node_bounce(daemon: Daemon, node: Node, times: int = 1) -> None:
         paused = [j for j in jobs if _pause_event(j)]
         for job in paused:
             _resume_event(job)
+
+
+def drain_nodes_bounce(daemon: Daemon, nodes: set[int]) -> None:
+    """One drained section over the nodes with these ids (an AioContext
+    change drains every node it moves): the jobs holding any of them pause,
+    then resume."""
+    jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, nodes)]
+    paused = [j for j in jobs if _pause_event(j)]
+    for job in paused:
+        _resume_event(job)
 
 
 def _file_refs(options: Any) -> list[str]:
