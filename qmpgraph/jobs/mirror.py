@@ -230,6 +230,8 @@ class MirrorJob(BlockJob):
         self.to_replace: Node | None = None
         self.replace_blocker: str | None = None
         self.active_error: int | None = None
+        # The run ended and the source is drained until the exit.
+        self.end_drained = False
         state = top.state
         assert isinstance(state, MirrorTopState)
         self.top_state = state
@@ -269,7 +271,23 @@ class MirrorJob(BlockJob):
     # -- the copy loop --------------------------------------------------------------
 
     async def run(self) -> None:
-        """mirror_run."""
+        """mirror_run; whatever its end, the source stays drained until the
+        exit (QEMU's need_drain / final drain), so queries show the job
+        paused while it waits or is pending."""
+        try:
+            await self._run()
+        finally:
+            self.end_drained = True
+
+    def query_block(self) -> dict[str, Any]:
+        """BlockJobInfo: the drain of the run's end counts as a pause."""
+        info = super().query_block()
+        if self.end_drained:
+            info["paused"] = True
+        return info
+
+    async def _run(self) -> None:
+        """mirror_run's body."""
         if self.is_cancelled():
             return
         dirty = self.top_state.dirty
@@ -503,6 +521,7 @@ class MirrorJob(BlockJob):
         if self.exited:
             return
         self.exited = True
+        self.end_drained = False
         st = self.top_state
         st.detached = True
         st.active_target = None
