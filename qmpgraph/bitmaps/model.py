@@ -61,6 +61,7 @@ class DirtyBitmap:
         "shift",
         "size",
         "skip_store",
+        "successor",
     )
 
     FLAG_NAMES = ("disabled", "persistent", "busy", "readonly", "inconsistent", "skip_store")
@@ -81,13 +82,17 @@ class DirtyBitmap:
         # A removal inside a transaction keeps the bitmap until commit but it
         # must not be written to the image meanwhile.
         self.skip_store = False
+        # bdrv_dirty_bitmap_create_successor: while a backup job holds the
+        # bitmap frozen, an anonymous bitmap records writes in its place.
+        self.successor: DirtyBitmap | None = None
 
     # -- flags ---------------------------------------------------------------
 
     @property
     def recording(self) -> bool:
-        """bdrv_dirty_bitmap_recording: enabled (no successor in qmpgraph)."""
-        return not self.disabled
+        """bdrv_dirty_bitmap_recording: enabled, or its successor is."""
+        successor = self.successor
+        return not self.disabled or (successor is not None and not successor.disabled)
 
     def flags(self) -> tuple[bool, bool, bool, bool, bool, bool]:
         """Every flag, for undo records and the digest."""

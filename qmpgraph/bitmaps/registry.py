@@ -219,6 +219,27 @@ def change_flags(tran: Transaction, bitmap: DirtyBitmap, **changes: bool) -> Non
     tran.add(FlagsUndo(bitmap, old))
 
 
+@dataclass(frozen=True, slots=True)
+class SuccessorUndo(Action):
+    """A bitmap's successor was installed or dropped; abort puts the old one back."""
+
+    name: ClassVar[str] = "bitmap-successor"
+    bitmap: DirtyBitmap
+    old: DirtyBitmap | None
+
+    def abort(self) -> None:
+        self.bitmap.successor = self.old
+        _bump()
+
+
+def set_successor(tran: Transaction, bitmap: DirtyBitmap, successor: DirtyBitmap | None) -> None:
+    """Install (or, with None, drop) the anonymous bitmap recording for a frozen one."""
+    old = bitmap.successor
+    bitmap.successor = successor
+    _bump()
+    tran.add(SuccessorUndo(bitmap, old))
+
+
 def change_bits(tran: Transaction, bitmap: DirtyBitmap, bits: bytes | bytearray) -> None:
     """Replace the bits (a clear or a merge), keeping a backup for abort."""
     backup = bitmap.copy_bits()

@@ -24,6 +24,7 @@ import weakref
 from typing import Any
 
 from qmpgraph.bitmaps import registry as bitmap_registry
+from qmpgraph.bitmaps.checks import ALLOW_RO, check
 from qmpgraph.commands.block import device_or_node_name
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.query import Query, node_length
@@ -107,14 +108,7 @@ def backup_params(data: dict[str, Any], source: Node) -> BackupParams:
 
 def _check_allow_ro(bitmap: Any) -> None:
     """bdrv_dirty_bitmap_check(BDRV_BITMAP_ALLOW_RO): busy or inconsistent fail."""
-    name = bitmap.name
-    if bitmap.busy:
-        raise GenericError(f"Bitmap '{name}' is currently in use by another operation")
-    if bitmap.inconsistent:
-        raise GenericError(
-            f"Bitmap '{name}' is inconsistent and cannot be used\n"
-            "Try block-dirty-bitmap-remove to delete this bitmap from disk"
-        )
+    check(bitmap, ALLOW_RO)
 
 
 # -- the transaction actions -------------------------------------------------------------

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qmpgraph.bitmaps import registry
+from qmpgraph.bitmaps.checks import ALLOW_RO, BUSY, DEFAULT, RO, check
 from qmpgraph.bitmaps.model import MAX_NAME_SIZE, DirtyBitmap
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.query.image_info import get_info, node_length
@@ -41,13 +42,6 @@ from qmpgraph.transactions.engine import Transaction
 
 # NBD_STATE_DIRTY of qemu:dirty-bitmap contexts.
 STATE_DIRTY = 1
-
-# BDRV_BITMAP_* check flags.
-BUSY = 1
-RO = 2
-INCONSISTENT = 4
-DEFAULT = BUSY | RO | INCONSISTENT
-ALLOW_RO = BUSY | INCONSISTENT
 
 # qcow2-bitmap.c's BME_MAX_TABLE_SIZE and BME_MAX_PHYS_SIZE.
 _BME_MAX_TABLE_SIZE = 0x8000000
@@ -71,18 +65,6 @@ def _lookup_quiet(graph: BlockGraph, name: str) -> Node | None:
         return lookup_bs(graph, name, name)
     except GenericError:
         return None
-
-
-def check(bm: DirtyBitmap, flags: int) -> None:
-    """bdrv_dirty_bitmap_check: busy, then read-only, then inconsistent."""
-    if flags & BUSY and bm.busy:
-        raise GenericError(
-            f"Bitmap '{bm.name}' is currently in use by another operation and cannot be used"
-        )
-    if flags & RO and bm.readonly:
-        raise GenericError(f"Bitmap '{bm.name}' is readonly and cannot be modified")
-    if flags & INCONSISTENT and bm.inconsistent:
-        raise GenericError(f"Bitmap '{bm.name}' is inconsistent and cannot be used")
 
 
 def default_granularity(node: Node) -> int:

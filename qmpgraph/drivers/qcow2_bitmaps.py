@@ -10,8 +10,8 @@ serialized bits are HBitmap's last level, little-endian words: exactly
 ``DirtyBitmap.bits``.
 
 * ``load(ctx, node, file_node)`` at open: every stored bitmap becomes a
-  persistent ``DirtyBitmap`` (disabled without ``auto``; inconsistent and
-  empty when ``in_use``; read-only on a read-only node).  A writable open
+  persistent ``DirtyBitmap`` (disabled without ``auto``; inconsistent,
+  disabled and empty when ``in_use``; read-only on a read-only node).  A writable open
   marks them ``in_use`` in the image (in place, once the open committed), as
   QEMU does, so a crash leaves them inconsistent.
 * ``store(node)`` at close (``blockdev-del``) and when the daemon exits:
@@ -169,7 +169,9 @@ def load(ctx: OpenContext, node: Node, file_node: Node) -> None:
         bm.disabled = not flags & FLAG_AUTO
         bm.readonly = not writable
         if flags & FLAG_IN_USE:
+            # bdrv_dirty_bitmap_set_inconsistent disables it too, auto or not.
             bm.inconsistent = True
+            bm.disabled = True
         else:
             _load_bits(read, bm, t_off, t_size, cluster)
         registry.add(ctx.tran, ctx.graph, node, bm)

@@ -157,6 +157,14 @@ class CbwIO(IOHook):
             self._states[node.id] = st
         return st
 
+    def peek(self, node: Node) -> _CbwState | None:
+        """The node's bitmaps if a request made them already (queries)."""
+        return self._states.get(node.id)
+
+    def live(self) -> bool:
+        """Whether any node's bitmaps exist (their counts move without the graph)."""
+        return bool(self._states)
+
     def drop(self, node: Node) -> None:
         """Forget ``node``'s bitmaps (a new snapshot starts on the next request)."""
         self._states.pop(node.id, None)

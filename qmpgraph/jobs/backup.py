@@ -39,12 +39,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qmpgraph.bitmaps import registry as bitmap_registry
+from qmpgraph.bitmaps.checks import DEFAULT, check
 from qmpgraph.bitmaps.model import DirtyBitmap
 from qmpgraph.bitmaps.registry import mark_dirty
 from qmpgraph.drivers.base import node_size
 from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.drivers.qcow2_compress import CompressedWriteError, write_compressed
 from qmpgraph.errors import GenericError
+from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm
 from qmpgraph.io.cbw_hook import CBW_IO
@@ -150,6 +152,8 @@ def start_backup(
         raise GenericError("max-chunk must be zero (which means no limit) or positive")
     if params.bitmap is not None and params.bitmap_mode != "never":
         check_bitmap_usable(params.bitmap)
+    # Before the filter: its block-copy bitmap is newer and listed first.
+    successor = _create_successor(tran, daemon.graph, source, params.bitmap)
     if node_size(source) != node_size(target):
         raise GenericError("Source and target image have different sizes")
     cbw = insert_cbw(tran, daemon, source, target, params.filter_node_name)
@@ -167,8 +171,23 @@ def start_backup(
     # The job's edge holds the filter now.
     unref_node(tran, daemon.graph, cbw)
     job.add_node(tran, "target", target, 0, PERM_ALL)
-    job.setup_bitmap(tran)
+    job.successor = successor
     return job
+
+
+def _create_successor(
+    tran: Transaction, graph: BlockGraph, source: Node, bitmap: DirtyBitmap | None
+) -> DirtyBitmap | None:
+    """bdrv_dirty_bitmap_create_successor: the sync bitmap is frozen (busy, not
+    recording itself) and an anonymous successor records writes meanwhile."""
+    if bitmap is None:
+        return None
+    successor = DirtyBitmap(None, bitmap.size, bitmap.granularity)
+    successor.disabled = bitmap.disabled
+    bitmap_registry.add(tran, graph, source, successor)
+    bitmap_registry.change_flags(tran, bitmap, disabled=True, busy=True)
+    bitmap_registry.set_successor(tran, bitmap, successor)
+    return successor
 
 
 def _cluster_size(target: Node) -> int:
@@ -183,16 +202,7 @@ def _cluster_size(target: Node) -> int:
 
 def check_bitmap_usable(bitmap: DirtyBitmap) -> None:
     """bdrv_dirty_bitmap_check(BDRV_BITMAP_DEFAULT) for a bitmap the job will write."""
-    name = bitmap.name
-    if bitmap.busy:
-        raise GenericError(f"Bitmap '{name}' is currently in use by another operation")
-    if bitmap.readonly:
-        raise GenericError(f"Bitmap '{name}' is readonly and cannot be modified")
-    if bitmap.inconsistent:
-        raise GenericError(
-            f"Bitmap '{name}' is inconsistent and cannot be used\n"
-            "Try block-dirty-bitmap-remove to delete this bitmap from disk"
-        )
+    check(bitmap, DEFAULT)
 
 
 class BackupJob(BlockJob):
@@ -403,18 +413,6 @@ class BackupJob(BlockJob):
 
     # -- the end --------------------------------------------------------------------
 
-    def setup_bitmap(self, tran: Transaction) -> None:
-        """bdrv_dirty_bitmap_create_successor: the sync bitmap is frozen (busy,
-        not recording) and an anonymous successor records writes meanwhile."""
-        bitmap = self.params.bitmap
-        if bitmap is None:
-            return
-        successor = DirtyBitmap(None, bitmap.size, bitmap.granularity)
-        successor.disabled = bitmap.disabled
-        bitmap_registry.add(tran, self.daemon.graph, self.source, successor)
-        bitmap_registry.change_flags(tran, bitmap, disabled=True, busy=True)
-        self.successor = successor
-
     def commit(self) -> None:
         """backup_commit: backup_cleanup_sync_bitmap after success."""
         self._cleanup_sync_bitmap(success=True)
@@ -448,6 +446,7 @@ class BackupJob(BlockJob):
                         merged.set_range(pos, min(st.cluster, self.length - pos))
             bitmap_registry.change_bits(tran, bitmap, merged.bits)
             bitmap_registry.change_flags(tran, bitmap, disabled=successor.disabled, busy=False)
+            bitmap_registry.set_successor(tran, bitmap, None)
             bitmap_registry.remove(tran, self.source, successor)
         self.successor = None
 

@@ -29,6 +29,7 @@ from qmpgraph.drivers.copy_before_write import initial_bitmap as cbw_initial_bit
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_or_cow_child
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
+from qmpgraph.io.cbw_hook import CBW_IO
 from qmpgraph.protocol.qjson import RawJSON
 from qmpgraph.transactions.engine import mutation_epoch
 
@@ -124,7 +125,8 @@ def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
     if node.format_name == "copy-before-write":
         gran = _cbw_granularity(node)
         seq = cbw_bitmaps_seq(node)
-        listed += [(seq, _bitmap(_cbw_copy_count(node, gran), gran)), (seq, _bitmap(0, gran))]
+        access = _cbw_copy_count(node, gran, access=True)
+        listed += [(seq, _bitmap(access, gran)), (seq, _bitmap(0, gran))]
     for edge in node.parents:
         parent = edge.parent
         is_cbw = isinstance(parent, Node) and parent.format_name == "copy-before-write"
@@ -137,8 +139,13 @@ def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
     return [info for _, info in listed]
 
 
-def _cbw_copy_count(cbw: Node, gran: int) -> int:
-    """Bytes the copy bitmap marks at open: all, or the user bitmap's clusters."""
+def _cbw_copy_count(cbw: Node, gran: int, *, access: bool = False) -> int:
+    """Bytes the copy bitmap (or with ``access``, the access bitmap) marks:
+    what is left once requests (or a backup job) started on the filter, else
+    at open: all, or the user bitmap's clusters."""
+    live = CBW_IO.peek(cbw)
+    if live is not None:
+        return sum(live.access if access else live.to_copy) * live.cluster
     user = cbw_initial_bitmap(cbw)
     if user is None:
         source = cbw.file.child if cbw.file is not None else None
@@ -185,6 +192,7 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
         and cached_reply.graph is graph
         and cached_reply.epoch == mutation_epoch()
         and cached_reply.bitmaps == bitmap_generation()
+        and not CBW_IO.live()
         and all(file_facts(node) == facts for node, facts in cached_reply.files)
     ):
         # Nothing that the reply is made of changed since it was built.
