@@ -88,6 +88,10 @@ class DirtyMap:
             bits[lb] &= ~(0xFF >> (7 - (last & 7))) & 0xFF
         bitmap_registry._bump()  # cached query replies show the count
 
+    def is_dirty(self, offset: int) -> bool:
+        """Whether the chunk holding byte ``offset`` is dirty."""
+        return self.bitmap.get(offset)
+
     def dirty_bytes(self) -> int:
         """Bytes covered by dirty chunks (the last chunk counts in full)."""
         return self.bitmap.count()
@@ -125,6 +129,11 @@ class MirrorTopState:
     # write-blocking mode: told the errno of a failed copy to the target
     # (the guest's write itself succeeds, as in QEMU's do_sync_target_write).
     on_target_error: Callable[[int], None] | None = None
+    # write-blocking mode: the job's progress, told of bytes a guest write
+    # copies to the target (job_progress_increase_remaining, then
+    # job_progress_update once the copy succeeded).
+    add_remaining: Callable[[int], None] | None = None
+    add_done: Callable[[int], None] | None = None
 
     def begin(self) -> None:
         """A write-like request enters the filter."""
@@ -170,7 +179,10 @@ class MirrorTopIO(IOHook):
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
         await self._request(
-            node, offset, len(data), lambda edge: child_write(edge, offset, data, flags)
+            node,
+            offset,
+            len(data),
+            lambda edge, at, n: child_write(edge, at, data[at - offset : at - offset + n], flags),
         )
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
@@ -181,48 +193,81 @@ class MirrorTopIO(IOHook):
             node,
             offset,
             length,
-            lambda edge: child_write_zeroes(
-                edge, offset, length, flags, backend=edge is not backing
-            ),
+            lambda edge, at, n: child_write_zeroes(edge, at, n, flags, backend=edge is not backing),
         )
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        await self._request(node, offset, length, lambda edge: child_discard(edge, offset, length))
+        await self._request(node, offset, length, child_discard)
 
     async def _request(
         self,
         node: Node,
         offset: int,
         length: int,
-        send: Callable[[Edge], Awaitable[None]],
+        send: Callable[[Edge, int, int], Awaitable[None]],
     ) -> None:
         """bdrv_mirror_top_do_write: the source first; then the range is dirty,
         or (write-blocking) the same request goes to the target under the
         job's copy lock.  The job's final drain waits for it to end."""
         st = _state(node)
         if st is None:
-            await send(_backing(node))
+            await send(_backing(node), offset, length)
             return
         active = self._active(st)
         st.begin()
         try:
             try:
-                await send(_backing(node))
+                await send(_backing(node), offset, length)
             finally:
                 self._mark(st, active, offset, length)
             if active is not None:
                 async with st.lock:
-                    try:
-                        await send(active)
-                    except (BlockIOError, OSError) as exc:
-                        # The range is to be copied again; the job's
-                        # on-target-error decides about the job.
-                        if st.dirty is not None:
-                            st.dirty.mark(offset, length)
-                        if st.on_target_error is not None:
-                            st.on_target_error(exc.errno or errno.EIO)
+                    await self._sync_target_write(st, active, offset, length, send)
         finally:
             st.end()
+
+    @staticmethod
+    async def _sync_target_write(
+        st: MirrorTopState,
+        active: Edge,
+        offset: int,
+        length: int,
+        send: Callable[[Edge, int, int], Awaitable[None]],
+    ) -> None:
+        """do_sync_target_write: an unaligned head or tail inside a dirty
+        chunk is left to the background copy (the chunk stays dirty); the
+        whole chunks the rest covers become clean, and the job's progress
+        grows by what goes to the target (remaining before, done after)."""
+        dirty = st.dirty
+        assert dirty is not None
+        gran = dirty.granularity
+        if offset % gran and dirty.is_dirty(offset):
+            skip = -offset % gran
+            if length <= skip:
+                return
+            offset += skip
+            length -= skip
+        end = offset + length
+        if end % gran and dirty.is_dirty(end - 1):
+            tail = end % gran
+            if length <= tail:
+                return
+            length -= tail
+            end -= tail
+        dirty.clear_chunks(-(-offset // gran), end // gran)
+        if st.add_remaining is not None:
+            st.add_remaining(length)
+        try:
+            await send(active, offset, length)
+        except (BlockIOError, OSError) as exc:
+            # The range is to be copied again; the job's on-target-error
+            # decides about the job.
+            dirty.mark(offset, length)
+            if st.on_target_error is not None:
+                st.on_target_error(exc.errno or errno.EIO)
+        else:
+            if st.add_done is not None:
+                st.add_done(length)
 
     @staticmethod
     def _active(st: MirrorTopState | None) -> Edge | None:

@@ -310,6 +310,8 @@ class MirrorJob(BlockJob):
         if self.params.copy_mode == "write-blocking":
             self.top_state.active_target = self.target_edge
             self.top_state.on_target_error = self._active_write_failed
+            self.top_state.add_remaining = self.progress_increase_remaining
+            self.top_state.add_done = self.progress_update
         cursor = 0
         while True:
             if self.active_error is not None:
