@@ -40,6 +40,7 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
 from qmpgraph.io.luks_create import write_volume
+from qmpgraph.io.stats import record_fd_write
 from qmpgraph.jobs.core import Job, JobFailed
 from qmpgraph.objects import tree_for
 from qmpgraph.transactions.actions import add_root_parent
@@ -246,7 +247,7 @@ def _size_data_file(fd: int, layout: Qcow2Layout) -> None:
             return
     os.ftruncate(fd, size)
     if old_length == 0 and size > 0:
-        os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
+        record_fd_write(fd, 0, os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0))
 
 
 def _write(fd: int, offset: int, data: bytes) -> None:
@@ -254,6 +255,7 @@ def _write(fd: int, offset: int, data: bytes) -> None:
     pos = 0
     while pos < len(view):
         pos += os.pwrite(fd, view[pos:], offset + pos)
+    record_fd_write(fd, offset, pos)
 
 
 def _file_state(node: Node) -> FileState:

@@ -27,6 +27,7 @@ from qmpgraph.drivers.filelock import ImageLock, ofd_supported
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
+from qmpgraph.io.stats import bind_fd
 from qmpgraph.transactions.actions import set_open_flags, set_runtime
 from qmpgraph.transactions.engine import Action, Transaction
 
@@ -155,6 +156,7 @@ class File(Driver):
         if not stat.S_ISREG(st.st_mode):
             raise GenericError(f"'file' driver requires '{filename}' to be a regular file")
         node.state = FileState(filename, st.st_size, lock, want_rw)
+        bind_fd(fd, node)  # query-blockstats counts writes through it
 
     def reopen_access_mode(self, tran: Transaction, node: Node) -> None:
         """A reopen's commit, once the node has its new flags: the descriptor
@@ -171,6 +173,7 @@ class File(Driver):
         lock = state.lock.moved_to(fd)  # closes fd if it raises
         tran.add(SwitchDescriptor(state.lock, lock))
         set_runtime(tran, node, state=replace(state, lock=lock, writable=want_rw))
+        bind_fd(fd, node)
 
     @staticmethod
     def _lock(node: Node) -> ImageLock | None:

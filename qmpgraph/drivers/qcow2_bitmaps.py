@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -207,7 +206,7 @@ def _mark_in_use(fd: int, stored: _Stored) -> None:
         _ENTRY.pack_into(dirblob, pos, t_off, t_size, flags | FLAG_IN_USE, typ, gbits,
                          name_size, extra)  # fmt: skip
         pos += (_ENTRY.size + extra + name_size + 7) & ~7
-    os.pwrite(fd, bytes(dirblob), stored.dir_offset)
+    FdFile(fd).pwrite(stored.dir_offset, bytes(dirblob))
 
 
 def _disk_entries(fd: int, stored: _Stored) -> list[tuple[str, int, int, int, int]]:

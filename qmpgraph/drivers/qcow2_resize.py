@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from qmpgraph.drivers.qcow2_discard import DiscardType, FreedClusters
 from qmpgraph.errors import GenericError
+from qmpgraph.io.stats import record_fd_write
 
 _COPIED = 1 << 63
 _COMPRESSED = 1 << 62
@@ -66,6 +67,7 @@ class ImageWriter:
             keep = min(len(data), self.original_length - offset)
             self.journal.append((offset, self.read(offset, keep)))
         os.pwrite(self.fd, data, offset)
+        record_fd_write(self.fd, offset, len(data))
         self.length = max(self.length, offset + len(data))
 
     def truncate(self, length: int) -> None:

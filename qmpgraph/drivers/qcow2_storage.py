@@ -23,6 +23,8 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from qmpgraph.io.stats import record_fd_write
+
 
 class Qcow2Error(Exception):
     """The image cannot be read or written as asked (corrupt, unsupported, read-only)."""
@@ -97,6 +99,7 @@ class FdFile:
         view = memoryview(data)
         while view:
             done = os.pwrite(self.fd, view, offset)
+            record_fd_write(self.fd, offset, done)
             view = view[done:]
             offset += done
 
@@ -106,6 +109,7 @@ class FdFile:
         views = [memoryview(b).cast("B") for b in bufs]
         while views:
             done = os.pwritev(self.fd, views[:1024], offset)  # IOV_MAX
+            record_fd_write(self.fd, offset, done)
             offset += done
             while views and done >= len(views[0]):
                 done -= len(views[0])

@@ -37,6 +37,13 @@ class DiscardCounts:
 
 _highest: dict[int, int] = {}
 _discards: dict[int, DiscardCounts] = {}
+# The descriptor of each open file node: the qcow2 library and the control
+# plane (image creation, snapshots, bitmaps, resize) write through a file
+# node's descriptor, not through the generic request path.  A closed node's
+# entry is left behind: its number, once reused, is bound again by the next
+# file node that opens it, and a write through a reused number that no node
+# opened counts for a node that no longer exists.
+_fd_nodes: dict[int, int] = {}
 
 
 def record_write(node: Node, offset: int, length: int) -> None:
@@ -44,6 +51,18 @@ def record_write(node: Node, offset: int, length: int) -> None:
     end = offset + length
     if end > _highest.get(node.id, 0):
         _highest[node.id] = end
+
+
+def bind_fd(fd: int, node: Node) -> None:
+    """``fd`` is now the descriptor of file node ``node``."""
+    _fd_nodes[fd] = node.id
+
+
+def record_fd_write(fd: int, offset: int, length: int) -> None:
+    """A write of ``length`` bytes at ``offset`` through descriptor ``fd``."""
+    node_id = _fd_nodes.get(fd)
+    if node_id is not None and offset + length > _highest.get(node_id, 0):
+        _highest[node_id] = offset + length
 
 
 def record_discard(node: Node, length: int, ok: bool) -> None:
