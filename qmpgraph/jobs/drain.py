@@ -65,6 +65,34 @@ def _holds(job: Job, nodes: set[int] | None) -> bool:
     return any(e.child is not None and e.child.id in nodes for e in parent.edges)
 
 
+def _depths(node: Node) -> dict[int, int]:
+    """How many edges up from ``node`` each of its ancestors is."""
+    depths = {node.id: 0}
+    todo = [node]
+    for cur in todo:
+        for edge in cur.parents:
+            parent = edge.parent
+            if isinstance(parent, Node) and parent.id not in depths:
+                depths[parent.id] = depths[cur.id] + 1
+                todo.append(parent)
+    return depths
+
+
+def _job_depth(job: Job, depths: dict[int, int]) -> int:
+    if not isinstance(job, BlockJob):
+        return 0
+    held = [
+        depths[e.child.id] for e in job.parent.edges if e.child is not None and e.child.id in depths
+    ]
+    return min(held, default=len(depths))
+
+
+def drain_reaches(job: Job, node: Node) -> bool:
+    """Whether a drained section of ``node`` quiesces ``job`` (it holds the
+    node or a node above it)."""
+    return _holds(job, _ancestors(node))
+
+
 def _pause_event(job: Job) -> bool:
     """A drained job reaches its pause point: paused (standby when ready)."""
     if not job.started or job.is_completed() or job.pause_count:
@@ -198,16 +226,26 @@ def subtree_drains(daemon: Daemon) -> Iterator[SubtreeDrains]:
 
 
 class Drain:
-    """The drained sources of one QMP transaction's backup actions."""
+    """The drained sources of one QMP transaction's backup actions.
+
+    Each action's section drains its source from its prepare to its clean;
+    the cleans run in list order, so the oldest section ends first, and a
+    job resumes once no open section holds it any more (its quiesce
+    counter is back to zero)."""
 
     def __init__(self) -> None:
-        self.open = 0
+        self.sections: list[Node] = []
         self.paused: list[Job] = []
         self.txn: JobTxn | None = None
+        self.daemon: Daemon | None = None
+
+    def _held(self, job: Job) -> bool:
+        return any(_holds(job, _ancestors(node)) for node in self.sections)
 
     def begin(self, daemon: Daemon, node: Node) -> None:
         """bdrv_drained_begin(node): the jobs holding it or a node above pause."""
-        self.open += 1
+        self.daemon = daemon
+        self.sections.append(node)
         nodes = _ancestors(node)
         for job in reversed(list(job_runner(daemon))):
             if job not in self.paused and _holds(job, nodes) and _pause_event(job):
@@ -219,10 +257,16 @@ class Drain:
             self.paused.append(job)
 
     def end(self) -> None:
-        """One action is done with its drain; the last one resumes every job."""
-        self.open -= 1
-        if self.open:
+        """The oldest section ends: the jobs no open section holds go on."""
+        if not self.sections:
             return
-        for job in reversed(self.paused):
+        node = self.sections.pop(0)
+        resumed = [j for j in self.paused if not self._held(j)]
+        # drained_end walks up from the node, newest parent first: the jobs
+        # nearest to it resume first, and among equals the newest.
+        depths = _depths(node)
+        order = {job: i for i, job in enumerate(self.paused)}
+        resumed.sort(key=lambda j: (_job_depth(j, depths), -order[j]))
+        for job in resumed:
+            self.paused.remove(job)
             _resume_event(job)
-        self.paused.clear()
