@@ -30,7 +30,12 @@ import os
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.create_qcow2 import Qcow2Layout, image_writes, validate
+from qmpgraph.commands.create_qcow2 import (
+    Qcow2Layout,
+    encryption_refusal,
+    image_writes,
+    validate,
+)
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
@@ -39,7 +44,7 @@ from qmpgraph.drivers.open import TreeOpenContext, open_one
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
-from qmpgraph.io.luks_create import write_volume
+from qmpgraph.io.luks_create import truncate_file, write_volume
 from qmpgraph.io.stats import record_fd_write
 from qmpgraph.jobs.core import Job, JobFailed
 from qmpgraph.objects import tree_for
@@ -77,16 +82,9 @@ def open_for_create(path: str) -> ImageLock:
 
 def size_file(fd: int, size: int, prealloc: str) -> None:
     """raw_co_create's second half: empty the file, then grow it with ``prealloc``."""
-    try:
-        os.ftruncate(fd, 0)
-        if prealloc == "full":
-            os.pwrite(fd, bytes(size), 0)
-        elif prealloc == "falloc" and size:
-            os.posix_fallocate(fd, 0, size)
-        os.ftruncate(fd, size)
-    except OSError as err:
-        code = err.errno or errno.EIO
-        raise JobFailed(code, f"Could not resize file: {os.strerror(code)}") from err
+    truncate_file(fd, 0, "off")
+    # The size is a uint64 that file-posix takes as an int64.
+    truncate_file(fd, size - (1 << 64) if size >= 1 << 63 else size, prealloc)
 
 
 class CreateJob(Job):
@@ -102,6 +100,8 @@ class CreateJob(Job):
         self.progress_set_remaining(1)
         try:
             if self.options["driver"] == "file":
+                if int(self.options.get("extent-size-hint", 0)) > 0xFFFFFFFF:
+                    raise JobFailed(errno.EINVAL, "Extent size hint is too large")
                 lock = open_for_create(str(self.options["filename"]))
                 try:
                     await self.io_point()
@@ -210,6 +210,8 @@ class CreateJob(Job):
         try:
             for offset, data in plan.writes:
                 _write(fd, offset, data)
+            if plan.error is not None:
+                raise JobFailed(errno.EINVAL, plan.error)
             if os.fstat(fd).st_size < plan.length:
                 # Preallocated data clusters: the file grows over them.
                 os.ftruncate(fd, plan.length)
@@ -225,6 +227,8 @@ class CreateJob(Job):
                 _size_data_file(_file_state(data_node).lock.fd, layout)
         except OSError as err:
             raise JobFailed(err.errno or errno.EIO) from err
+        if layout.encrypt is not None:
+            raise JobFailed(errno.ENOTSUP, encryption_refusal(layout.encrypt, tree_for(graph)))
         graph.names.generate()  # blk_new_open again, to flush
 
 

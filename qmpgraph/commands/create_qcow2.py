@@ -16,6 +16,8 @@ What does not live here: the job and the command (``create``), the default
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +26,16 @@ from typing import Any
 from qmpgraph.drivers.qcow2 import EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_TABLE, MAGIC
 from qmpgraph.drivers.qcow2_image import FEATURES
 from qmpgraph.errors import GenericError
+from qmpgraph.io.luks_create import check_cipher, check_key_secret
+from qmpgraph.jobs.core import JobFailed
+from qmpgraph.objects.qom import ObjectTree
 
 _COPIED = 1 << 63
 _HEADER_V3 = 112
 _HEADER_V2 = 72
+# BDRV_MAX_LENGTH, and QCOW_MAX_L1_SIZE in entries.
+MAX_LENGTH = (1 << 63) - (1 << 30)
+MAX_L1_ENTRIES = (32 << 20) // 8
 _V3_HINT = "compatibility level 1.1 and above (use version=v3 or greater)"
 
 
@@ -49,6 +57,10 @@ class Qcow2Layout:
     # metadata, falloc, full: every L2 table and data cluster allocated.
     preallocation: str = "off"
     data_file_raw: bool = False
+    # Why QEMU's truncate to the size fails (the image then stays at size 0).
+    resize_error: str | None = None
+    # The ``encrypt`` options (set up after the size and backing file).
+    encrypt: dict[str, Any] | None = None
 
     @property
     def cluster_size(self) -> int:
@@ -73,6 +85,8 @@ def validate(
     ``data-file`` is refused.
     """
     size = int(opts["size"])
+    if size >= 1 << 63:
+        size -= 1 << 64  # QEMU reads the uint64 as the int64 the truncate gets
     if size % 512:
         raise GenericError("Image size must be a multiple of 512 bytes")
     version = 2 if opts.get("version") == "v2" else 3
@@ -129,7 +143,12 @@ def validate(
         if version < 3:
             raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
         zstd = True
-    if prealloc != "off" and (extended_l2 or (data_file and prealloc != "metadata")):
+    resize_error = _resize_error(size, bits, extended_l2)
+    if (
+        resize_error is None
+        and prealloc != "off"
+        and (extended_l2 or (data_file and prealloc != "metadata"))
+    ):
         raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
         size=size,
@@ -144,7 +163,35 @@ def validate(
         data_file=data_file,
         preallocation=str(prealloc),
         data_file_raw=data_file_raw,
+        resize_error=resize_error,
+        encrypt=opts.get("encrypt"),
     )
+
+
+def _resize_error(size: int, cluster_bits: int, extended_l2: bool) -> str | None:
+    """What bdrv_co_truncate and qcow2_grow_l1_table refuse, in their order."""
+    prefix = "Could not resize image: "
+    if size < 0:
+        return prefix + "Image size cannot be negative"
+    if size > MAX_LENGTH:
+        return prefix + f"offset({size}) exceeds maximum({MAX_LENGTH})"
+    shift = 2 * cluster_bits - (4 if extended_l2 else 3)
+    if -(-size >> shift) > MAX_L1_ENTRIES:
+        return prefix + "Failed to grow the L1 table: " + os.strerror(errno.EFBIG)
+    return None
+
+
+def encryption_refusal(encrypt: dict[str, Any], tree: ObjectTree) -> str:
+    """qcow2_set_up_encryption, as far as qmpgraph goes: QEMU's refusals
+    before the key material is made (key secret, cipher name), then
+    qmpgraph's own, as it cannot write (or read) encrypted qcow2 images."""
+    try:
+        check_key_secret(tree, encrypt, "encrypt.")
+        if encrypt.get("format") == "luks":
+            check_cipher(encrypt)
+    except JobFailed as err:
+        return err.message
+    return "qcow2 encryption in blockdev-create is not supported by qmpgraph yet"
 
 
 def _extension(ext_type: int, data: bytes) -> bytes:
@@ -177,6 +224,8 @@ class ImageWrites:
     writes: list[tuple[int, bytes]]
     length: int
     fill: tuple[int, int] | None = None
+    # The job fails with this once ``writes`` are done (nothing else is).
+    error: str | None = None
 
 
 def image_writes(lay: Qcow2Layout) -> ImageWrites:
@@ -192,15 +241,24 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
     refcount block covers, metadata for those one refcount table cluster
     covers.
     """
+    if lay.resize_error is not None:
+        # The image as qcow2_co_create had it before the truncate: size 0.
+        empty = Qcow2Layout(**{**_fields(lay), "size": 0, "preallocation": "off"})
+        return ImageWrites([(0, image_bytes(empty))], 0, error=lay.resize_error)
     if lay.preallocation == "off":
-        data = image_bytes(lay)
-        return ImageWrites([(0, data)], len(data))
+        alloc = _Allocator(lay)
+        if len(alloc.refblocks) == 1:
+            data = image_bytes(lay)
+            return ImageWrites([(0, data)], len(data))
+        # The L1 table needs refcount blocks of its own (small clusters).
+        head = _head_writes(lay, alloc, bytes(lay.l1_size * 8))
+        return ImageWrites(head, alloc.next * lay.cluster_size)
     if lay.preallocation != "metadata":
         return _preallocated_data(lay)
     cs = lay.cluster_size
     entries = cs // 8
     data_clusters = -(-lay.size // cs)
-    alloc = _Allocator(lay, 3 + -(-lay.l1_size * 8 // cs))
+    alloc = _Allocator(lay)
     l1 = bytearray()
     writes: list[tuple[int, bytes]] = []
     last_data = 0
@@ -220,30 +278,45 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
         # The last data cluster is allocated for part of its bytes: QEMU's
         # copy-on-write fills the rest of it with (written) zeros.
         writes.append((last_data * cs + tail, bytes(cs - tail)))
+    return ImageWrites(_head_writes(lay, alloc, bytes(l1)) + writes, alloc.next * cs)
+
+
+def _fields(lay: Qcow2Layout) -> dict[str, Any]:
+    return {name: getattr(lay, name) for name in Qcow2Layout.__slots__}
+
+
+def _head_writes(lay: Qcow2Layout, alloc: _Allocator, l1: bytes) -> list[tuple[int, bytes]]:
+    """The first clusters (header, refcount table, first refcount block, L1
+    table ``l1``) and the refcount blocks ``alloc`` added, every cluster it
+    handed out with refcount 1."""
+    cs = lay.cluster_size
     total = alloc.next
     head = bytearray(image_bytes(lay, used=min(total, alloc.per_block)))
     head[len(head) - len(l1) :] = l1
+    writes: list[tuple[int, bytes]] = []
     for index, cluster in sorted(alloc.refblocks.items()):
         head[cs + index * 8 : cs + index * 8 + 8] = struct.pack(">Q", cluster * cs)
         if index:
             used = min(alloc.per_block, total - index * alloc.per_block)
             writes.append((cluster * cs, _refblock(lay, used)))
-    return ImageWrites([(0, bytes(head)), *writes], total * cs)
+    return [(0, bytes(head)), *writes]
 
 
 class _Allocator:
     """Clusters handed out one after the other, as a fresh image's allocator
     does: a run whose clusters fall where no refcount block is yet gets one
     at the next free cluster (alloc_refcount_block), which may itself need
-    one (it describes itself when it lies in its own range)."""
+    one (it describes itself when it lies in its own range).  It starts with
+    the L1 table after the three first clusters (qcow2_grow_l1_table)."""
 
-    def __init__(self, lay: Qcow2Layout, first_free: int) -> None:
+    def __init__(self, lay: Qcow2Layout) -> None:
         self.per_block = lay.cluster_size * 8 >> lay.refcount_order
         self.max_blocks = lay.cluster_size // 8  # one refcount table cluster
-        self.next = first_free
+        self.next = 3
         self.refblocks = {0: 2}
-        if first_free > self.per_block:
-            raise GenericError("qcow2 images needing two refcount blocks are not supported yet")
+        l1_clusters = -(-lay.l1_size * 8 // lay.cluster_size)
+        if l1_clusters:
+            self.run(l1_clusters)
 
     def run(self, count: int) -> int:
         """Allocate ``count`` clusters; the first one."""

@@ -20,12 +20,14 @@ slot computations (``luks_amend``), the header parser (``luks``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +101,25 @@ def _pack(header: LuksHeader, cipher_mode_spec: str) -> bytes:
     return raw
 
 
+def check_key_secret(tree: ObjectTree, opts: dict[str, Any], prefix: str = "") -> str:
+    """The password: ``key-secret`` required and looked up (QEMU's first
+    create checks, for LUKS and for qcow2's legacy AES alike); ``prefix``
+    is where the options sit (``encrypt.`` inside a qcow2 image)."""
+    if "key-secret" not in opts:
+        raise _fail(f"Parameter '{prefix}key-secret' is required for cipher")
+    try:
+        return lookup_secret_utf8(tree, str(opts["key-secret"]))
+    except QMPError as exc:
+        raise _fail(str(exc)) from None
+
+
+def check_cipher(opts: dict[str, Any]) -> None:
+    """The cipher algorithm must be one LUKS has a name for."""
+    cipher_alg = str(opts.get("cipher-alg", "aes-256"))
+    if cipher_alg not in _LUKS_CIPHERS:
+        raise _fail(f"Algorithm '{cipher_alg}' not supported")
+
+
 def plan_volume(tree: ObjectTree, opts: dict[str, Any]) -> LuksVolume:
     """qcrypto_block_luks_create's computation (CPU only: run it in a thread)."""
     iter_time = int(opts.get("iter-time", 2000))
@@ -109,14 +130,8 @@ def plan_volume(tree: ObjectTree, opts: dict[str, Any]) -> LuksVolume:
     ivgen_hash = opts.get("ivgen-hash-alg")
     if ivgen_alg == "essiv" and ivgen_hash is None:
         ivgen_hash = "sha256"
-    if "key-secret" not in opts:
-        raise _fail("Parameter 'key-secret' is required for cipher")
-    try:
-        password = lookup_secret_utf8(tree, str(opts["key-secret"]))
-    except QMPError as exc:
-        raise _fail(str(exc)) from None
-    if cipher_alg not in _LUKS_CIPHERS:
-        raise _fail(f"Algorithm '{cipher_alg}' not supported")
+    password = check_key_secret(tree, opts)
+    check_cipher(opts)
     if cipher_alg not in _AES or ivgen_alg == "essiv" or cipher_mode not in ("xts", "cbc", "ecb"):
         raise _fail(
             "qmpgraph cannot create this LUKS volume: "
@@ -163,21 +178,51 @@ def plan_volume(tree: ObjectTree, opts: dict[str, Any]) -> LuksVolume:
 
 
 def truncate_file(fd: int, length: int, prealloc: str) -> None:
-    """blk_truncate of a regular file to ``length`` with ``prealloc`` (file-posix)."""
+    """blk_truncate of a regular file to ``length`` with ``prealloc``
+    (file-posix's handle_aiocb_truncate, its messages and errnos)."""
     current = os.fstat(fd).st_size
     if prealloc != "off" and length < current:
         raise _fail("Cannot use preallocation for shrinking files", errno.ENOTSUP)
+    if prealloc == "falloc":
+        if length != current:
+            _os_call(
+                "Could not preallocate new data", os.posix_fallocate, fd, current, length - current
+            )
+            if current == 0:
+                allocate_first_block(fd, length)
+        return
+    if prealloc == "full":
+        _os_call("Could not resize file", os.ftruncate, fd, length)
+        chunk = bytes(min(max(length - current, 1), 1 << 16))
+        for offset in range(current, length, len(chunk)):
+            _os_call(
+                "Could not write zeros for preallocation",
+                os.pwrite, fd, chunk[: length - offset], offset,
+            )  # fmt: skip
+        _os_call("Could not flush file to disk", os.fsync, fd)
+        return
+    if prealloc != "off":
+        raise _fail(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
+    _os_call("Could not resize file", os.ftruncate, fd, length)
+    if current == 0 and length > 0:
+        allocate_first_block(fd, length)
+
+
+def allocate_first_block(fd: int, length: int) -> None:
+    """file-posix writes the first block of a file grown from empty (to speed
+    up its alignment probe): what QEMU's images have allocated at first."""
+    with contextlib.suppress(OSError):  # QEMU ignores failures
+        os.pwrite(fd, bytes(512 if length < 4096 else 4096), 0)
+
+
+def _os_call(what: str, func: Callable[..., object], *args: int | bytes) -> None:
     try:
-        if prealloc == "falloc" and length > current:
-            os.posix_fallocate(fd, current, length - current)
-        elif prealloc == "full" and length > current:
-            chunk = bytes(min(length - current, 1 << 20))
-            for offset in range(current, length, len(chunk)):
-                os.pwrite(fd, chunk[: length - offset], offset)
-        os.ftruncate(fd, length)
+        func(*args)
     except OSError as err:
         code = err.errno or errno.EIO
-        raise _fail(f"Could not resize file: {os.strerror(code)}", code) from err
+        raise _fail(f"{what}: {os.strerror(code)}", code) from err
+    except OverflowError as err:
+        raise _fail(f"{what}: {os.strerror(errno.EFBIG)}", errno.EFBIG) from err
 
 
 async def write_volume(tree: ObjectTree, file_node: Node, opts: dict[str, Any]) -> None:
