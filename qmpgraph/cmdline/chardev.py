@@ -4,7 +4,10 @@ The checks run in QEMU 7.2's order (``qemu_chr_new_from_opts``,
 ``qemu_chr_parse_socket``, ``qmp_chardev_validate_socket``,
 ``monitor_init``) with its messages. qmpgraph serves QMP over ``socket``
 (Unix or TCP; listening, or connecting out with ``server=off``) and
-``null`` chardevs; QEMU's other backends are recognised and refused.
+``null`` chardevs. The ``ringbuf``, ``memory``, ``file``, ``pipe``,
+``stdio``, ``pty``, ``serial`` and ``parallel`` backends become a QMP
+``ChardevBackend`` (``ChardevSpec.data``, as QEMU's ``qemu_chr_parse_*``
+build it) that ``qmpgraph.chardev`` opens; ``udp`` and ``mux`` are refused.
 
 What does not live here: binding, connecting and serving
 (``qmpgraph.server.startup``).
@@ -12,7 +15,7 @@ What does not live here: binding, connecting and serving
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qmpgraph.cmdline.errors import CmdlineError
@@ -39,16 +42,25 @@ BACKENDS = (
 )
 # Names QEMU also accepts for a backend.
 _ALIASES = {"tty": "serial", "parport": "parallel"}
-SUPPORTED_BACKENDS = ("socket", "null")
+# Backends opened from ChardevSpec.data (qmpgraph.chardev.model), with the
+# option that names their path and QEMU's message when it is missing.
+_PATH_BACKENDS = {
+    "file": ("out", "chardev: file: no filename given"),
+    "pipe": ("device", "chardev: pipe: no device path given"),
+    "serial": ("device", "chardev: serial/tty: no device path given"),
+    "parallel": ("device", "chardev: parallel: no device path given"),
+}
+SUPPORTED_BACKENDS = ("socket", "null", "ringbuf", "memory", "stdio", "pty", *_PATH_BACKENDS)
 
 
 @dataclass(frozen=True, slots=True)
 class ChardevSpec:
-    """A validated chardev. ``backend`` is "socket" or "null".
+    """A validated chardev.
 
     For a socket exactly one of ``path``, ``host`` (with ``port``) and ``fd``
     is set; ``server`` means listen, ``wait`` means block start-up until the
-    first client connects.
+    first client connects. For the other backends ``data`` is the QMP
+    ``ChardevBackend`` data (with ``logfile``/``logappend`` for any backend).
     """
 
     id: str
@@ -61,6 +73,7 @@ class ChardevSpec:
     wait: bool = False
     ipv4: bool = False
     ipv6: bool = False
+    data: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +121,50 @@ def _validate(opts: QemuOpts, backend: str | None) -> ChardevSpec:
     if backend not in BACKENDS:
         raise CmdlineError(f"'{backend}' is not a valid char driver name")
     if backend not in SUPPORTED_BACKENDS:
-        raise CmdlineError(
-            f"qmpgraph supports only the socket and null chardev backends, not '{backend}'"
-        )
+        raise CmdlineError(f"qmpgraph does not support the '{backend}' chardev backend")
     if opts.get_bool("mux", False):
         raise CmdlineError("qmpgraph does not support mux=on")
-    if backend == "null":
-        return ChardevSpec(opts.id, "null")
-    return _socket(opts, opts.id)
+    if backend == "socket":
+        return _socket(opts, opts.id)
+    data: dict[str, Any] = {}
+    if opts.get("logfile") is not None:
+        data["logfile"] = opts.get("logfile")
+        data["logappend"] = opts.get_bool("logappend", False)
+    if backend in _PATH_BACKENDS:
+        key, missing = _PATH_BACKENDS[backend]
+        path = opts.get("path")
+        if path is None:
+            raise CmdlineError(missing)
+        data[key] = path
+        if backend == "file":
+            data["append"] = opts.get_bool("append", False)
+    elif backend in ("ringbuf", "memory"):
+        size = opts.get("size")
+        if size is not None and parse_size(size) != 0:
+            data["size"] = parse_size(size)
+    elif backend == "stdio" and opts.get("signal") is not None:
+        data["signal"] = opts.get_bool("signal", True)
+    return ChardevSpec(opts.id, backend, data=data)
+
+
+_SIZE_SUFFIX = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """QemuOpts' size option: ``qemu_strtosz`` (bytes, or a k/M/G/T/P/E suffix)."""
+    unit = _SIZE_SUFFIX.get(text[-1:].lower())
+    number = text if unit is None else text[:-1]
+    try:
+        value = int(number, 0) if unit is None else int(float(number) * (1 << unit))
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 64:
+        raise CmdlineError(
+            "Parameter 'size' expects a non-negative number below 2^64\n"
+            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+            "and exabytes, respectively."
+        )
+    return value
 
 
 def _socket(opts: QemuOpts, cid: str) -> ChardevSpec:

@@ -7,6 +7,7 @@ from qmpgraph.commands import amend as amend
 from qmpgraph.commands import backup as backup
 from qmpgraph.commands import bitmaps as bitmaps
 from qmpgraph.commands import block as block
+from qmpgraph.commands import chardev as chardev
 from qmpgraph.commands import commit as commit
 from qmpgraph.commands import core as core
 from qmpgraph.commands import create as create

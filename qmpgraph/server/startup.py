@@ -38,6 +38,7 @@ import qmpgraph.commands  # noqa: F401 (registers blockdev-add for --blockdev)
 from qmpgraph.cmdline.chardev import ChardevSpec, MonitorSpec
 from qmpgraph.cmdline.errors import CmdlineError
 from qmpgraph.cmdline.qsd import OptionArgs, ReportFn
+from qmpgraph.commands import chardev as chardev_commands
 from qmpgraph.commands import socket_addr
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import REGISTRY
@@ -325,17 +326,29 @@ class Startup:
                 assert ep.listener is not None
                 conn, _ = ep.listener.accept()
                 ep.connections.append(conn)
+        chr_ = None
+        if self.daemon is not None:
+            try:
+                chr_ = chardev_commands.open_from_cmdline(self.daemon, spec)
+            except QMPError as exc:
+                raise CmdlineError(exc.desc) from None
         # A duplicate id is detected by the caller after this returns (as in
         # QEMU); keep the first chardev's sockets, remember these for cleanup.
         self.endpoints.setdefault(spec.id, ep)
         if self.endpoints[spec.id] is not ep:
             self._orphans.append(ep)
+            if chr_ is not None:
+                chr_.close()
+        elif chr_ is not None and self.daemon is not None:
+            chardev_commands.add_from_cmdline(self.daemon, chr_)
 
     def monitor(self, spec: MonitorSpec) -> None:
         """Serve QMP on chardev ``spec.chardev``."""
         ep = self.endpoints[spec.chardev]
         desc = ep.spec.path or (f"{ep.spec.host}:{ep.spec.port}" if ep.spec.host else "")
-        if ep.spec.backend == "null":
+        if self.daemon is not None:
+            chardev_commands.attach_monitor(self.daemon, spec.chardev)
+        if ep.spec.backend != "socket":
             return
         self.monitors.append(PreparedMonitor(ep.listener, ep.connections, spec.pretty, desc))
 

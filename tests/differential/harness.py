@@ -271,6 +271,8 @@ _PROG = re.compile(r"^\S*(?:qemu-storage-daemon|qmpgraph): ")
 def normalize(message: bytes, tmp: str) -> bytes:
     """Replace only what is genuinely random between two runs."""
     message = message.replace(tmp.encode(), b"$TMP")
+    # The QMP socket lives beside $TMP (query-chardev shows its path).
+    message = message.replace(os.path.dirname(tmp).encode() + b"/", b"$BASE/")
     message = _TIMESTAMP.sub(lambda m: _DIGITS.sub(b"N", m.group(0)), message)
     message = _PACKAGE.sub(rb'\1"<package>"', message)
     return _AUTO_NODE.sub(rb"#block\1RR", message)
