@@ -55,6 +55,10 @@ class NBDRuntime(Protocol):
         """Whether a client is connected to ``export``."""
         ...
 
+    def newest_client(self, export: NBDExport) -> int:
+        """When the newest client of ``export`` connected (a count; 0: none)."""
+        ...
+
     def disconnect(self, export: NBDExport) -> None:
         """Hang up every client of ``export``."""
         ...
@@ -81,6 +85,10 @@ class NBDExport:
     max_transfer: int = nbdc.MAX_BUFFER_SIZE
     # The exported dirty bitmaps (busy while exported), in context-id order.
     bitmaps: tuple[DirtyBitmap, ...] = ()
+    # Deleted in mode hard while clients were connected: the user's reference
+    # is dropped and the name released, but the export (its id, its node)
+    # stays until its last client has gone (QEMU's !user_owned).
+    shutting_down: bool = False
 
     @property
     def bitmap_names(self) -> tuple[str, ...]:
@@ -127,12 +135,14 @@ class ExportTable:
         return next((e for e in self.exports if e.id == export_id), None)
 
     def find(self, name: str) -> NBDExport | None:
-        """The NBD export called ``name`` (``ExportDirectory`` of the protocol core)."""
-        return next((e for e in self.exports if e.name == name), None)
+        """The NBD export called ``name`` (``ExportDirectory`` of the protocol core);
+        one shutting down has given up its name."""
+        return next((e for e in self.exports if e.name == name and not e.shutting_down), None)
 
     def all(self) -> list[NBDExport]:
-        """NBD exports oldest first (the NBD server's own list order)."""
-        return list(reversed(self.exports))
+        """NBD exports oldest first (the NBD server's own list order), without
+        those shutting down (gone from it, as from ``find``)."""
+        return [e for e in reversed(self.exports) if not e.shutting_down]
 
 
 _TABLES: weakref.WeakKeyDictionary[Daemon, ExportTable] = weakref.WeakKeyDictionary()
@@ -179,6 +189,17 @@ class ExportRemoved(Action):
 
     def abort(self) -> None:
         self.table.exports.insert(self.index, self.export)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportShutdown(Action):
+    """An export started shutting down; owned by the user again on abort."""
+
+    name: ClassVar[str] = "export-shutdown"
+    export: NBDExport
+
+    def abort(self) -> None:
+        self.export.shutting_down = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,8 +299,15 @@ def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
         server = table.server
         if server is None:
             raise GenericError("NBD server not running")
-        # Deleted (and announced) oldest first, as qsd 7.2 does.
-        for exp in table.all():
+        # Deleted (and announced) oldest first, as qsd 7.2 does, except those
+        # with clients: they go when their clients, hung up, have left (newest
+        # connection first).  Those shutting down go too: QEMU waits for them.
+        runtime = server.runtime
+        order = list(reversed(table.exports))
+        if runtime is not None:
+            order.sort(key=lambda e: -runtime.newest_client(e))
+            order.sort(key=lambda e: runtime.newest_client(e) > 0)
+        for exp in order:
             _delete_export(tran, daemon, table, exp)
         tran.add(ServerSet(table, server, None))
         table.server = None
@@ -455,11 +483,30 @@ def _remove(ctx: CommandContext, export_id: str, args: dict[str, Any], command_n
         exp = table.by_id(export_id)
         if exp is None:
             raise GenericError(f"Export '{export_id}' is not found")
-        mode = args.get("mode", "safe")
+        if exp.shutting_down:
+            raise GenericError(f"Export '{export_id}' is already shutting down")
         server = table.server
         runtime = server.runtime if server is not None else None
-        if mode == "safe" and runtime is not None and runtime.has_clients(exp):
+        if runtime is None or not runtime.has_clients(exp):
+            _delete_export(tran, daemon, table, exp)
+            return
+        if args.get("mode", "safe") == "safe":
             raise GenericError(f"export '{export_id}' still in use")
+        # Mode hard: the clients are hung up; the export (and the event) goes
+        # once the last one has left, after this reply (finish_shutdown).
+        exp.shutting_down = True
+        tran.add(ExportShutdown(exp))
+        tran.on_commit(lambda: runtime.disconnect(exp))
+
+
+def finish_shutdown(daemon: Daemon, exp: NBDExport) -> None:
+    """The last client of ``exp``, shutting down, has left: delete it (QEMU's
+    blk_exp_delete_bh).  Called by the runtime; nothing if already deleted
+    (nbd-server-stop deletes exports shutting down too)."""
+    table = export_table(daemon)
+    if exp not in table.exports:
+        return
+    with daemon.graph_transaction("export-delete", {"id": exp.id}) as tran:
         _delete_export(tran, daemon, table, exp)
 
 
@@ -480,6 +527,6 @@ def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[
     """Every export, newest first."""
     del args
     return [
-        {"id": e.id, "type": "nbd", "node-name": e.node_name, "shutting-down": False}
+        {"id": e.id, "type": "nbd", "node-name": e.node_name, "shutting-down": e.shutting_down}
         for e in export_table(ctx.daemon).exports
     ]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from qmpgraph.commands.bitmaps import bitmap_extents
-from qmpgraph.commands.exports import export_table
+from qmpgraph.commands.exports import export_table, finish_shutdown
 from qmpgraph.io import prefetch
 from qmpgraph.io.backend import BackendIO
 from qmpgraph.io.depth import status_above
@@ -58,6 +58,7 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 @dataclass(eq=False)
 class _Client:
     scope: trio.CancelScope
+    seq: int  # connections accepted before it, plus one
     export: NBDExport | None = None
 
 
@@ -65,15 +66,21 @@ class _Client:
 class Runtime:
     """The serving side of one NBD server (implements ``NBDRuntime``)."""
 
+    daemon: Daemon
     table: ExportTable
     server: NBDServer
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     clients: set[_Client] = field(default_factory=set)
+    accepted: int = 0
     _slot_freed: trio.Event = field(default_factory=trio.Event)
 
     def has_clients(self, export: NBDExport) -> bool:
         """Whether a client negotiated ``export`` and is still connected."""
         return any(cl.export is export for cl in self.clients)
+
+    def newest_client(self, export: NBDExport) -> int:
+        """The ``seq`` of the newest client using ``export`` (0: none)."""
+        return max((cl.seq for cl in self.clients if cl.export is export), default=0)
 
     def disconnect(self, export: NBDExport) -> None:
         """Hang up the clients of ``export``."""
@@ -101,7 +108,8 @@ class Runtime:
                         conn, _ = await sock.accept()
                     except OSError:
                         return
-                    client = _Client(trio.CancelScope())
+                    self.accepted += 1
+                    client = _Client(trio.CancelScope(), self.accepted)
                     self.clients.add(client)
                     nursery.start_soon(self._client_task, trio.SocketStream(conn), client)
 
@@ -117,6 +125,13 @@ class Runtime:
         finally:
             self.clients.discard(client)
             self._slot_freed.set()
+            self._release_shut_down()
+
+    def _release_shut_down(self) -> None:
+        """Delete the exports shutting down that no client uses any more."""
+        for exp in [e for e in self.table.exports if e.shutting_down]:
+            if not self.has_clients(exp):
+                finish_shutdown(self.daemon, exp)
 
     async def _speak(self, stream: trio.SocketStream, client: _Client) -> None:
         session = _Session(ServerConnection(self.table), client, _Sender(stream.socket))
@@ -202,13 +217,16 @@ class _Session:
         view = memoryview(data)
         for start in range(0, len(view), _FEED_SIZE):
             events = conn.receive_data(view[start : start + _FEED_SIZE])
+            # The client holds its export before it hears NBD_OPT_GO's answer:
+            # a block-export-del it makes run next must see it in use.
+            for ev in events:
+                if isinstance(ev, Ready):
+                    self.client.export = table.find(ev.export.name)
             # Negotiation replies and validation errors first: a request's
             # reply must never overtake the NBD_OPT_GO answer before it.
             await self.sender.send([conn.data_to_send()])
             for ev in events:
-                if isinstance(ev, Ready):
-                    self.client.export = table.find(ev.export.name)
-                elif isinstance(ev, Request):
+                if isinstance(ev, Request):
                     assert self.client.export is not None
                     await self.slots.acquire()
                     nursery.start_soon(self._serve, self.client.export, ev)
@@ -251,7 +269,7 @@ def start_runtime(daemon: Daemon, table: ExportTable, server: NBDServer) -> Runt
         trio.lowlevel.current_trio_token()
     except RuntimeError:
         return None
-    runtime = Runtime(table, server)
+    runtime = Runtime(daemon, table, server)
     trio.lowlevel.spawn_system_task(runtime.serve, name="nbd-server")
     daemon.on_stop(runtime.stop)
     return runtime
