@@ -46,6 +46,7 @@ from qmpgraph.io.hooks import (
     child_write,
     child_write_zeroes,
     register_hook,
+    turn_wait,
 )
 from qmpgraph.io.request import REQ_FUA, BlockIOError
 
@@ -66,6 +67,7 @@ class Rule:
     offset: int = -1
     iotype_mask: int = _DEFAULT_MASK
     new_state: int = 0
+    immediately: bool = False
 
 
 def _make_rule(group: str, opts: dict[str, Any]) -> Rule:
@@ -74,6 +76,7 @@ def _make_rule(group: str, opts: dict[str, Any]) -> Rule:
     if rule.inject:
         rule.error = int(opts.get("errno", errno.EIO))
         rule.once = bool(opts.get("once", False))
+        rule.immediately = bool(opts.get("immediately", False))
         sector = int(opts.get("sector", -1))
         rule.offset = -1 if sector == -1 else sector * 512
         if "iotype" in opts:
@@ -140,25 +143,43 @@ def _process(rt: Runtime, event: str) -> None:
     rt.state = new_state
 
 
-def rule_check(node: Node, offset: int, length: int, iotype: str) -> None:
-    """Fail the request as the first matching active rule says (if one does)."""
+def _failing_rule(node: Node, offset: int, length: int, iotype: str) -> Rule | None:
+    """The first matching active rule that fails the request (a ``once`` one is dropped)."""
     rt = runtime(node)
     if rt is None:
-        return
+        return None
     bit = IO_BITS[iotype]
     for rule in rt.active:
         hit = rule.offset == -1 or (length and offset <= rule.offset < offset + length)
         if hit and rule.iotype_mask & bit:
             break
     else:
-        return
+        return None
     if not rule.error:
-        return
+        return None
     if rule.once:
         rt.active.remove(rule)
         event_rules = rt.rules.get(rule.event, [])
         if rule in event_rules:
             event_rules.remove(rule)
+    return rule
+
+
+def rule_check(node: Node, offset: int, length: int, iotype: str) -> None:
+    """Fail the request as the first matching active rule says (if one does)."""
+    rule = _failing_rule(node, offset, length, iotype)
+    if rule is not None:
+        raise BlockIOError(rule.error)
+
+
+async def rule_check_co(node: Node, offset: int, length: int, iotype: str) -> None:
+    """rule_check of a request: unless the rule says ``immediately``, the
+    request yields for one main-loop turn before it fails (as QEMU's)."""
+    rule = _failing_rule(node, offset, length, iotype)
+    if rule is None:
+        return
+    if not rule.immediately:
+        await turn_wait()
     raise BlockIOError(rule.error)
 
 
@@ -193,7 +214,7 @@ class BlkdebugIO(IOHook):
     async def _read_aligned(self, node: Node, offset: int, length: int) -> bytes:
         out = []
         for pos, n in _chunks(offset, length, _opt(node, "max-transfer")):
-            rule_check(node, pos, n, "read")
+            await rule_check_co(node, pos, n, "read")
             out.append(await child_read(_image(node), pos, n))
         return b"".join(out)
 
@@ -207,7 +228,7 @@ class BlkdebugIO(IOHook):
     async def _write_aligned(self, node: Node, offset: int, data: bytes, flags: int) -> None:
         view = memoryview(data)
         for pos, n in _chunks(offset, len(data), _opt(node, "max-transfer")):
-            rule_check(node, pos, n, "write")
+            await rule_check_co(node, pos, n, "write")
             chunk = bytes(view[pos - offset : pos - offset + n])
             await child_write(_image(node), pos, chunk, flags)
 
@@ -251,7 +272,7 @@ class BlkdebugIO(IOHook):
                     # blkdebug refuses it (ENOTSUP); the block layer writes zeros instead.
                     await self._write_aligned(node, pos, bytes(n), flags & REQ_FUA)
                     continue
-                rule_check(node, pos, n, "write-zeroes")
+                await rule_check_co(node, pos, n, "write-zeroes")
                 await child_write_zeroes(_image(node), pos, n, flags)
         finally:
             fire_event(node, "pwritev_done")
@@ -265,7 +286,7 @@ class BlkdebugIO(IOHook):
         for pos, n in _split(offset, length, align, _opt(node, "max-discard")):
             if n < request_align:
                 continue  # ENOTSUP from blkdebug: a discard may do nothing
-            rule_check(node, pos, n, "discard")
+            await rule_check_co(node, pos, n, "discard")
             await child_discard(_image(node), pos, n)
 
     async def flush(self, node: Node) -> None:
@@ -273,11 +294,11 @@ class BlkdebugIO(IOHook):
         if rt is None or rt.write_gen == rt.flushed_gen:
             return
         current = rt.write_gen
-        rule_check(node, 0, 0, "flush")
+        await rule_check_co(node, 0, 0, "flush")
         rt.flushed_gen = current
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
-        rule_check(node, offset, length, "block-status")
+        await rule_check_co(node, offset, length, "block-status")
         return await child_block_status(_image(node), offset, length)
 
 

@@ -22,7 +22,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from types import MappingProxyType
 
 import trio
@@ -46,6 +47,35 @@ from qmpgraph.io.request import (
 from qmpgraph.io.stats import record_discard, record_write
 
 _ZERO_CHUNK = 1 << 20
+
+# Set by a job's task (``qmpgraph.jobs.core``): what a request does where
+# QEMU's coroutine yields, so that a job entered by a command sends what it
+# sends before the command's reply exactly as qemu-storage-daemon does.  The
+# argument says where: True where the request waits for the disk (file-posix
+# hands it to the thread pool), False where it yields for one main-loop turn
+# (blkdebug failing a request reschedules its coroutine first).
+JOB_YIELD: ContextVar[Callable[[bool], Awaitable[None]] | None] = ContextVar(
+    "job_yield", default=None
+)
+
+
+async def disk_wait() -> None:
+    """Where a request waits for the disk: the current job's hook, if any."""
+    hook = JOB_YIELD.get()
+    if hook is not None:
+        await hook(True)
+
+
+def in_job() -> bool:
+    """Whether the current task is a job's (a yield point may hold it)."""
+    return JOB_YIELD.get() is not None
+
+
+async def turn_wait() -> None:
+    """Where a request yields for one main-loop turn: the current job's hook, if any."""
+    hook = JOB_YIELD.get()
+    if hook is not None:
+        await hook(False)
 
 
 class IOHook:
@@ -260,6 +290,7 @@ class FileIO(IOHook):
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
         fd = _fd(node)
+        await disk_wait()
         try:
             data = os.pread(fd, length, offset)
             while len(data) < length:
@@ -273,6 +304,7 @@ class FileIO(IOHook):
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
         fd = _fd(node)
+        await disk_wait()
         view = memoryview(data)
         try:
             while view:
@@ -283,6 +315,7 @@ class FileIO(IOHook):
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
         fd = _fd(node)
+        await disk_wait()
         size = os.fstat(fd).st_size
         if (
             flags & REQ_MAY_UNMAP
@@ -295,6 +328,7 @@ class FileIO(IOHook):
         await super().write_zeroes(node, offset, length, flags)
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
+        await disk_wait()
         done = _fallocate(_fd(node), _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length)
         record_discard(node, length, done)
 
@@ -302,6 +336,7 @@ class FileIO(IOHook):
         if node.open_flags & OpenFlag.NO_FLUSH:
             return
         fd = _fd(node)
+        await disk_wait()
         try:
             await trio.to_thread.run_sync(os.fdatasync, fd)
         except OSError as err:

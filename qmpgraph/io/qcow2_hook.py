@@ -45,11 +45,18 @@ from qmpgraph.bitmaps.registry import bitmaps_of, mark_dirty
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2_discard import DiscardType, freeing, passed_types
 from qmpgraph.drivers.qcow2_io import Extent, Qcow2Error, Qcow2Image, Status
-from qmpgraph.drivers.qcow2_read import UNALLOCATED
+from qmpgraph.drivers.qcow2_read import COMPRESSED, NORMAL, UNALLOCATED
 from qmpgraph.drivers.qcow2_storage import WatchedFdFile
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
-from qmpgraph.io.hooks import IOHook, child_block_status, child_read, register_hook
+from qmpgraph.io.hooks import (
+    IOHook,
+    child_block_status,
+    child_read,
+    disk_wait,
+    in_job,
+    register_hook,
+)
 from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, REQ_MAY_UNMAP, ZERO, BlockIOError
 from qmpgraph.io.stats import highest_offset, record_discard, record_write
 
@@ -338,11 +345,20 @@ class Qcow2IO(IOHook):
         return opened is not None and not opened.runner.idle(opened.lock)
 
     async def _call(
-        self, node: Node, fn: Callable[[Qcow2Image], T], *, own_only: bool = False
+        self,
+        node: Node,
+        fn: Callable[[Qcow2Image], T],
+        *,
+        own_only: bool = False,
+        disk: bool = True,
     ) -> T:
         """Run ``fn(image)``, one call per image at a time: in a worker thread,
         or right here when the image is idle and the node has no backing child
         (or ``own_only``: ``fn`` never reads through the backing chain)."""
+        if disk:
+            # Guest data is read or written: QEMU's request waits for the disk
+            # (metadata lookups alone count as cached: no wait).
+            await disk_wait()
         # The common case inline (an NBD copy makes thousands of calls): the
         # image is open, current and idle, and the node has no backing child.
         opened = self._images.get(node.id)
@@ -382,9 +398,15 @@ class Qcow2IO(IOHook):
         return await opened.runner.run(opened.lock, work)
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
+        if in_job() and await self._call(
+            node, lambda img: _holds_data(img, offset, length), own_only=True, disk=False
+        ):
+            # Only clusters this layer holds are read from its file; the rest
+            # comes from the backing chain or reads as zeros without I/O.
+            await disk_wait()
         backing = node.backing
         if backing is None or backing.child is None:
-            return await self._call(node, lambda img: img.read(offset, length))
+            return await self._call(node, lambda img: img.read(offset, length), disk=False)
 
         def own_read(img: Qcow2Image) -> bytes | None:
             # In the trio thread (idle image), only a range this layer holds
@@ -397,9 +419,9 @@ class Qcow2IO(IOHook):
                 return None
             return img.read(offset, length)
 
-        data = await self._call(node, own_read, own_only=True)
+        data = await self._call(node, own_read, own_only=True, disk=False)
         if data is None:
-            data = await self._call(node, lambda img: img.read(offset, length))
+            data = await self._call(node, lambda img: img.read(offset, length), disk=False)
         return data
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
@@ -426,12 +448,12 @@ class Qcow2IO(IOHook):
         # Clusters a zeroing with unmap frees are guest discards (QCOW2_DISCARD_REQUEST).
         passed = passed_types(node) if unmap else frozenset()
         await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
-            img.write_zeroes(offset, length, may_unmap=unmap))))  # fmt: skip
+            img.write_zeroes(offset, length, may_unmap=unmap))), disk=False)  # fmt: skip
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
         passed = passed_types(node)
         await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
-            img.discard(offset, length))))  # fmt: skip
+            img.discard(offset, length))), disk=False)  # fmt: skip
 
     # flush: the inherited no-op.  Nothing is cached above the descriptors
     # (metadata is write-through), and flush_node then syncs the file and
@@ -444,11 +466,11 @@ class Qcow2IO(IOHook):
         inside the image, backing chain left out (``qcow2_read.GuestMapping._runs``);
         with ``first_only`` just the first run."""
         return await self._call(
-            node, lambda img: img._runs(offset, length, first_only), own_only=True
+            node, lambda img: img._runs(offset, length, first_only), own_only=True, disk=False
         )
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
-        extents = await self._call(node, lambda img: img.block_status(offset, length))
+        extents = await self._call(node, lambda img: img.block_status(offset, length), disk=False)
         return _first_status(extents, length, offset_valid=True)
 
     # -- internal snapshots (qmpgraph's snapshot-access option) ------------
@@ -465,7 +487,7 @@ class Qcow2IO(IOHook):
         No OFFSET_VALID: a host offset means nothing to the snapshot's readers.
         """
         extents = await self._call(
-            node, lambda img: img.snapshot(snap_id).block_status(offset, length)
+            node, lambda img: img.snapshot(snap_id).block_status(offset, length), disk=False
         )
         return _first_status(extents, length, offset_valid=False)
 
@@ -476,6 +498,13 @@ def _own_range(img: Qcow2Image, offset: int, length: int) -> bool:
     if offset < 0 or length < 0 or offset + length > img.size:
         return True
     return all(run[0] != UNALLOCATED for run in img._runs(offset, length))
+
+
+def _holds_data(img: Qcow2Image, offset: int, length: int) -> bool:
+    """Whether this layer holds data clusters in the range (read from its file)."""
+    if offset < 0 or length < 0 or offset + length > img.size:
+        return False
+    return any(run[0] in (NORMAL, COMPRESSED) for run in img._runs(offset, length))
 
 
 def _own_write(img: Qcow2Image, offset: int, length: int) -> bool:

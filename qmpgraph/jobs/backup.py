@@ -366,7 +366,9 @@ class BackupJob(BlockJob):
                     end += 1
                 pos = c * cluster
                 nbytes = min(end * cluster, self.length) - pos
-                await self.io_point()
+                # No io point here: block status of a file is an lseek and an
+                # injected error fails at once; the request waits where it
+                # reaches the disk (``qmpgraph.io.hooks.disk_wait``).
                 nbytes, zero = await self._task_extent(source_edge, pos, nbytes, cluster)
                 is_read = False
                 try:

@@ -41,13 +41,27 @@ reply.  The monitor reproduces that: after dispatching a command it awaits
 (jobs held at an io point go on; with a virtual clock the runner then runs
 every job until all are idle, one step at a time in creation order).
 
-Where to put ``io_point``: where QEMU's coroutine would first wait for the
-disk.  Metadata QEMU has cached and reads that fail at once (an injected
-error) do not wait, so a copying job reads first, then calls ``io_point``,
-then writes: a failed read's events come before the reply, a good copy's
-after it.  The first allocation lookup of a run reads L2 tables in QEMU, so
-stream and commit call it once before their first lookup too.  A timer
-(``sleep_ns``, even of 0 ns) always lets the reply go first.
+Where QEMU's coroutine yields, measured against qemu-storage-daemon 7.2:
+
+* a request that reaches the disk (file-posix hands it to the thread pool)
+  lets the reply go first.  The data path says so itself: ``FileIO`` and
+  the qcow2 hook (for clusters the layer holds, and writes) call
+  ``qmpgraph.io.hooks.disk_wait``, which is ``io_point`` for a job's own
+  task while a reply is pending; metadata QEMU has cached, an lseek for
+  block status, null-co and zero clusters do not wait;
+* a request that blkdebug fails yields for one main-loop turn first
+  (``turn_wait``), and the reply is sent after that turn: the failure's
+  events (BLOCK_JOB_ERROR, a stop's ``paused``) come before the reply,
+  a second turn waits for it, and a job that ends after a turn is
+  finalized after the reply (QEMU's job_exit is a bottom half);
+* a job that ends without yielding is finalized before the reply.
+
+(A thread-pool request can finish before the reply in QEMU too, mostly
+when it is short: a script that depends on that order is racy against
+qsd itself.)  Jobs also call ``io_point`` themselves where the data path
+cannot tell: the first allocation lookup of a stream or commit reads L2
+tables in QEMU.  A timer (``sleep_ns``, even of 0 ns) always lets the reply
+go first.
 
 What does not live here: the runner (``runner``; ``job_runner``, ``find_job``
 and ``JobRunner`` are re-exported here), the state tables (``state``), the
@@ -66,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from qmpgraph.errors import GenericError
+from qmpgraph.io.hooks import JOB_YIELD
 from qmpgraph.io.request import BlockIOError
 from qmpgraph.jobs.runner import (
     TASK_AT_IO,
@@ -149,6 +164,8 @@ class Job:
         self._task_state = TASK_BUSY
         self._enter: trio.Event | None = None
         self._go: trio.Event | None = None
+        self._task: trio.lowlevel.Task | None = None
+        self._turns = 0  # main-loop turns taken since the pending command entered the job
         self._deadline: int | None = None
         self._transition(S.CREATED)
         self.runner.add(self)
@@ -307,6 +324,21 @@ class Job:
         else:
             await trio.lowlevel.checkpoint()
 
+    async def _yield_point(self, disk: bool) -> None:
+        # A request of this job's own task yields (``qmpgraph.io.hooks``)
+        # while a command's reply is pending.  QEMU sends the reply from the
+        # monitor's context after the main context's next turn: a first
+        # yield for one turn resumes before it, waiting for the disk or a
+        # second turn waits for the reply.  Tasks the job starts inherit the
+        # hook but are not the job's coroutine: they go on.
+        if not self.runner.holding or trio.lowlevel.current_task() is not self._task:
+            return
+        if disk or self._turns:
+            await self.io_point()
+        else:
+            self._turns += 1
+            await trio.lowlevel.checkpoint()
+
     def _set_task_state(self, state: str) -> None:
         self._task_state = state
         self.runner.changed()
@@ -341,6 +373,8 @@ class Job:
 
     async def _main(self) -> None:
         """job_co_entry, then job_exit once the run is over."""
+        JOB_YIELD.set(self._yield_point)
+        self._task = trio.lowlevel.current_task()
         try:
             await self.pause_point()
             await self.run()
@@ -352,6 +386,9 @@ class Job:
         except Exception as exc:  # a job's bug must not stop the daemon
             traceback.print_exception(exc, file=sys.stderr)
             self.ret, self.err = -errno.EIO, os.strerror(errno.EIO)
+        if self.runner.holding and self._turns and trio.lowlevel.current_task() is self._task:
+            # job_exit is a bottom half of the next turn: after the reply.
+            await self.io_point()
         self.deferred = True
         self.busy = False
         self._completed()

@@ -128,6 +128,8 @@ class JobRunner:
         """Before a reply: jobs the command entered run until they park, reach I/O or end."""
         if not self.kicked and not self._unspawned:
             return
+        for job in self.jobs:
+            job._turns = 0  # QEMU's main loop turns count from this command on
         self.holding = True
         self._spawn_pending()
         await self._until_idle(self.kicked)
