@@ -117,14 +117,11 @@ class MirrorParams:
 
 
 def default_granularity(target: Node) -> int:
-    """bdrv_get_default_bitmap_granularity: the target's cluster size (at least
-    4 KiB), else 64 KiB."""
-    state = target.state
-    for holder in (state, getattr(state, "header", None)):
-        size = getattr(holder, "cluster_size", None)
-        if isinstance(size, int) and size:
-            return max(4096, size)
-    return 65536
+    """bdrv_get_default_bitmap_granularity: the target's cluster size (as
+    bdrv_get_info finds it, through filters and raw) clamped to 4 KiB..64 KiB,
+    else 64 KiB."""
+    size = _target_cluster(target)
+    return min(65536, max(4096, size)) if size else 65536
 
 
 def check_job_id(daemon: Daemon, job_id: str | None, node: Node) -> str:
