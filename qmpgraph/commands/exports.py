@@ -248,13 +248,7 @@ def _listen(addr: dict[str, Any]) -> tuple[socket.socket, str | None]:
             raise
         return sock, path
     if kind == "inet":
-        host = str(data.get("host", "")) or "127.0.0.1"
-        port = int(data.get("port", 0))
-        try:
-            sock = socket.create_server((host, port), backlog=1)
-        except OSError as err:
-            raise GenericError(f"Failed to bind socket: {os.strerror(err.errno or 0)}") from err
-        return sock, None
+        return socket_addr.inet_listen(data), None
     other = socket_addr.listen_other(str(kind), data)
     if other is not None:
         return other, None

@@ -1,5 +1,12 @@
-"""Listening sockets for the ``fd`` and ``vsock`` address types (QEMU 7.2's
-``socket_listen`` in util/qemu-sockets.c), used by ``nbd-server-start``.
+"""Listening sockets for the ``inet``, ``fd`` and ``vsock`` address types
+(QEMU 7.2's ``socket_listen`` in util/qemu-sockets.c), used by
+``nbd-server-start``.
+
+``inet``: getaddrinfo (AI_PASSIVE; ``numeric`` adds AI_NUMERICHOST and
+AI_NUMERICSERV; ``ipv4``/``ipv6`` choose the family as
+inet_ai_family_from_address does), then each address, each port up to
+``to``, is bound (SO_REUSEADDR; IPv6 only unless both families or neither
+were named) and listened on; a port in use moves on to the next.
 
 ``fd``: a listening socket inherited by file descriptor number.  qsd has no
 ``getfd``: while a monitor runs the command (QMP), every ``fd`` address is
@@ -14,7 +21,7 @@ socket into the listening state.
 a negative number wraps), then socket, bind and listen, each failure with
 the system's message (a machine without vsock: "Failed to create socket").
 
-What does not live here: the unix and inet listeners and the NBD server
+What does not live here: the unix listener and the NBD server
 table (``exports``), serving connections (``qmpgraph.server.nbd``).
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
 import re
 import socket
@@ -141,3 +149,83 @@ def listen_other(kind: str, data: dict[str, Any]) -> socket.socket | None:
     if kind == "vsock":
         return _vsock_socket(data)
     return None
+
+
+def _inet_family(data: dict[str, Any]) -> int:
+    """QEMU's inet_ai_family_from_address: which family getaddrinfo is asked for."""
+    ipv4, ipv6 = data.get("ipv4"), data.get("ipv6")
+    if ipv4 is False and ipv6 is False:
+        raise GenericError("Cannot disable IPv4 and IPv6 at same time")
+    if ipv6 is True or ipv4 is False:
+        return socket.AF_INET6
+    if ipv4 is True or ipv6 is False:
+        return socket.AF_INET
+    return socket.AF_UNSPEC
+
+
+def _try_bind(sock: socket.socket, data: dict[str, Any], family: int, addr: Any) -> int:
+    """bind (IPv6: V6ONLY unless both or neither family was asked for); 0 or errno."""
+    ipv4, ipv6 = data.get("ipv4"), data.get("ipv6")
+    v6only = not ((ipv4 is None and ipv6 is None) or (ipv4 is True and ipv6 is True))
+    while True:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        try:
+            sock.bind(addr)
+        except OSError as err:
+            # The IPv4 port may be the one taken: retry the IPv6 one alone.
+            if family == socket.AF_INET6 and err.errno == errno.EADDRINUSE and not v6only:
+                v6only = True
+                continue
+            return err.errno or 0
+        return 0
+
+
+def inet_listen(data: dict[str, Any]) -> socket.socket:
+    """QEMU 7.2's inet_listen_saddr: resolve (getaddrinfo, AI_PASSIVE), then for
+    each address and each port up to ``to``, bind and listen; the first that
+    listens wins.  Errors carry QEMU's words (and the resolver's)."""
+    host, port = str(data["host"]), str(data["port"])
+    family = _inet_family(data)
+    flags = socket.AI_PASSIVE
+    if data.get("numeric"):
+        flags |= socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+    try:
+        infos = socket.getaddrinfo(host or None, port or None, family, socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror as err:
+        raise GenericError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
+    created, last_errno = False, 0
+    for fam, kind, proto, _, addr in infos:
+        low = int(addr[1])
+        high = int(data["to"]) if "to" in data else low
+        for p in range(low, high + 1):
+            try:
+                sock = socket.socket(fam, kind, proto)
+            except OSError as err:
+                if p == low:
+                    last_errno = err.errno or 0
+                    continue
+                raise GenericError(
+                    f"Failed to recreate failed listening socket: {os.strerror(err.errno or 0)}"
+                ) from err
+            created = True
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            failed = _try_bind(sock, data, fam, (addr[0], p, *addr[2:]))
+            if not failed:
+                try:
+                    sock.listen(1)
+                    return sock
+                except OSError as err:
+                    failed = err.errno or 0
+                    if failed != errno.EADDRINUSE:
+                        sock.close()
+                        raise GenericError(
+                            f"Failed to listen on socket: {os.strerror(failed)}"
+                        ) from err
+            elif failed != errno.EADDRINUSE:
+                sock.close()
+                raise GenericError(f"Failed to bind socket: {os.strerror(failed)}")
+            sock.close()
+            last_errno = failed
+    text = "Failed to find an available port" if created else "Failed to create a socket"
+    raise GenericError(f"{text}: {os.strerror(last_errno)}" if last_errno else text)
