@@ -117,11 +117,23 @@ def _resume_event(job: Job) -> None:
     job.enter()
 
 
+def _held_ids(job: Job) -> list[int]:
+    if not isinstance(job, BlockJob):
+        return []
+    return [e.child.id for e in job.parent.edges if e.child is not None]
+
+
 def drain_all_bounce(daemon: Daemon) -> None:
-    """bdrv_drain_all: every job holding a node pauses, then resumes."""
+    """bdrv_drain_all: every job holding a node pauses, then resumes.
+
+    QEMU drains each node's non-node parents, nodes in creation order, both
+    to begin and to end: a job pauses at the first node it holds and goes
+    on at the last (its pause count is back to zero there)."""
     jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, None)]
-    paused = [j for j in jobs if _pause_event(j)]
-    for job in paused:
+    far = 1 << 62  # jobs holding no node (blockdev-create) come last
+    first = sorted(jobs, key=lambda j: min(_held_ids(j), default=far))
+    paused = [j for j in first if _pause_event(j)]
+    for job in sorted(paused, key=lambda j: max(_held_ids(j), default=far)):
         _resume_event(job)
 
 

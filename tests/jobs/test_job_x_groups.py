@@ -118,3 +118,32 @@ async def test_individual_cancel_leaves_the_other_running(tmp_path: Path) -> Non
         await c.aok("job-cancel", {"id": "j"})
         await c.idle()
     assert [d["device"] for _, d in c.events("BLOCK_JOB_CANCELLED")] == ["k", "j"]
+
+
+async def test_drain_all_pauses_by_first_node_resumes_by_last(tmp_path: Path) -> None:
+    # As job-x-txn-drive shows live: bdrv_drain_all walks the nodes in
+    # creation order, so the job whose oldest node comes first pauses first,
+    # and the job whose newest node comes first goes on first.
+    c = _client(tmp_path)
+    actions = [
+        {
+            "type": "blockdev-backup",
+            "data": {"job-id": job, "device": dev, "target": tgt, "sync": "full", "speed": 1},
+        }
+        for job, dev, tgt in (("j", "a", "tb"), ("k", "b", "ta"))
+    ]
+    with trio.fail_after(10):
+        await c.aok("transaction", {"actions": actions})
+        await c.idle()
+        c.clear()
+        reply = await c.arun("transaction", {"actions": [{"type": "abort", "data": {}}]})
+        assert reply["error"]["desc"] == "Transaction aborted using Abort action"
+        assert _statuses(c) == [
+            ("k", "paused"),
+            ("j", "paused"),
+            ("j", "running"),
+            ("k", "running"),
+        ]
+        for job in ("j", "k"):
+            await c.aok("job-cancel", {"id": job})
+        await c.idle()
