@@ -61,6 +61,7 @@ from qmpgraph.io.qcow2_hook import QCOW2_IO
 from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError, eperm
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed, JobTxn
+from qmpgraph.jobs.drain import drain_reaches
 from qmpgraph.jobs.policy import error_action, io_errno
 from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import drop_filter, insert_node
@@ -472,11 +473,12 @@ class BackupJob(BlockJob):
 
     def _drain_txn_peers(self) -> None:
         """Dropping the filter drains the graph: in QEMU the cancelled jobs of
-        the same group run to their end then, before this job's last events."""
+        the same group that the drain reaches run to their end then, before
+        this job's last events (the others end later, in job_finish_sync)."""
         for other in list(self.txn.jobs):
-            if other is not self and other.cancel_requested() and not other.is_completed():
-                other.deferred = True
-                other._update_rc()
+            done = other is self or other.is_completed()
+            if not done and other.cancel_requested() and drain_reaches(other, self.cbw):
+                other.finish_now()
 
     def free(self) -> None:
         """block_job_free, unless the creating transaction is still open."""

@@ -110,6 +110,10 @@ class JobFailed(Exception):
         self.message = message or os.strerror(errno_)
 
 
+class _FinishedElsewhere(Exception):
+    """A parked job's task wakes after ``Job.finish_now`` ended the job."""
+
+
 class JobTxn:
     """A group of jobs that finalize together (job_txn); single jobs get their own."""
 
@@ -279,6 +283,9 @@ class Job:
         await self.runner.wait_entered(self)
         self._enter = None
         self._deadline = None
+        if self.is_completed():
+            # finish_now ended the job while it was parked: nothing is left to run.
+            raise _FinishedElsewhere
         self.busy = True
         self._set_task_state(TASK_BUSY)
 
@@ -378,6 +385,9 @@ class Job:
         try:
             await self.pause_point()
             await self.run()
+        except _FinishedElsewhere:
+            self._set_task_state(TASK_DONE)
+            return
         except JobFailed as exc:
             self.ret, self.err = -exc.errno, exc.message
         except (BlockIOError, OSError) as exc:
@@ -391,7 +401,8 @@ class Job:
             await self.io_point()
         self.deferred = True
         self.busy = False
-        self._completed()
+        if not self.is_completed():  # finish_now may have ended it meanwhile
+            self._completed()
         self._set_task_state(TASK_DONE)
 
     # -- verbs ----------------------------------------------------------------------
@@ -515,11 +526,22 @@ class Job:
         while txn.jobs:
             other = txn.jobs[0]
             if not other.is_completed():
-                # A job of a group still running: it is finished synchronously
-                # in QEMU (job_finish_sync); here it ends as cancelled at once.
-                other.deferred = True
-                other._update_rc()
+                other.finish_now()
             other._finalize_single()
+
+    def finish_now(self) -> None:
+        """job_finish_sync of a cancelled job, done at once: a job parked at
+        its pause point leaves it first (``running``, or ``ready`` from
+        standby), then it ends as cancelled (``aborting``).  Its task, if it
+        is parked, ends quietly when next entered."""
+        if self.paused and not self._should_pause():
+            if self.status is S.PAUSED:
+                self._transition(S.RUNNING)
+            elif self.status is S.STANDBY:
+                self._transition(S.READY)
+            self.paused = False
+        self.deferred = True
+        self._update_rc()
 
     def _do_finalize(self) -> None:
         failed: Job | None = None

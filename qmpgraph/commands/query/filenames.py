@@ -39,12 +39,10 @@ _STRONG = {
     "null-aio": ("size", "read-zeroes"),
     "raw": ("offset", "size"),
     "throttle": ("throttle-group",),
-    "copy-on-read": ("bottom",),
     "copy-before-write": ("bitmap", "on-cbw-error", "cbw-timeout"),
     "luks": ("key-secret",),
 }
 # Drivers whose .bdrv_refresh_filename copies the file child's exact filename.
-_COPY_CHILD_FILENAME = frozenset({"copy-before-write", "snapshot-access"})
 # Plain ints: IntFlag arithmetic costs microseconds per use, times every node.
 _NO_IO = int(OpenFlag.NO_IO)
 _PRIMARY = int(Role.PRIMARY)
@@ -156,9 +154,6 @@ class Filenames:
         elif drv in ("null-co", "null-aio"):
             if all(k in ("filename", "driver", "latency-ns") for k in opts):
                 exact = f"{drv}://"
-        elif drv in _COPY_CHILD_FILENAME:
-            if node.file is not None and node.file.child is not None:
-                exact = self.names[node.file.child.id].exact
         else:
             primary = primary_child(node)
             if primary is not None and not generate_json:
