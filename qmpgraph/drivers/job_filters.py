@@ -10,11 +10,15 @@ jobs themselves live elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from qmpgraph.drivers.base import FILTERED, ChildSpec, Driver, node_size
 from qmpgraph.drivers.filter_base import TakesNothing
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms
 from qmpgraph.graph.perms import PERM_ALL, Perm
+from qmpgraph.protocol.qjson import dumps
 
 # Ids of the mirror_top nodes of active commit jobs (node ids are never reused).
 _COMMIT_FILTERS: set[int] = set()
@@ -36,6 +40,21 @@ class _JobFilter(Driver):
         """The filtered (backing) child's size."""
         edge = node.backing
         return node_size(edge.child if edge is not None else None)
+
+    def refresh_exact_filename(
+        self, node: Node, exact: Callable[[Node], str], full_options: dict[str, Any]
+    ) -> str:
+        """bdrv_mirror_top/commit_top_refresh_filename: the backing child's
+        filename, its exact filename or else its ``json:`` name (the child's
+        full options are under "backing": a job filter's backing always
+        counts as overridden)."""
+        edge = node.backing
+        if edge is None or edge.child is None:
+            return ""
+        child = exact(edge.child)
+        if child:
+            return child
+        return "json:" + dumps(full_options.get("backing"))
 
 
 class CommitTop(TakesNothing, _JobFilter):
