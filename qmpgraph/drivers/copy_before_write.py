@@ -8,11 +8,14 @@ is kept (``initial_bitmap``) for the data path, which copies, and lets
 snapshot readers read, only the clusters it marks.
 Permissions: on ``target`` WRITE, sharing all but RESIZE; on the source the
 default rule, plus CONSISTENT_READ for writers and WRITE|RESIZE unshared
-once the node has parents.  Not reopenable.  No data path lives here.
+once the node has parents.  Not reopenable.  Its exact filename is its
+source's filename (``json:`` or not), as cbw_refresh_filename copies it.
+No data path lives here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +27,22 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.permissions import ReopenQueue, default_perms
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
+from qmpgraph.protocol.qjson import dumps
 from qmpgraph.transactions.engine import Action
+
+# sizeof(bs->filename): QEMU truncates longer names.
+_PATH_MAX = 4096
+
+
+def file_child_filename(
+    node: Node, exact: Callable[[Node], str], full_options: dict[str, Any]
+) -> str:
+    """The ``file`` child's filename: its exact filename, else its ``json:``
+    name (its full options are under "file")."""
+    edge = node.file
+    if edge is None or edge.child is None:
+        return ""
+    return exact(edge.child) or ("json:" + dumps(full_options.get("file")))[: _PATH_MAX - 1]
 
 
 class CopyBeforeWrite(FilterDriver):
@@ -54,6 +72,12 @@ class CopyBeforeWrite(FilterDriver):
             _INITIAL[node.id] = _copy_bitmap(node, user)
         _OPEN_SEQ[node.id] = next_seq()
         ctx.tran.add(_ForgetInitial(node.id))
+
+    def refresh_exact_filename(
+        self, node: Node, exact: Callable[[Node], str], full_options: dict[str, Any]
+    ) -> str:
+        """cbw_refresh_filename: the source's filename."""
+        return file_child_filename(node, exact, full_options)
 
     def child_perm(
         self,

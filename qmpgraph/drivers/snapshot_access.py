@@ -15,17 +15,20 @@ the node exists, ``blockdev-snapshot-delete-internal-sync`` refuses to delete
 it.  Without the option nothing changes: QEMU 7.2's behaviour (over a qcow2
 node every read fails with ENOTSUP).
 
-No data path lives here.
+Its exact filename is its ``file`` child's filename
+(snapshot_access_refresh_filename).  No data path lives here.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from qmpgraph.drivers.base import ChildSpec, OpenContext, node_size
+from qmpgraph.drivers.copy_before_write import file_child_filename
 from qmpgraph.drivers.filter_base import TakesNothing
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.errors import GenericError
@@ -78,6 +81,12 @@ class SnapshotAccess(TakesNothing):
         wanted = options.get(SNAPSHOT_OPTION)
         if wanted is not None and edge is not None and edge.child is not None:
             node.state = _choose(edge.child, str(wanted))
+
+    def refresh_exact_filename(
+        self, node: Node, exact: Callable[[Node], str], full_options: dict[str, Any]
+    ) -> str:
+        """snapshot_access_refresh_filename: the ``file`` child's filename."""
+        return file_child_filename(node, exact, full_options)
 
     def size(self, node: Node) -> int:
         """The chosen snapshot's size, else the ``file`` child's size."""

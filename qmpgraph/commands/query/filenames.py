@@ -42,7 +42,6 @@ _STRONG = {
     "copy-before-write": ("bitmap", "on-cbw-error", "cbw-timeout"),
     "luks": ("key-secret",),
 }
-# Drivers whose .bdrv_refresh_filename copies the file child's exact filename.
 # Plain ints: IntFlag arithmetic costs microseconds per use, times every node.
 _NO_IO = int(OpenFlag.NO_IO)
 _PRIMARY = int(Role.PRIMARY)
