@@ -48,6 +48,11 @@ def generation() -> int:
     return _generation
 
 
+def touch() -> None:
+    """Say that flags changed outside an undo record (after a commit)."""
+    _bump()
+
+
 def _bump() -> None:
     global _generation  # noqa: PLW0603 (one process-wide counter, read via generation)
     _generation += 1

@@ -28,6 +28,7 @@ from qmpgraph.transactions.actions import set_edge_role
 
 if TYPE_CHECKING:
     from qmpgraph.graph.graph import BlockGraph
+    from qmpgraph.transactions.engine import Transaction
 
 MAGIC = 0x514649FB
 EXT_END = 0
@@ -484,6 +485,15 @@ class Qcow2(Driver):
         from qmpgraph.drivers import qcow2_bitmaps  # noqa: PLC0415 (it imports this module)
 
         qcow2_bitmaps.load(ctx, node, child)
+
+    def reopen_bitmaps(self, tran: Transaction, node: Node, *, read_only: bool) -> None:
+        """qcow2_reopen_bitmaps_ro (in prepare) / _rw (after commit)."""
+        from qmpgraph.drivers import qcow2_bitmaps  # noqa: PLC0415 (it imports this module)
+
+        if read_only:
+            qcow2_bitmaps.reopen_read_only(tran, node)
+        else:
+            qcow2_bitmaps.reopen_read_write(tran, node)
 
     def close(self, node: Node) -> None:
         """qcow2_close: store the persistent dirty bitmaps, then drop the node's."""

@@ -20,6 +20,9 @@ serialized bits are HBitmap's last level, little-endian words: exactly
   the header extension and autoclear bit are rewritten, then the clusters
   of the old directory and tables are freed, so ``qemu-img check`` stays
   clean.  Inconsistent bitmaps keep their old entry and clusters.
+* ``reopen_read_only`` / ``reopen_read_write``: a reopen that changes the
+  node's access mode stores the bitmaps and makes them read-only (the image
+  then holds them clean), or marks them in use again and writable.
 * ``remove_stored``: ``block-dirty-bitmap-remove`` of a stored bitmap
   rewrites the directory without it at once (as QEMU does);
   ``image_bitmaps`` is the format-specific ``bitmaps`` list of queries, read
@@ -36,7 +39,7 @@ import contextlib
 import struct
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from qmpgraph.bitmaps import registry
 from qmpgraph.bitmaps.model import DirtyBitmap
@@ -47,7 +50,7 @@ from qmpgraph.drivers.qcow2_refcount import Refcounts
 from qmpgraph.drivers.qcow2_storage import FdFile, HostFile, Qcow2Error, pread_full
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
-from qmpgraph.transactions.engine import Transaction
+from qmpgraph.transactions.engine import Action, Transaction
 
 if TYPE_CHECKING:
     from qmpgraph.drivers.base import OpenContext
@@ -459,6 +462,54 @@ def _rewrite_header(
     struct.pack_into(">Q", raw, 8, new_backing_offset)
     header = bytes(raw[:header_length]) + bytes(area)
     host.pwrite(0, header)
+
+
+@dataclass(frozen=True, slots=True)
+class _ReopenRoUndo(Action):
+    """A read-only reopen stored the bitmaps (clean in the image); abort marks
+    them in use again, as qcow2_reopen_abort does."""
+
+    name: ClassVar[str] = "qcow2-bitmaps-ro"
+    node: Node
+
+    def abort(self) -> None:
+        _mark_all_in_use(self.node)
+
+
+def _mark_all_in_use(node: Node) -> None:
+    stored = _STORED.get(node)
+    fd = _file_fd(_FILES.get(node))
+    if stored is not None and stored.entries and fd is not None:
+        with contextlib.suppress(OSError):
+            _mark_in_use(fd, stored)
+
+
+def reopen_read_only(tran: Transaction, node: Node) -> None:
+    """qcow2_reopen_bitmaps_ro, in the reopen's prepare while the file is still
+    writable: store the persistent bitmaps (clean, not in use) and make them
+    read-only.  The image write is not undone; an abort marks them in use."""
+    persistent = [bm for bm in registry.bitmaps_of(node) if bm.persistent]
+    if not persistent:
+        return
+    store(node)
+    tran.add(_ReopenRoUndo(node))
+    for bm in persistent:
+        if not bm.readonly:
+            registry.change_flags(tran, bm, readonly=True)
+
+
+def reopen_read_write(tran: Transaction, node: Node) -> None:
+    """qcow2_reopen_bitmaps_rw, once the reopen committed (the file is writable
+    again): the stored bitmaps are marked in use and become writable."""
+
+    def done() -> None:
+        _mark_all_in_use(node)
+        for bm in registry.bitmaps_of(node):
+            if bm.persistent and bm.readonly:
+                bm.readonly = False
+        registry.touch()
+
+    tran.on_commit(done)
 
 
 def store_all() -> None:

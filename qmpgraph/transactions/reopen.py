@@ -297,6 +297,12 @@ def reopen_multiple(tran: Transaction, graph: BlockGraph, requests: list[ReopenR
         if flags & OpenFlag.RDWR:
             flags |= OpenFlag.ALLOW_RDWR
         req.flags = queue[req.node] = flags
+        # qcow2's persistent bitmaps follow a change of the access mode.
+        follow = getattr(req.node.driver, "reopen_bitmaps", None)
+        if follow is not None and bool(req.node.open_flags & OpenFlag.RDWR) != bool(
+            flags & OpenFlag.RDWR
+        ):
+            follow(tran, req.node, read_only=not flags & OpenFlag.RDWR)
         starts = [req.old_file, req.old_backing, req.node, *starts]
     refresh_subtrees(tran, graph, starts, queue)
     # Children commit before parents in QEMU (reverse queue order).
