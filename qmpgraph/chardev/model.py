@@ -92,6 +92,12 @@ class Chardev(QomObject):
         """``qemu_chr_is_busy``: has a frontend."""
         return self.frontend is not None
 
+    #: QEMU_CHAR_FEATURE_GCONTEXT: a monitor on it may offer out-of-band execution.
+    gcontext: ClassVar[bool] = True
+
+    def write_output(self, data: bytes) -> None:
+        """Bytes a frontend (a monitor) writes to the chardev; discarded by default."""
+
     def close(self) -> None:
         """Release what the backend holds (object finalization)."""
         for fd in self._fds:
@@ -125,6 +131,12 @@ class RingbufChardev(Chardev):
         self.buf = bytearray(size)
         self.prod = 0
         self.cons = 0
+
+    gcontext = False
+
+    def write_output(self, data: bytes) -> None:
+        """A frontend's output lands in the ring, as ringbuf-write's does."""
+        self.write(data)
 
     def write(self, data: bytes) -> None:
         """``ringbuf_chr_write``."""
@@ -164,6 +176,18 @@ class FdChardev(Chardev):
         """The backend name, or what the backend set (``pty:/dev/pts/N``)."""
         return self._filename if self._filename is not None else self.kind
 
+    def output_fd(self) -> int | None:
+        """Where output goes: the first descriptor (a file's ``out``)."""
+        return self._fds[0] if self._fds else None
+
+    def write_output(self, data: bytes) -> None:
+        """Write without blocking; what does not fit is dropped."""
+        fd = self.output_fd()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, False)
+                os.write(fd, data)
+
 
 class FileChardev(FdChardev):
     """``file``: output (and optionally input) files."""
@@ -175,6 +199,12 @@ class PipeChardev(FdChardev):
     """``pipe``: ``PATH.in``/``PATH.out``, or ``PATH`` both ways."""
 
     kind = "pipe"
+
+    def output_fd(self) -> int | None:
+        """``PATH.out`` when the pipe pair was opened, else ``PATH``."""
+        return self._fds[1] if len(self._fds) > 1 and self._two else super().output_fd()
+
+    _two = False
 
 
 class SerialChardev(FdChardev):
@@ -193,6 +223,10 @@ class StdioChardev(FdChardev):
     """``stdio``: the daemon's standard input and output."""
 
     kind = "stdio"
+
+    def output_fd(self) -> int | None:
+        """Standard output."""
+        return 1
 
 
 class PtyChardev(FdChardev):
@@ -317,7 +351,9 @@ def _pipe(label: str, data: dict[str, Any]) -> Chardev:
         for fd in fds:
             os.close(fd)
         fds = [_open_file(path, os.O_RDWR)]
-    return PipeChardev(label, fds)
+    chr_ = PipeChardev(label, fds)
+    chr_._two = len(fds) == 2
+    return chr_
 
 
 def _serial(label: str, data: dict[str, Any]) -> Chardev:

@@ -38,6 +38,7 @@ from qmpgraph.commands.registry import command
 from qmpgraph.daemon import Daemon
 from qmpgraph.errors import GenericError
 from qmpgraph.objects.qom import tree_for
+from qmpgraph.protocol import qjson
 
 _CLEANUP_REGISTERED: set[int] = set()
 
@@ -198,8 +199,21 @@ def add_from_cmdline(daemon: Daemon, chr_: Chardev) -> None:
     table_of(daemon).add(chr_)
 
 
-def attach_monitor(daemon: Daemon, label: str) -> None:
-    """``--monitor``: the chardev's frontend is now a QMP monitor."""
+def attach_monitor(daemon: Daemon, label: str, pretty: bool = False) -> None:
+    """``--monitor``: the chardev's frontend is now a QMP monitor.
+
+    A chardev that is open at once (not a socket: a ringbuf, a file) gets
+    the greeting straight away, without ``oob`` where the backend has no
+    context of its own (a ringbuf), as qsd 7.2 writes it.
+    """
     chr_ = table_of(daemon).find(label)
-    if chr_ is not None:
-        chr_.frontend = "monitor"
+    if chr_ is None:
+        return
+    chr_.frontend = "monitor"
+    if isinstance(chr_, MonitorSocket):
+        return
+    greeting = daemon.greeting()
+    if not chr_.gcontext:
+        greeting["QMP"]["capabilities"] = []
+    text = qjson.dumps(greeting, pretty=pretty).replace("\n", "\r\n")
+    chr_.write_output(text.encode("ascii") + b"\r\n")

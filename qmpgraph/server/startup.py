@@ -347,7 +347,7 @@ class Startup:
         ep = self.endpoints[spec.chardev]
         desc = ep.spec.path or (f"{ep.spec.host}:{ep.spec.port}" if ep.spec.host else "")
         if self.daemon is not None:
-            chardev_commands.attach_monitor(self.daemon, spec.chardev)
+            chardev_commands.attach_monitor(self.daemon, spec.chardev, spec.pretty)
         if ep.spec.backend != "socket":
             return
         self.monitors.append(PreparedMonitor(ep.listener, ep.connections, spec.pretty, desc))
