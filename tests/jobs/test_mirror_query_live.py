@@ -5,8 +5,9 @@ speed 1, so that it stays where its first iteration left it.  Guest writes
 (qemu-io over NBD) then mark the job's own dirty bitmap, which
 query-named-block-nodes lists on the source; the script records that
 bitmap entry and the job's query-block-jobs fields after the start, after
-the writes, while paused, at READY (after a speed change) and after more
-writes, then cancels the job.  The same script runs against
+the writes, while paused, at READY (after a speed change), after more
+writes (copied at once: the job is ready and unlimited) and after the job
+was cancelled.  The same script runs against
 qemu-storage-daemon and qmpgraph and the two records must be equal:
 background mirror (sync=full and sync=top), write-blocking mirror and
 active block-commit.
@@ -135,6 +136,7 @@ def _record(kind: str, qsd: str, d: Path, flow: str) -> list[Any]:
         _wait_ready(daemon)
         out.append(_snapshot(daemon))
         _guest(daemon, MORE)
+        out.append(_snapshot(daemon))
         daemon.ok("block-job-set-speed", device="j", speed=1)
         daemon.ok("block-job-cancel", device="j", force=True)
         deadline = time.monotonic() + TIMEOUT
