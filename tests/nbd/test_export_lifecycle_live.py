@@ -13,7 +13,10 @@ pin down:
   hung-up client has gone; meanwhile the export is shutting down (its id is
   taken, its name is free, a second delete says "already shutting down");
 * ``nbd-server-stop`` waits for the clients: the events come before its reply;
-* a client that leaves by itself (NBD_CMD_DISC) releases the export.
+* a client that leaves by itself (NBD_CMD_DISC) releases the export;
+* a fleecing graph's exports (snapshot-access, the cbw as the guest's
+  export, the temporary image, a legacy export) look the same to nbdinfo:
+  flags, description, contexts, maps, and which block-status requests fail.
 
 Deadlines bound every wait (the livekit's socket timeouts); nothing here
 asserts how long anything takes.
@@ -22,6 +25,8 @@ asserts how long anything takes.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -239,3 +244,71 @@ def _fleecing_teardown(s: Session) -> None:
 def test_fleecing_teardown_with_reader(tmp_path: Path) -> None:
     log = _both(tmp_path, _fleecing_teardown)
     assert all("error" not in entry[2] for entry in log[-4:-1]), log[-4:-1]
+
+
+def _nbdinfo(*args: str) -> list[Any]:
+    """nbdinfo's exit status, output and error (failures are data here)."""
+    res = subprocess.run(
+        ["nbdinfo", *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    return [res.returncode, res.stdout, res.stderr]
+
+
+def _fleecing_exports(kind: str, d: Path) -> str:
+    """A fleecing graph's exports as nbdinfo sees them (flags, contexts, maps)."""
+    d.mkdir(parents=True)
+    src, tmp = d / "src.qcow2", d / "tmp.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(src), "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(src))
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "1M")
+    daemon = LiveDaemon(kind, require_qemu(), d / "run", [])
+    out: dict[str, Any] = {}
+    try:
+        addr = {"type": "unix", "data": {"path": daemon.nbd_path}}
+        daemon.ok("nbd-server-start", addr=addr, max_connections=1)
+        daemon.ok("blockdev-add", driver="qcow2", node_name="source", file=_file(src))
+        daemon.ok(
+            "blockdev-add", driver="qcow2", node_name="tmp", file=_file(tmp), backing="source"
+        )
+        daemon.ok("block-dirty-bitmap-add", node="source", name="b0", disabled=True)
+        bitmap = {"node": "source", "name": "b0"}
+        daemon.ok(
+            "blockdev-add",
+            driver="copy-before-write",
+            node_name="cbw",
+            file="source",
+            target="tmp",
+            bitmap=bitmap,
+        )
+        daemon.ok("blockdev-add", driver="snapshot-access", node_name="fl", file="cbw")
+        exports = {
+            "fleece": {"node_name": "fl", "description": "point in time"},
+            "guest": {"node_name": "cbw", "writable": True, "bitmaps": ["b0"]},
+            "tmp": {"node_name": "tmp"},
+        }
+        for name, opts in exports.items():
+            daemon.ok(
+                "block-export-add", type="nbd", id=name, name=name, allocation_depth=True, **opts
+            )
+        daemon.ok("nbd-server-add", device="source", name="src")
+        for name in (*exports, "src"):
+            uri = daemon.uri(name)
+            out[name] = _nbdinfo("--json", uri)
+            out[name + " map"] = _nbdinfo("--map", uri)
+            out[name + " depth"] = _nbdinfo("--map=qemu:allocation-depth", uri)
+        out["list"] = _nbdinfo("--list", "--json", f"nbd+unix://?socket={daemon.nbd_path}")
+    finally:
+        daemon.stop()
+    return json.dumps(out, sort_keys=True).replace(str(d), "$D")
+
+
+def _file(path: Path) -> dict[str, str]:
+    return {"driver": "file", "filename": str(path)}
+
+
+def test_fleecing_exports_as_nbdinfo_sees_them(tmp_path: Path) -> None:
+    if shutil.which("nbdinfo") is None:
+        pytest.fail("nbdinfo is required (libnbd-bin)")
+    qsd = _fleecing_exports("qsd", tmp_path / "qsd")
+    assert '\\"description\\": \\"point in time\\"' in qsd
+    assert _fleecing_exports("qmpgraph", tmp_path / "qmpgraph") == qsd
