@@ -281,7 +281,7 @@ def _fleecing_exports(kind: str, d: Path) -> str:
             bitmap=bitmap,
         )
         daemon.ok("blockdev-add", driver="snapshot-access", node_name="fl", file="cbw")
-        exports = {
+        exports: dict[str, dict[str, Any]] = {
             "fleece": {"node_name": "fl", "description": "point in time"},
             "guest": {"node_name": "cbw", "writable": True, "bitmaps": ["b0"]},
             "tmp": {"node_name": "tmp"},
