@@ -128,7 +128,9 @@ class RingbufChardev(Chardev):
     def __init__(self, label: str, size: int) -> None:
         super().__init__(label)
         self.size = size
-        self.buf = bytearray(size)
+        # Grows to ``size`` as bytes arrive (QEMU's buffer is lazily backed
+        # zeroed memory: a huge ring costs nothing until written).
+        self.buf = bytearray()
         self.prod = 0
         self.cons = 0
 
@@ -145,7 +147,11 @@ class RingbufChardev(Chardev):
             self.cons = self.prod = self.prod + len(data)
             return
         for byte in data:
-            self.buf[self.prod % self.size] = byte
+            index = self.prod % self.size
+            if index == len(self.buf):
+                self.buf.append(byte)
+            else:
+                self.buf[index] = byte
             self.prod += 1
             if self.prod - self.cons > self.size:
                 self.cons = self.prod - self.size
@@ -266,8 +272,10 @@ class ChardevTable:
 
     def __init__(self, container: Container) -> None:
         self.container = container
-        #: ``stdio_in_use``: set by the first stdio chardev, never cleared.
+        #: ``stdio_in_use``: set while a stdio chardev exists.
         self.stdio_used = False
+        #: A stdio chardev was finalized: QEMU closed the daemon's stdin then.
+        self.stdin_closed = False
 
     def find(self, label: str) -> Chardev | None:
         """``qemu_chr_find``."""
@@ -284,6 +292,9 @@ class ChardevTable:
         assert chr_ is not None
         self.container.del_child(label)
         chr_.close()
+        if isinstance(chr_, StdioChardev):
+            self.stdio_used = False
+            self.stdin_closed = True
         return chr_
 
     def all(self) -> list[Chardev]:
@@ -450,6 +461,9 @@ def _open(
     if kind == "stdio":
         if table.stdio_used:
             raise GenericError("cannot use stdio by multiple character devices")
+        if table.stdin_closed:
+            # qmpgraph keeps its stdin open; QEMU's is gone by now.
+            raise GenericError("Failed to set FD nonblocking: Bad file descriptor")
         table.stdio_used = True
         return StdioChardev(label, [])
     if kind == "mux":

@@ -124,6 +124,8 @@ class SocketChardev(Chardev):
         if conn.family == socket.AF_UNIX:
             local = conn.getsockname()
             path = local if isinstance(local, str) else local.decode(errors="replace")
+            # sun_path as a C string: an abstract name (leading NUL) prints as nothing.
+            path = path.split("\0", 1)[0]
             return f"unix:{path}{on}"
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             left, right = ("[", "]") if conn.family == socket.AF_INET6 else ("", "")
@@ -239,6 +241,24 @@ def _listen_unix(path: str) -> tuple[socket.socket, tuple[str, int]]:
     return sock, (os.path.abspath(path), os.stat(path).st_ino)
 
 
+def _listen_abstract(name: str, tight: bool) -> socket.socket:
+    """A Linux abstract-namespace listener (no file; ``tight`` trims the
+    address to the name, else it is padded to the full sun_path)."""
+    raw = b"\0" + os.fsencode(name)
+    if not tight:
+        raw = raw.ljust(_UNIX_PATH_MAX, b"\0")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(raw)
+        sock.listen(1)
+    except OSError as err:
+        sock.close()
+        raise GenericError(
+            f"Failed to bind socket to {name}: {os.strerror(err.errno or 0)}"
+        ) from None
+    return sock
+
+
 def _listen_inet(addr: dict[str, Any]) -> socket.socket:
     host, port = addr.get("host", ""), addr.get("port", "")
     family = socket.AF_UNSPEC
@@ -283,10 +303,23 @@ def _connect(addr: dict[str, Any]) -> socket.socket:
     if addr["type"] == "inet":
         host, port = addr.get("host", ""), addr.get("port", "")
         try:
-            return socket.create_connection((host, int(port)))
-        except (OSError, ValueError) as err:
-            reason = os.strerror(err.errno or 0) if isinstance(err, OSError) else str(err)
-            raise GenericError(f"Failed to connect to '{host}:{port}': {reason}") from None
+            infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        except socket.gaierror as err:
+            raise GenericError(
+                f"address resolution failed for {host}:{port}: {err.strerror}"
+            ) from None
+        last: OSError | None = None
+        for fam, kind, proto, _, sa in infos:
+            sock = socket.socket(fam, kind, proto)
+            try:
+                sock.connect(sa)
+            except OSError as err:
+                sock.close()
+                last = err
+                continue
+            return sock
+        reason = os.strerror(last.errno or 0) if last is not None else ""
+        raise GenericError(f"Failed to connect to '{host}:{port}': {reason}")
     raise GenericError(f"socket family '{addr['type']}' is not supported by qmpgraph")
 
 
@@ -306,8 +339,9 @@ def open_socket(label: str, data: dict[str, Any], *, objects: Any = None) -> Cha
     if chr_.server:
         if addr["type"] == "unix":
             if addr.get("abstract"):
-                raise GenericError("qmpgraph does not support abstract Unix sockets")
-            chr_.listener, chr_._created = _listen_unix(addr["path"])
+                chr_.listener = _listen_abstract(addr["path"], addr.get("tight", True))
+            else:
+                chr_.listener, chr_._created = _listen_unix(addr["path"])
         elif addr["type"] == "inet":
             chr_.listener = _listen_inet(addr)
             host, port = _numeric(chr_.listener.getsockname())
