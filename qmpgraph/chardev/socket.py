@@ -385,9 +385,10 @@ class MonitorSocket(Chardev):
         self.has_connections = False
 
     def _connected(self) -> bool:
-        if self.has_connections:
+        if self.has_connections or not self.server:
+            # A client chardev connected at start-up (or failed start-up).
             return True
-        if self.addr["type"] != "unix" or not self.server:
+        if self.addr["type"] != "unix":
             return False
         return _unix_path_connected(self.addr["path"])
 
