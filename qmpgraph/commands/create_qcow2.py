@@ -3,12 +3,20 @@
 qcow2_co_create writes a bare header and a refcount table, opens the image,
 refcounts the first three clusters, rewrites the full header (extensions,
 feature table) and truncates it to its size, which allocates the L1 table at
-cluster 3 (written exactly ``l1_size * 8`` bytes long).  ``image_bytes``
-builds that end state for any of blockdev-create's layout options (version,
-cluster size, refcount width, lazy refcounts, extended L2, compression type,
-backing file and format, an external data file by node name) and
-``image_writes`` adds preallocation (metadata, falloc, full) for images one
-refcount block covers; ``validate`` is the option checks in QEMU's order.
+cluster 3 (written exactly ``l1_size * 8`` bytes long; refcount blocks
+after it when one does not cover it, as with small clusters).
+``image_bytes`` builds that end state for any of blockdev-create's layout
+options (version, cluster size, refcount width, lazy refcounts, extended
+L2, compression type, backing file and format, an external data file by
+node name) and ``image_writes`` adds preallocation (metadata, falloc, full,
+with plain or extended L2 entries) for images one refcount table cluster
+covers; ``validate`` is the option checks in QEMU's order.
+
+Where QEMU's truncate to the size refuses (negative, past BDRV_MAX_LENGTH,
+an L1 table past 32 MiB), the image stays at size 0 and the job fails with
+QEMU's message.  Encryption is set up last: ``encryption_refusal`` gives
+QEMU's refusals (key secret, cipher name), then qmpgraph's own, as qmpgraph
+has no encrypted qcow2 (the plain image stays, as after QEMU's refusals).
 
 What does not live here: the job and the command (``create``), the default
 ``qemu-img create`` writer (``qmpgraph.drivers.qcow2_image``).
@@ -147,7 +155,8 @@ def validate(
     if (
         resize_error is None
         and prealloc != "off"
-        and (extended_l2 or (data_file and prealloc != "metadata"))
+        and data_file
+        and (extended_l2 or prealloc != "metadata")
     ):
         raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
@@ -256,7 +265,7 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
     if lay.preallocation != "metadata":
         return _preallocated_data(lay)
     cs = lay.cluster_size
-    entries = cs // 8
+    entries = cs // _entry_size(lay)
     data_clusters = -(-lay.size // cs)
     alloc = _Allocator(lay)
     l1 = bytearray()
@@ -274,11 +283,22 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
         writes.append((l2 * cs, _l2_table(lay, first, count)))
         last_data = first + count - 1
     tail = lay.size % cs
-    if tail and lay.data_file is None:
+    # Copy-on-write works on subclusters with extended L2 entries.
+    cow = (-tail) % (cs // 32 if lay.extended_l2 else cs)
+    if tail and cow and lay.data_file is None:
         # The last data cluster is allocated for part of its bytes: QEMU's
-        # copy-on-write fills the rest of it with (written) zeros.
-        writes.append((last_data * cs + tail, bytes(cs - tail)))
-    return ImageWrites(_head_writes(lay, alloc, bytes(l1)) + writes, alloc.next * cs)
+        # copy-on-write fills the rest of its (sub)cluster with written zeros.
+        writes.append((last_data * cs + tail, bytes(cow)))
+    writes = _head_writes(lay, alloc, bytes(l1)) + writes
+    # preallocate_co extends the file to the image's end in its last cluster.
+    data_end = last_data * cs + (tail or cs) if lay.data_file is None else 0
+    length = max(data_end, *(offset + len(data) for offset, data in writes))
+    return ImageWrites(writes, length)
+
+
+def _entry_size(lay: Qcow2Layout) -> int:
+    """Bytes per L2 entry: an extended entry adds the subcluster bitmap."""
+    return 16 if lay.extended_l2 else 8
 
 
 def _fields(lay: Qcow2Layout) -> dict[str, Any]:
@@ -340,7 +360,10 @@ class _Allocator:
 
 def _l2_table(lay: Qcow2Layout, first_data: int, count: int) -> bytes:
     cs = lay.cluster_size
-    entries = (struct.pack(">Q", (first_data + j) * cs | _COPIED) for j in range(count))
+    # Preallocated clusters keep an all-zero subcluster bitmap (as QEMU's).
+    fmt = ">QQ" if lay.extended_l2 else ">Q"
+    pad = (0,) if lay.extended_l2 else ()
+    entries = (struct.pack(fmt, (first_data + j) * cs | _COPIED, *pad) for j in range(count))
     return b"".join(entries).ljust(cs, b"\0")
 
 
@@ -373,7 +396,7 @@ def _preallocated_data(lay: Qcow2Layout) -> ImageWrites:
     cluster, the image is refused.
     """
     cs = lay.cluster_size
-    entries = cs // 8
+    entries = cs // _entry_size(lay)
     data_clusters = -(-lay.size // cs)
     start = 3 + -(-lay.l1_size * 8 // cs)
     counts = {

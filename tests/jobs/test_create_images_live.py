@@ -4,10 +4,11 @@ The same blockdev-create jobs run on qemu-storage-daemon and on qmpgraph,
 each daemon in a directory of its own.  For every qcow2 layout option
 (version, cluster sizes from 512 bytes to 2 MiB, refcount widths, lazy
 refcounts, extended L2, zstd, backing file and format, small clusters whose
-L1 table needs refcount blocks of its own, sizes 0 and 2 PiB), ``qemu-img
-check`` must find both images clean, ``qemu-img info --output=json`` must
-report the same format-specific data, cluster size, virtual size, dirty flag
-and backing file, and the files must be equal byte for byte.  Jobs that fail
+L1 table needs refcount blocks of its own, sizes 0 and 2 PiB, preallocation
+with extended L2 entries), ``qemu-img check`` must find both images clean,
+``qemu-img info --output=json`` must report the same format-specific data,
+cluster size, virtual size, dirty flag and backing file, and the files must
+be equal byte for byte.  Jobs that fail
 (QEMU's truncate refusals, encryption refusals after the image was sized)
 must fail with the same error and leave the same bytes behind.
 """
@@ -45,6 +46,12 @@ LAYOUTS: list[tuple[str, dict[str, Any]]] = [
     ("backing-nofmt", {"size": 4194304, "backing-file": "base.qcow2", "cluster-size": 8192}),
     ("size0", {"size": 0, "cluster-size": 2097152, "refcount-bits": 2}),
     ("max-l1", {"size": 2251799813685248}),
+    ("extl2-meta", {"size": 1000448, "extended-l2": True, "preallocation": "metadata"}),
+    ("extl2-falloc-backing", {"size": 5243392, "cluster-size": 16384, "extended-l2": True,
+                              "preallocation": "falloc", "backing-file": "base.qcow2",
+                              "backing-fmt": "qcow2"}),
+    ("extl2-full", {"size": 2097152, "cluster-size": 32768, "extended-l2": True,
+                    "preallocation": "full"}),
 ]  # fmt: skip
 
 # (name, options, the job's error): the image is left as QEMU leaves it.
