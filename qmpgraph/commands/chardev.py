@@ -75,9 +75,13 @@ def _add(daemon: Daemon, label: str, backend: dict[str, Any]) -> dict[str, Any]:
         raise GenericError(f"Chardev with id '{label}' already exists")
     try:
         chr_ = new_chardev(daemon, label, backend)
+        try:
+            table.add(chr_)
+        except GenericError:
+            chr_.close()  # an id such as "type" clashes with the container's property
+            raise
     except GenericError as exc:
         raise GenericError(f"Failed to add chardev '{label}': {exc.desc}") from None
-    table.add(chr_)
     return _reply(chr_)
 
 
