@@ -245,6 +245,42 @@ def set_successor(tran: Transaction, bitmap: DirtyBitmap, successor: DirtyBitmap
     tran.add(SuccessorUndo(bitmap, old))
 
 
+@dataclass(frozen=True, slots=True)
+class AbdicateUndo(Action):
+    """A frozen bitmap gave its name and persistence to its successor and left
+    the node's list at ``index``; abort puts both back as they were."""
+
+    name: ClassVar[str] = "bitmap-abdicate"
+    node: Node
+    bitmap: DirtyBitmap
+    successor: DirtyBitmap
+    index: int
+    bitmap_name: str | None
+    persistent: tuple[bool, bool]  # the bitmap's, the successor's
+    busy: bool
+
+    def abort(self) -> None:
+        bm, succ = self.bitmap, self.successor
+        succ.name, succ.persistent = None, self.persistent[1]
+        bm.name, bm.persistent, bm.busy = self.bitmap_name, self.persistent[0], self.busy
+        bm.successor = succ
+        _TABLES.setdefault(self.node, []).insert(self.index, bm)
+        _bump()
+
+
+def abdicate(tran: Transaction, node: Node, bitmap: DirtyBitmap) -> DirtyBitmap:
+    """bdrv_dirty_bitmap_abdicate: the successor takes the bitmap's name and
+    persistence and keeps its own place in the list; the bitmap is released."""
+    successor = bitmap.successor
+    assert successor is not None
+    undo = (bitmap.name, (bitmap.persistent, successor.persistent), bitmap.busy)
+    successor.name, successor.persistent = bitmap.name, bitmap.persistent
+    bitmap.name, bitmap.persistent, bitmap.busy, bitmap.successor = None, False, False, None
+    index = _unlink(node, bitmap)
+    tran.add(AbdicateUndo(node, bitmap, successor, index, *undo))
+    return successor
+
+
 def change_bits(tran: Transaction, bitmap: DirtyBitmap, bits: bytes | bytearray) -> None:
     """Replace the bits (a clear or a merge), keeping a backup for abort."""
     backup = bitmap.copy_bits()

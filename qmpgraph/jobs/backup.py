@@ -425,9 +425,10 @@ class BackupJob(BlockJob):
         self._cleanup_sync_bitmap(success=False)
 
     def _cleanup_sync_bitmap(self, *, success: bool) -> None:
-        """Abdicate (the bitmap becomes its successor) when the job succeeded or
-        ``bitmap-mode=always``, else reclaim (the successor merges back); a failed
-        ``always`` job also keeps what it did not copy."""
+        """Abdicate (the successor, in its own place in the list, takes the
+        bitmap's name) when the job succeeded or ``bitmap-mode=always``, else
+        reclaim (the successor merges back); a failed ``always`` job also keeps
+        what it did not copy."""
         bitmap, successor = self.params.bitmap, self.successor
         if bitmap is None or successor is None or self.creating:
             return
@@ -435,22 +436,25 @@ class BackupJob(BlockJob):
         sync = (success or mode == "always") and mode != "never"
         with self.daemon.graph_transaction("backup-bitmap", {"id": self.id}) as tran:
             if sync:
-                merged = DirtyBitmap(None, bitmap.size, bitmap.granularity)
-                merged.merge_from(successor)
+                bitmap = bitmap_registry.abdicate(tran, self.source, bitmap)
             else:
                 merged = DirtyBitmap(None, bitmap.size, bitmap.granularity)
                 merged.restore_bits(bitmap.copy_bits())
                 merged.merge_from(successor)
+                bitmap_registry.change_bits(tran, bitmap, merged.bits)
+                disabled = successor.disabled
+                bitmap_registry.change_flags(tran, bitmap, disabled=disabled, busy=False)
+                bitmap_registry.set_successor(tran, bitmap, None)
+                bitmap_registry.remove(tran, self.source, successor)
             if not success and mode == "always":
+                merged = DirtyBitmap(None, bitmap.size, bitmap.granularity)
+                merged.restore_bits(bitmap.copy_bits())
                 st = CBW_IO.state(self.cbw)
                 for c in range(len(st.to_copy)):
                     if st.to_copy[c]:
                         pos = c * st.cluster
                         merged.set_range(pos, min(st.cluster, self.length - pos))
-            bitmap_registry.change_bits(tran, bitmap, merged.bits)
-            bitmap_registry.change_flags(tran, bitmap, disabled=successor.disabled, busy=False)
-            bitmap_registry.set_successor(tran, bitmap, None)
-            bitmap_registry.remove(tran, self.source, successor)
+                bitmap_registry.change_bits(tran, bitmap, merged.bits)
         self.successor = None
 
     def clean(self) -> None:
