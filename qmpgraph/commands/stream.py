@@ -43,6 +43,7 @@ from qmpgraph.io.request import BlockIOError
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed
 from qmpgraph.jobs.dataplane import allocated_above, layer_allocated, node_size, write_back
+from qmpgraph.jobs.drain import drain_node_bounce
 from qmpgraph.transactions.actions import (
     add_root_parent,
     remove_root_parent,
@@ -380,6 +381,8 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
             cor = open_one(TreeOpenContext(graph, tran), opts, None)
         except GenericError as err:
             raise GenericError(f"Could not create node: {err.desc}") from err
+        # bdrv_insert_node drains ``bs``: a job above it pauses and goes on.
+        drain_node_bounce(daemon, bs)
         insert_node(tran, graph, bs, cor)
         if "filter-node-name" not in args:
             cor.implicit = True
