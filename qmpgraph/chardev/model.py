@@ -389,22 +389,40 @@ def _pty(label: str, data: dict[str, Any]) -> Chardev:
     return PtyChardev(label, [master], f"pty:{name}")
 
 
+def _resolve(host: str, port: str, passive: bool) -> Any:
+    """getaddrinfo for a datagram socket, with QEMU's message on failure."""
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        return socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_DGRAM, 0, flags)
+    except socket.gaierror as err:
+        raise GenericError(f"address resolution failed for {host}:{port}: {err.strerror}") from None
+
+
 def _udp(label: str, data: dict[str, Any]) -> Chardev:
     remote = data["remote"]
     local = data.get("local")
     if remote.get("type") != "inet" or (local is not None and local.get("type") != "inet"):
         raise GenericError("qmpgraph supports only inet addresses for udp chardevs")
     rdata = remote["data"]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raddr = _resolve(rdata["host"], rdata["port"], False)[0]
+    sock = socket.socket(raddr[0], socket.SOCK_DGRAM)
     try:
         if local is not None:
             ldata = local["data"]
-            sock.bind((ldata.get("host", "") or "", int(ldata.get("port", "0") or 0)))
-        sock.connect((rdata["host"], int(rdata["port"])))
-    except (OSError, ValueError) as err:
+            laddr = _resolve(ldata.get("host", ""), ldata.get("port", "0") or "0", True)[0]
+            try:
+                sock.bind(laddr[4])
+            except OSError as err:
+                raise GenericError(
+                    f"Failed to bind socket: {os.strerror(err.errno or 0)}"
+                ) from None
+        try:
+            sock.connect(raddr[4])
+        except OSError as err:
+            raise GenericError(f"Failed to connect socket: {os.strerror(err.errno or 0)}") from None
+    except BaseException:
         sock.close()
-        reason = os.strerror(err.errno or 0) if isinstance(err, OSError) else str(err)
-        raise GenericError(f"Failed to connect socket: {reason}") from None
+        raise
     return UdpChardev(label, [sock.detach()])
 
 

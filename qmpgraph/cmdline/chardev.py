@@ -5,9 +5,9 @@ The checks run in QEMU 7.2's order (``qemu_chr_new_from_opts``,
 ``monitor_init``) with its messages. qmpgraph serves QMP over ``socket``
 (Unix or TCP; listening, or connecting out with ``server=off``) and
 ``null`` chardevs. The ``ringbuf``, ``memory``, ``file``, ``pipe``,
-``stdio``, ``pty``, ``serial`` and ``parallel`` backends become a QMP
-``ChardevBackend`` (``ChardevSpec.data``, as QEMU's ``qemu_chr_parse_*``
-build it) that ``qmpgraph.chardev`` opens; ``udp`` and ``mux`` are refused.
+``stdio``, ``pty``, ``udp``, ``serial`` and ``parallel`` backends become a
+QMP ``ChardevBackend`` (``ChardevSpec.data``, as QEMU's ``qemu_chr_parse_*``
+build it) that ``qmpgraph.chardev`` opens; ``mux`` (and ``mux=on``) is refused.
 
 What does not live here: binding, connecting and serving
 (``qmpgraph.server.startup``).
@@ -50,7 +50,7 @@ _PATH_BACKENDS = {
     "serial": ("device", "chardev: serial/tty: no device path given"),
     "parallel": ("device", "chardev: parallel: no device path given"),
 }
-SUPPORTED_BACKENDS = ("socket", "null", "ringbuf", "memory", "stdio", "pty", *_PATH_BACKENDS)
+SUPPORTED_BACKENDS = ("socket", "null", "ringbuf", "memory", "stdio", "pty", "udp", *_PATH_BACKENDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +142,27 @@ def _validate(opts: QemuOpts, backend: str | None) -> ChardevSpec:
         size = opts.get("size")
         if size is not None and parse_size(size) != 0:
             data["size"] = parse_size(size)
+    elif backend == "udp":
+        data.update(_udp(opts))
     elif backend == "stdio" and opts.get("signal") is not None:
         data["signal"] = opts.get_bool("signal", True)
     return ChardevSpec(opts.id, backend, data=data)
+
+
+def _udp(opts: QemuOpts) -> dict[str, Any]:
+    """``qemu_chr_parse_udp``: remote host (default localhost) and port, and a
+    local address when either local option is given."""
+    port = opts.get("port") or ""
+    if not port:
+        raise CmdlineError("chardev: udp: remote port not specified")
+    flags = {k: opts.get_bool(k, False) for k in ("ipv4", "ipv6") if opts.get(k) is not None}
+    remote = {"host": opts.get("host") or "localhost", "port": port, **flags}
+    out: dict[str, Any] = {"remote": {"type": "inet", "data": remote}}
+    localaddr, localport = opts.get("localaddr") or "", opts.get("localport") or ""
+    if localaddr or localport:
+        local = {"host": localaddr, "port": localport or "0", **flags}
+        out["local"] = {"type": "inet", "data": local}
+    return out
 
 
 _SIZE_SUFFIX = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
