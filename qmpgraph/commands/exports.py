@@ -221,32 +221,11 @@ class ServerSet(Action):
 
 
 def _listen(addr: dict[str, Any]) -> tuple[socket.socket, str | None]:
-    """Bind and listen as QEMU's socket_listen (unix, inet; fd and vsock in
-    ``socket_addr``)."""
+    """Bind and listen as QEMU's socket_listen (each family in ``socket_addr``)."""
     kind = addr.get("type")
     data = addr.get("data", {})
     if kind == "unix":
-        path = str(data["path"])
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if os.path.exists(path):
-                try:
-                    os.unlink(path)
-                except OSError as err:
-                    raise GenericError(
-                        f"Failed to unlink socket {path}: {os.strerror(err.errno or 0)}"
-                    ) from err
-            try:
-                sock.bind(path)
-            except OSError as err:
-                raise GenericError(
-                    f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}"
-                ) from err
-            sock.listen(1)
-        except BaseException:
-            sock.close()
-            raise
-        return sock, path
+        return socket_addr.unix_listen(data)
     if kind == "inet":
         return socket_addr.inet_listen(data), None
     other = socket_addr.listen_other(str(kind), data)

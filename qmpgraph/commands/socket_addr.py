@@ -1,4 +1,4 @@
-"""Listening sockets for the ``inet``, ``fd`` and ``vsock`` address types
+"""Listening sockets for the ``unix``, ``inet``, ``fd`` and ``vsock`` address types
 (QEMU 7.2's ``socket_listen`` in util/qemu-sockets.c), used by
 ``nbd-server-start``.
 
@@ -21,7 +21,12 @@ socket into the listening state.
 a negative number wraps), then socket, bind and listen, each failure with
 the system's message (a machine without vsock: "Failed to create socket").
 
-What does not live here: the unix listener and the NBD server
+``unix``: the path's length is checked (108 bytes, 107 abstract) before an
+existing file of any type is unlinked; an empty path is a new temporary
+``qemu-socket-XXXXXX``; an abstract name is bound tight (its own length)
+unless ``tight`` is false (the whole zero-padded ``sun_path``).
+
+What does not live here: the NBD server
 table (``exports``), serving connections (``qmpgraph.server.nbd``).
 """
 
@@ -34,6 +39,7 @@ import os
 import re
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -229,3 +235,51 @@ def inet_listen(data: dict[str, Any]) -> socket.socket:
             last_errno = failed
     text = "Failed to find an available port" if created else "Failed to create a socket"
     raise GenericError(f"{text}: {os.strerror(last_errno)}" if last_errno else text)
+
+
+_SUN_PATH = 108  # sizeof(struct sockaddr_un.sun_path)
+
+
+def unix_listen(data: dict[str, Any]) -> tuple[socket.socket, str | None]:
+    """QEMU 7.2's unix_listen_saddr; the socket and the file path it made (None
+    for an abstract one).  An empty path is a new ``qemu-socket-XXXXXX`` in
+    $TMPDIR; the length is checked before an existing file is unlinked."""
+    abstract = bool(data.get("abstract", False))
+    path = str(data["path"])
+    temporary = not path and not abstract
+    if temporary:
+        path = os.path.join(os.environ.get("TMPDIR") or "/tmp", "qemu-socket-XXXXXX")
+    size = len(path.encode())
+    if size > _SUN_PATH or (abstract and size > _SUN_PATH - 1):
+        raise GenericError(f"UNIX socket path '{path}' is too long")
+    if temporary:
+        fd, path = tempfile.mkstemp(prefix="qemu-socket-", dir=os.path.dirname(path))
+        os.close(fd)
+    if not abstract:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise GenericError(
+                f"Failed to unlink socket {path}: {os.strerror(err.errno or 0)}"
+            ) from err
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        name: str | bytes = path
+        if abstract:
+            raw = b"\0" + path.encode()
+            # tight (the default): the address is the name alone; else the
+            # whole sun_path, zero padded.
+            name = raw if data.get("tight", True) else raw.ljust(_SUN_PATH, b"\0")
+        try:
+            sock.bind(name)
+        except OSError as err:
+            raise GenericError(
+                f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}"
+            ) from err
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, None if abstract else path
