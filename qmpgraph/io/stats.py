@@ -10,7 +10,12 @@ except two things kept on the BlockDriverState itself:
 * the file-posix counters of ``driver-specific``: discards the driver
   issued, with their outcome (raw_account_discard).
 
-Both are recorded here, keyed by ``Node.id`` (ids are never reused, so a
+Writes reach a node two ways: requests through ``qmpgraph.io.hooks``
+(``record_write``), and writes made straight through a file node's
+descriptor by the qcow2 library and the control plane (``record_fd_write``,
+the descriptor bound to its node by ``bind_fd`` when the file node opens).
+
+Both counters are recorded here, keyed by ``Node.id`` (ids are never reused, so a
 node deleted and added again starts from zero, as a new BlockDriverState
 does), at O(1) per request.  An entry is a few dozen bytes and only nodes
 that were written or discarded have one, so entries of deleted nodes are
