@@ -15,12 +15,14 @@ Writes reach a node two ways: requests through ``qmpgraph.io.hooks``
 descriptor by the qcow2 library and the control plane (``record_fd_write``,
 the descriptor bound to its node by ``bind_fd`` when the file node opens).
 
-Both counters are recorded here, keyed by ``Node.id`` (ids are never reused, so a
-node deleted and added again starts from zero, as a new BlockDriverState
-does), at O(1) per request.  An entry is a few dozen bytes and only nodes
-that were written or discarded have one, so entries of deleted nodes are
-left in place rather than tracked (several daemons may share a process in
-tests, so no one daemon's node list may sweep them).  What does not live here: the query itself
+Both counters are recorded here, keyed by ``Node.id`` (ids are never
+reused, so a node deleted and added again starts from zero, as a new
+BlockDriverState does), at O(1) per request.  An entry is a few dozen bytes
+and only nodes that were written or discarded have one, so entries of
+deleted nodes are left in place rather than tracked (several daemons may
+share a process in tests, so no one daemon's node list may sweep them).
+
+What does not live here: the query itself
 (``qmpgraph.commands.query.blockstats``).
 """
 
