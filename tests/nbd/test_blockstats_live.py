@@ -137,3 +137,47 @@ def test_nbdcopy_into_raw(daemons: dict[str, LiveDaemon], tmp_path: Path) -> Non
         run("nbdcopy", str(src), daemons[kind].uri("raw"))
     highest = _same(daemons)
     assert highest["raw"] == 4 << 20
+
+
+@pytest.fixture
+def fleecing(tmp_path: Path) -> Iterator[dict[str, LiveDaemon]]:
+    """Both daemons with a copy-before-write filter over src (data in its
+    first 2 MiB) into tgt, the filter exported writable."""
+    qsd = require_qemu()
+    started: dict[str, LiveDaemon] = {}
+    try:
+        for kind in KINDS:
+            work = tmp_path / kind
+            work.mkdir(parents=True)
+            for name in ("a", "t"):
+                run("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), "4M")
+            run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 2M", str(work / "a.qcow2"))
+            daemon = started[kind] = LiveDaemon(
+                kind,
+                qsd,
+                work,
+                [
+                    f"driver=file,filename={work}/a.qcow2,node-name=af",
+                    "driver=qcow2,file=af,node-name=src",
+                    f"driver=file,filename={work}/t.qcow2,node-name=tf",
+                    "driver=qcow2,file=tf,node-name=tgt",
+                ],
+            )
+            daemon.ok("blockdev-add", driver="copy-before-write", node_name="cbw", file="src",
+                      target="tgt")  # fmt: skip
+            daemon.start_nbd()
+            daemon.ok("block-export-add", type="nbd", id="w", node_name="cbw", writable=True)
+        yield started
+    finally:
+        for daemon in started.values():
+            daemon.stop()
+
+
+def test_fleecing_copies_count_on_the_target(fleecing: dict[str, LiveDaemon]) -> None:
+    """Guest writes through copy-before-write: the old data copied to the
+    target counts on tgt and its file, the new data on src and its file."""
+    for cmd in ("write -P 2 0 4k", "write -P 3 1M 64k", "write -z 3M 64k", "write 100k 200k"):
+        for kind in KINDS:
+            _qemu_io(fleecing[kind], "cbw", cmd)
+        highest = _same(fleecing)
+    assert highest["tgt"] > 0 and highest["cbw"] == 3 * (1 << 20) + 65536
