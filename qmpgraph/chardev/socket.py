@@ -13,9 +13,9 @@ qmpgraph observes all this when asked (``refresh``, called before any state
 is shown) rather than in a task: accepting and polling without blocking gives
 the same answers, since nothing else can see the state in between.
 
-Lives here: ``SocketChardev`` (made by ``chardev-add``), ``MonitorSocket``
-(the ``query-chardev`` view of a command-line socket chardev whose sockets
-``qmpgraph.server.startup`` owns), and ``open_socket``.
+Lives here: ``SocketChardev`` (made by ``chardev-add``), ``CmdlineSocket``
+(a ``--chardev socket``, whose sockets ``qmpgraph.server.startup`` made and
+a monitor may serve), and ``open_socket``.
 What does not live here: the other backends (``qmpgraph.chardev.model``).
 """
 
@@ -34,7 +34,7 @@ from qmpgraph.chardev.model import Chardev
 from qmpgraph.commands import socket_addr
 from qmpgraph.errors import GenericError
 
-__all__ = ["MonitorSocket", "SocketChardev", "open_socket", "validate_socket"]
+__all__ = ["CmdlineSocket", "SocketChardev", "open_socket", "validate_socket"]
 
 _UNIX_PATH_MAX = 108
 
@@ -370,48 +370,67 @@ def open_socket(label: str, data: dict[str, Any], *, objects: Any = None) -> Cha
     return chr_
 
 
-class MonitorSocket(Chardev):
-    """A command-line socket chardev: ``qmpgraph.server.startup`` owns its
-    sockets (a monitor serves them); this is what QOM and ``query-chardev`` see."""
+class CmdlineSocket(SocketChardev):
+    """A ``--chardev socket``: ``qmpgraph.server.startup`` made its sockets.
 
-    kind = "socket"
-    class_properties = SocketChardev.class_properties
-    read_only = SocketChardev.read_only
+    Until a ``--monitor`` takes it, it behaves as a chardev-add'ed one (and
+    owns the sockets: accepts lazily, unlinks its file when removed). Once a
+    monitor serves the sockets, the connection state is read from the
+    kernel's table instead, and the sockets stay the start-up's to close.
+    """
 
-    def __init__(self, label: str, addr: dict[str, Any], server: bool) -> None:
-        super().__init__(label)
-        self.addr = addr
-        self.server = server
-        self.has_connections = False
+    def __init__(
+        self,
+        label: str,
+        addr: dict[str, Any],
+        server: bool,
+        *,
+        listener: socket.socket | None,
+        connections: list[socket.socket],
+        created: tuple[str, int] | None,
+    ) -> None:
+        super().__init__(label, addr, {"server": server})
+        self.listener = listener
+        self._created = created
+        if connections:
+            self._attach(connections[0])
 
-    def _connected(self) -> bool:
-        if self.has_connections or not self.server:
-            # A client chardev connected at start-up (or failed start-up).
-            return True
+    def _served(self) -> bool:
+        return self.frontend == "monitor"
+
+    def refresh(self) -> None:
+        """As ``SocketChardev.refresh`` while no monitor serves the sockets."""
+        if self._served():
+            return
+        if self.listener is not None:
+            self.listener.setblocking(False)
+        super().refresh()
+
+    def _monitor_connected(self) -> bool:
+        if not self.server:
+            return True  # connected at start-up
         if self.addr["type"] != "unix":
             return False
         return _unix_path_connected(self.addr["path"])
 
     def filename(self) -> str:
-        """As ``SocketChardev``'s, the connection judged from the kernel's table."""
-        on = ",server=on" if self.server else ""
-        a = self.addr
-        if a["type"] == "unix":
-            base = f"unix:{a['path']}{on}"
-            if self._connected():
-                return base if self.server else "unix:"
-            return "disconnected:" + base
-        if a["type"] == "inet":
-            return f"disconnected:tcp:{a['host']}:{a['port']}{on}"
-        return f"disconnected:fd:{a.get('str', '')}{on}"
+        """As ``SocketChardev``'s; a monitor's connection judged from the kernel."""
+        if not self._served():
+            return super().filename()
+        if self._monitor_connected() and self.addr["type"] == "unix":
+            return f"unix:{self.addr['path']},server=on" if self.server else "unix:"
+        return "disconnected:" + self._address_text()
 
     def get(self, name: str) -> Any:
         """``connected`` and ``addr``."""
-        if name == "connected":
-            return self._connected()
-        if name == "addr":
-            return dict(self.addr)
+        if name == "connected" and self._served():
+            return self._monitor_connected()
         return super().get(name)
+
+    def close(self) -> None:
+        """Close (and unlink) unless a monitor serves the sockets."""
+        if not self._served():
+            super().close()
 
 
 def _unix_path_connected(path: str) -> bool:

@@ -15,6 +15,7 @@ What does not live here: the chardev objects and backends
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from qmpgraph.chardev.model import (
@@ -31,7 +32,7 @@ from qmpgraph.chardev.model import (
     open_backend,
     qmp_string_bytes,
 )
-from qmpgraph.chardev.socket import MonitorSocket, open_socket
+from qmpgraph.chardev.socket import CmdlineSocket, open_socket
 from qmpgraph.cmdline.chardev import ChardevSpec
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
@@ -181,11 +182,17 @@ def query_chardev_backends(ctx: CommandContext, args: dict[str, Any]) -> list[di
 # -- command-line chardevs ---------------------------------------------------------
 
 
-def open_from_cmdline(daemon: Daemon, spec: ChardevSpec) -> Chardev:
+def open_from_cmdline(
+    daemon: Daemon,
+    spec: ChardevSpec,
+    listener: socket.socket | None = None,
+    connections: list[socket.socket] | None = None,
+    created: tuple[str, int] | None = None,
+) -> Chardev:
     """The chardev a ``--chardev`` stands for, opened (not yet in the tree).
 
-    A socket's sockets belong to ``qmpgraph.server.startup`` (a monitor
-    serves them); the chardev is then the ``MonitorSocket`` view of them.
+    A socket's sockets were made by ``qmpgraph.server.startup`` (``listener``,
+    ``connections``, the socket file ``created``); the chardev adopts them.
     """
     if spec.backend == "socket":
         if spec.path is not None:
@@ -194,7 +201,14 @@ def open_from_cmdline(daemon: Daemon, spec: ChardevSpec) -> Chardev:
             addr = {"type": "inet", "host": spec.host, "port": spec.port or ""}
         else:
             addr = {"type": "fd", "str": spec.fd or ""}
-        return MonitorSocket(spec.id, addr, spec.server)
+        return CmdlineSocket(
+            spec.id,
+            addr,
+            spec.server,
+            listener=listener,
+            connections=connections or [],
+            created=created,
+        )
     return new_chardev(daemon, spec.id, {"type": spec.backend, "data": dict(spec.data)})
 
 
@@ -214,7 +228,7 @@ def attach_monitor(daemon: Daemon, label: str, pretty: bool = False) -> None:
     if chr_ is None:
         return
     chr_.frontend = "monitor"
-    if isinstance(chr_, MonitorSocket):
+    if isinstance(chr_, CmdlineSocket):
         return
     greeting = daemon.greeting()
     if not chr_.gcontext:

@@ -329,7 +329,9 @@ class Startup:
         chr_ = None
         if self.daemon is not None:
             try:
-                chr_ = chardev_commands.open_from_cmdline(self.daemon, spec)
+                chr_ = chardev_commands.open_from_cmdline(
+                    self.daemon, spec, ep.listener, ep.connections, ep.created
+                )
             except QMPError as exc:
                 raise CmdlineError(exc.desc) from None
         # A duplicate id is detected by the caller after this returns (as in
