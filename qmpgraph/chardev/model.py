@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import os
 import socket
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -385,7 +384,6 @@ def _pty(label: str, data: dict[str, Any]) -> Chardev:
     master, slave = os.openpty()
     name = os.ttyname(slave)
     os.close(slave)
-    print(f"char device redirected to {name} (label {label})", file=sys.stderr, flush=True)
     return PtyChardev(label, [master], f"pty:{name}")
 
 

@@ -209,7 +209,11 @@ def open_from_cmdline(
             connections=connections or [],
             created=created,
         )
-    return new_chardev(daemon, spec.id, {"type": spec.backend, "data": dict(spec.data)})
+    chr_ = new_chardev(daemon, spec.id, {"type": spec.backend, "data": dict(spec.data)})
+    if isinstance(chr_, PtyChardev):
+        # QEMU's qemu_printf: stdout at start-up; a QMP monitor swallows it.
+        print(f"char device redirected to {chr_.filename()[4:]} (label {spec.id})", flush=True)
+    return chr_
 
 
 def add_from_cmdline(daemon: Daemon, chr_: Chardev) -> None:
