@@ -275,6 +275,8 @@ class ChardevTable:
         self.stdio_used = False
         #: A stdio chardev was finalized: QEMU closed the daemon's stdin then.
         self.stdin_closed = False
+        #: Whether ``close_all`` already runs when the daemon stops.
+        self.cleanup_registered = False
 
     def find(self, label: str) -> Chardev | None:
         """``qemu_chr_find``."""

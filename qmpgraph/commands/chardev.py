@@ -41,14 +41,12 @@ from qmpgraph.errors import GenericError
 from qmpgraph.objects.qom import tree_for
 from qmpgraph.protocol import qjson
 
-_CLEANUP_REGISTERED: set[int] = set()
-
 
 def table_of(daemon: Daemon) -> ChardevTable:
     """The daemon's chardevs; their sockets are closed when it stops."""
     table = chardev_table(daemon.graph)
-    if id(table) not in _CLEANUP_REGISTERED:
-        _CLEANUP_REGISTERED.add(id(table))
+    if not table.cleanup_registered:
+        table.cleanup_registered = True
         daemon.on_stop(table.close_all)
     return table
 
