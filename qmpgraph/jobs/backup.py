@@ -332,9 +332,13 @@ class BackupJob(BlockJob):
         # already started when a task fails still run.
         call_failed: tuple[bool, int] | None = None
         after_fail = 0
+        # A cancel that enters a job stopped on an error meets a new call
+        # whose tasks have all started: they run to their end (failures
+        # dropped), then the call ends cancelled and so does the job.
+        cancelled_call = False
         while True:
             await self.pause_point()
-            if self.is_cancelled():
+            if self.is_cancelled() and not cancelled_call:
                 return
             while c < n and not st.to_copy[c]:
                 c += 1
@@ -347,15 +351,12 @@ class BackupJob(BlockJob):
                 if error_action(self, policy, is_read, code) == "report":
                     raise JobFailed(code)
                 await self.pause_point()
-                if self.is_cancelled():
-                    # The new call is cancelled; it ends after the reply.
-                    await self.io_point()
-                    return
+                cancelled_call = self.is_cancelled()
                 c = 0
                 continue
             if c >= n:
                 return
-            delay = self.ratelimit_delay(0)
+            delay = 0 if cancelled_call else self.ratelimit_delay(0)
             if delay:
                 await self.sleep_ns(delay)
                 continue
@@ -394,7 +395,8 @@ class BackupJob(BlockJob):
                 after_fail += 1
             if failed is not None:
                 # The failed task's clusters are still to copy.
-                call_failed = call_failed or failed
+                if not cancelled_call:
+                    call_failed = call_failed or failed
                 c = -(-(pos + nbytes) // cluster)
                 continue
             self.progress_update(nbytes)
