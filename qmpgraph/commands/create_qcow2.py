@@ -24,6 +24,7 @@ What does not live here: the job and the command (``create``), the default
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import struct
@@ -254,6 +255,11 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
         # The image as qcow2_co_create had it before the truncate: size 0.
         empty = Qcow2Layout(**{**_fields(lay), "size": 0, "preallocation": "off"})
         return ImageWrites([(0, image_bytes(empty))], 0, error=lay.resize_error)
+    backing_error = _backing_error(lay)
+    if backing_error is not None:
+        # The image is complete, but for the backing file it could not record.
+        plain = Qcow2Layout(**{**_fields(lay), "backing_file": None, "backing_fmt": None})
+        return dataclasses.replace(image_writes(plain), error=backing_error)
     if lay.preallocation == "off":
         alloc = _Allocator(lay)
         if len(alloc.refblocks) == 1:
@@ -294,6 +300,23 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
     data_end = last_data * cs + (tail or cs) if lay.data_file is None else 0
     length = max(data_end, *(offset + len(data) for offset, data in writes))
     return ImageWrites(writes, length)
+
+
+def _backing_error(lay: Qcow2Layout) -> str | None:
+    """qcow2_change_backing_file's refusals: a name past 1023 bytes, or a
+    header that no longer fits in its cluster."""
+    if lay.backing_file is None:
+        return None
+    name = lay.backing_file
+    if len(name.encode()) > 1023:
+        code = errno.EINVAL
+    elif len(_header_cluster(lay)) > lay.cluster_size:
+        code = errno.ENOSPC
+    else:
+        return None
+    # QEMU prints a missing format with glibc's "(null)".
+    fmt = lay.backing_fmt if lay.backing_fmt is not None else "(null)"
+    return f"Could not assign backing file '{name}' with format '{fmt}': {os.strerror(code)}"
 
 
 def _entry_size(lay: Qcow2Layout) -> int:
@@ -442,8 +465,17 @@ def image_bytes(lay: Qcow2Layout, used: int = 0, reftable_cluster: int = 1) -> b
     where the header says the refcount table is.
     """
     cs = lay.cluster_size
+    l1_clusters = -(-lay.l1_size * 8 // cs)
+    cluster0 = _header_cluster(lay, reftable_cluster).ljust(cs, b"\0")
+    reftable = struct.pack(">Q", 2 * cs).ljust(cs, b"\0")
+    refblock = _refblock(lay, used or 3 + l1_clusters)
+    return cluster0 + reftable + refblock + bytes(lay.l1_size * 8)
+
+
+def _header_cluster(lay: Qcow2Layout, reftable_cluster: int = 1) -> bytes:
+    """The header, its extensions and the backing file name (unpadded)."""
+    cs = lay.cluster_size
     l1_size = lay.l1_size
-    l1_clusters = -(-l1_size * 8 // cs)
     l1_offset = 3 * cs if l1_size else 0
     header_len = _HEADER_V3 if lay.version >= 3 else _HEADER_V2
     exts = b""
@@ -472,7 +504,4 @@ def image_bytes(lay: Qcow2Layout, used: int = 0, reftable_cluster: int = 1) -> b
         autoclear = 2 if lay.data_file_raw else 0
         header += struct.pack(">QQQII", incompat, compat, autoclear, lay.refcount_order, header_len)
         header += bytes([1 if lay.zstd else 0])
-    cluster0 = (header.ljust(header_len, b"\0") + exts + name).ljust(cs, b"\0")
-    reftable = struct.pack(">Q", 2 * cs).ljust(cs, b"\0")
-    refblock = _refblock(lay, used or 3 + l1_clusters)
-    return cluster0 + reftable + refblock + bytes(l1_size * 8)
+    return header.ljust(header_len, b"\0") + exts + name
