@@ -93,6 +93,8 @@ class _CbwState:
     to_copy: bytearray  # 1: still to be copied before a guest write
     done: bytearray  # 1: copied to the target
     access: bytearray  # 1: snapshot readers may read it
+    # Clusters guest writes went through (QEMU's done_bitmap: what queries count).
+    written: set[int] = field(default_factory=set)
     lock: trio.Lock = field(default_factory=trio.Lock)
     error: int | None = None  # the first copy error under break-snapshot
 
@@ -207,6 +209,7 @@ class CbwIO(IOHook):
                         await self._copy(node, st, first, end)
                         for c in range(first, end):
                             st.to_copy[c], st.done[c] = 0, 1
+                st.written.update(st.clusters(offset, length))
             except (BlockIOError, trio.TooSlowError) as err:
                 code = err.errno if isinstance(err, BlockIOError) else errno.ETIMEDOUT
                 if node.options.get("on-cbw-error") == "break-snapshot":

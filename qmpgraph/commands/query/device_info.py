@@ -114,7 +114,8 @@ def _cbw_granularity(cbw: Node) -> int:
 def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
     """The node's bitmaps and the internal ones copy-before-write creates, newest first.
 
-    A cbw node holds its access bitmap and its done bitmap (empty); its
+    A cbw node holds its access bitmap and its done bitmap (the clusters
+    guest writes went through); its
     source (``file``) holds block-copy's copy bitmap: all set, or what the
     user ``bitmap`` marked at open, per cluster.  Without a data path the
     counts stay at their values after open.
@@ -126,7 +127,9 @@ def _dirty_bitmaps(node: Node) -> list[dict[str, Any]]:
         gran = _cbw_granularity(node)
         seq = cbw_bitmaps_seq(node)
         access = _cbw_copy_count(node, gran, access=True)
-        listed += [(seq, _bitmap(access, gran)), (seq, _bitmap(0, gran))]
+        live = CBW_IO.peek(node)
+        done = len(live.written) * live.cluster if live is not None else 0
+        listed += [(seq, _bitmap(access, gran)), (seq, _bitmap(done, gran))]
     for edge in node.parents:
         parent = edge.parent
         is_cbw = isinstance(parent, Node) and parent.format_name == "copy-before-write"
