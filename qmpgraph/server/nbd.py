@@ -15,6 +15,12 @@ client task stops receiving while they are all busy).  Replies may therefore
 go out of request order, as QEMU's do, but each goes out whole: a reply's
 buffers are sent under the connection's send lock.
 
+A client that hangs up, or that the server hangs up (a failed send, a
+deleted export: QEMU's client_close), reads no more requests, but those in
+flight run to their end, as QEMU's coroutines do; until then the client
+still holds its export, so an export deleted in mode hard stays "shutting
+down" and is deleted (``finish_shutdown``) when its last client has gone.
+
 What does not live here: the protocol rules (``qmpgraph.nbd``), the export
 table and QMP commands (``qmpgraph.commands.exports``).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -60,6 +67,10 @@ class _Client:
     scope: trio.CancelScope
     seq: int  # connections accepted before it, plus one
     export: NBDExport | None = None
+    stream: trio.SocketStream | None = None
+    # Hung up by the server (QEMU's client_close): no request is read any
+    # more, but those in flight run to their end (their replies are lost).
+    closing: bool = False
 
 
 @dataclass(eq=False)
@@ -83,10 +94,16 @@ class Runtime:
         return max((cl.seq for cl in self.clients if cl.export is export), default=0)
 
     def disconnect(self, export: NBDExport) -> None:
-        """Hang up the clients of ``export``."""
+        """Hang up the clients of ``export``: their connections are shut down
+        at once; each client goes when its requests in flight have ended."""
         for cl in list(self.clients):
             if cl.export is export:
-                cl.scope.cancel()
+                cl.closing = True
+                if cl.stream is None:
+                    cl.scope.cancel()
+                    continue
+                with contextlib.suppress(OSError):
+                    cl.stream.socket.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         """Stop accepting and hang up everyone; the socket may be closed next."""
@@ -117,6 +134,7 @@ class Runtime:
         try:
             with client.scope:
                 async with stream:
+                    client.stream = stream
                     await self._speak(stream, client)
         except _GONE:
             pass
@@ -131,22 +149,24 @@ class Runtime:
         """Delete the exports shutting down that no client uses any more."""
         for exp in [e for e in self.table.exports if e.shutting_down]:
             if not self.has_clients(exp):
-                finish_shutdown(self.daemon, exp)
+                try:
+                    finish_shutdown(self.daemon, exp)
+                except Exception as exc:  # never let it stop the server
+                    print(f"qmpgraph: deleting export {exp.id} failed: {exc!r}", file=sys.stderr)
 
     async def _speak(self, stream: trio.SocketStream, client: _Client) -> None:
         session = _Session(ServerConnection(self.table), client, _Sender(stream.socket))
         await session.sender.send([session.conn.data_to_send()])
         async with trio.open_nursery() as nursery:
-            session.scope = nursery.cancel_scope
             try:
                 ended = await self._receive(stream, session, nursery)
             except _GONE:
                 ended = False
             if not ended:
-                # The client went away: its requests in flight have nobody to
-                # answer to (QEMU drops them with the connection too).
+                # The client went away (or was hung up): its requests in
+                # flight still run to their end, as QEMU's coroutines do, and
+                # hold the export until then; their replies go nowhere.
                 session.leave()
-                nursery.cancel_scope.cancel()
                 return
         client.export = None
         # Every request read before the end was answered (the nursery waited
@@ -203,7 +223,6 @@ class _Session:
     client: _Client
     sender: _Sender
     slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_IN_FLIGHT))
-    scope: trio.CancelScope | None = None  # the request tasks' nursery
 
     async def dispatch(self, table: ExportTable, data: bytes, nursery: trio.Nursery) -> bool:
         """Feed received bytes to the connection, start a task per request; False at the end.
@@ -226,6 +245,8 @@ class _Session:
             # reply must never overtake the NBD_OPT_GO answer before it.
             await self.sender.send([conn.data_to_send()])
             for ev in events:
+                if self.client.closing:  # hung up: what was read stays unserved
+                    raise trio.ClosedResourceError
                 if isinstance(ev, Request):
                     assert self.client.export is not None
                     await self.slots.acquire()
@@ -252,15 +273,19 @@ class _Session:
             except _HangUp as hang:
                 await self.sender.send(hang.chunks)
                 print(f"qmpgraph: Disconnect client, due to: {hang.reason}", file=sys.stderr)
-                if self.scope is not None:
-                    self.scope.cancel()
+                self.hang_up()
                 return
             await self.sender.send(reply)
         except _GONE:
-            if self.scope is not None:
-                self.scope.cancel()
+            self.hang_up()
         finally:
             self.slots.release()
+
+    def hang_up(self) -> None:
+        """QEMU's client_close: read no more requests; those in flight go on."""
+        self.client.closing = True
+        with contextlib.suppress(OSError):
+            self.sender.sock.shutdown(socket.SHUT_RDWR)
 
 
 def start_runtime(daemon: Daemon, table: ExportTable, server: NBDServer) -> Runtime | None:

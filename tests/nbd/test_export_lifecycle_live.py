@@ -10,8 +10,10 @@ pin down:
   and ``nbd-server-remove`` in mode safe refuse ("export '...' still in
   use"), and the node stays in use; a client still negotiating holds nothing;
 * in mode hard the reply comes first and BLOCK_EXPORT_DELETED only once the
-  hung-up client has gone; meanwhile the export is shutting down (its id is
-  taken, its name is free, a second delete says "already shutting down");
+  hung-up client has gone, which is when its requests in flight have ended
+  (reads held by a throttle group here); meanwhile the export is shutting
+  down (its id is taken, its name is free, its node in use, a second delete
+  says "already shutting down");
 * ``nbd-server-stop`` waits for the clients: the events come before its reply;
 * a client that leaves by itself (NBD_CMD_DISC) releases the export;
 * a fleecing graph's exports (snapshot-access, the cbw as the guest's
@@ -162,6 +164,43 @@ def test_export_del_safe_refuses_hard_deletes_after_reply(tmp_path: Path) -> Non
     # Mode hard with a client: no event before the reply, the event after it.
     assert log[8] == ["block-export-del", [], {"return": {}}]
     assert log[9] == ["wait BLOCK_EXPORT_DELETED", ['BLOCK_EXPORT_DELETED{"id": "e0"}']]
+
+
+def _shutting_down(s: Session) -> None:
+    # Reads queued behind a throttle keep the hung-up client, and so the
+    # export, alive for a while after the reply: the export is shutting down.
+    s.step("object-add", qom_type="throttle-group", id="tg", limits={"bps-read": 65536})
+    s.step("blockdev-add", driver="throttle", node_name="thr", file="f0", throttle_group="tg")
+    s.step("block-export-add", type="nbd", id="e0", node_name="thr", name="disk")
+    client = go(s.daemon.nbd_path, "disk")
+    client.send(
+        request(CMD_READ, 0, 65536, cookie=1)
+        + request(CMD_READ, 0, 131072, cookie=2)
+        + request(CMD_READ, 0, 131072, cookie=3)
+    )
+    # Once the first reply is here, the next reads are in flight (throttled).
+    first = client.reply(65536)
+    s.note("first read", first.type, first.cookie, len(first.payload))
+    s.step("block-export-del", id="e0", mode="hard")
+    s.step("query-block-exports")
+    s.step("block-export-del", id="e0", mode="hard")
+    s.step("nbd-server-remove", name="e0")
+    s.step("block-export-add", type="nbd", id="e0", node_name="thr", name="again")
+    s.step("block-export-add", type="nbd", id="e1", node_name="thr", name="disk")
+    s.step("blockdev-del", node_name="thr")
+    s.wait_event("BLOCK_EXPORT_DELETED")
+    s.note("client hung up", hung_up(client))
+    s.step("query-block-exports")
+    s.step("block-export-del", id="e1")
+    s.step("blockdev-del", node_name="thr")
+    client.close()
+
+
+def test_export_shutting_down_while_requests_run(tmp_path: Path) -> None:
+    log = _both(tmp_path, _shutting_down)
+    assert log[4] == ["block-export-del", [], {"return": {}}]
+    shutting = {"id": "e0", "node-name": "thr", "shutting-down": True, "type": "nbd"}
+    assert log[5] == ["query-block-exports", [], {"return": [shutting]}]
 
 
 def _client_leaves(s: Session) -> None:
