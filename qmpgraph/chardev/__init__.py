@@ -2,8 +2,9 @@
 
 * ``model``: the ``Chardev`` QOM object, the per-daemon ``ChardevTable``
   (``/chardevs`` in the QOM tree), the simple backends (ringbuf/memory, null,
-  file, pipe, stdio, serial, parallel, pty, udp, mux) and the byte helpers of
-  ``ringbuf-read``/``ringbuf-write`` (QEMU's UTF-8 and base64 handling).
+  file, pipe, stdio, serial, parallel, pty, udp, mux).
+* ``data``: the bytes of ``ringbuf-read``/``ringbuf-write`` (QEMU's UTF-8
+  and base64 handling).
 * ``socket``: the ``socket`` backend (Unix and TCP, server or client), whose
   connection state a trio task keeps current.
 

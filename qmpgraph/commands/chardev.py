@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from qmpgraph.chardev.data import base64_text, glib_base64_decode, json_text, qmp_string_bytes
 from qmpgraph.chardev.model import (
     QSD_BACKENDS,
     Chardev,
@@ -25,12 +26,8 @@ from qmpgraph.chardev.model import (
     MuxChardev,
     PtyChardev,
     RingbufChardev,
-    base64_text,
     chardev_table,
-    glib_base64_decode,
-    json_text,
     open_backend,
-    qmp_string_bytes,
 )
 from qmpgraph.chardev.socket import CmdlineSocket, open_socket
 from qmpgraph.cmdline.chardev import ChardevSpec

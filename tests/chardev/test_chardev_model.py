@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "commands"))
 
 from cmdkit import Client  # tests/commands helper, put on sys.path above
 
-from qmpgraph.chardev.model import glib_base64_decode, json_text, qmp_string_bytes
+from qmpgraph.chardev.data import glib_base64_decode, json_text, qmp_string_bytes
 from qmpgraph.cmdline.chardev import MonitorSpec, parse_chardev
 from qmpgraph.cmdline.errors import CmdlineError
 from qmpgraph.server.startup import Startup
