@@ -32,6 +32,7 @@ from typing import Any
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.create_qcow2 import (
     Qcow2Layout,
+    bare_image,
     encryption_refusal,
     image_writes,
     validate,
@@ -195,12 +196,20 @@ class CreateJob(Job):
         except GenericError as err:
             raise _fail(err) from err
         try:
-            for taken in (node, *data_nodes):
-                self._take_file(taken)
+            self._take_file(node)
         except GenericError as err:
             raise JobFailed(errno.EPERM, err.desc) from err
         state = _file_state(node)
         await self.io_point()
+        try:
+            # The data file is taken when the new image is opened, after
+            # the bare header is written (which then stays).
+            for taken in data_nodes:
+                self._take_file(taken)
+        except GenericError as err:
+            _write(state.lock.fd, 0, bare_image(layout))
+            graph.names.generate()
+            raise JobFailed(errno.EPERM, err.desc) from err
         try:
             plan = image_writes(layout)
         except GenericError as err:

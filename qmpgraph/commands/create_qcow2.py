@@ -458,6 +458,24 @@ def _preallocated_data(lay: Qcow2Layout) -> ImageWrites:
     )
 
 
+def bare_image(lay: Qcow2Layout) -> bytes:
+    """What qcow2_co_create writes before it opens the new image: a header
+    of size 0 without extensions (its full 112-byte structure, v2 too), the
+    refcount table pointing at an empty refcount block.  An open that then
+    fails (the data file's permissions) leaves this."""
+    cs = lay.cluster_size
+    incompat = (8 if lay.zstd else 0) | (16 if lay.extended_l2 else 0)
+    incompat |= 4 if lay.data_file is not None else 0
+    header = struct.pack(
+        ">IIQIIQIIQQIIQQQQII",
+        MAGIC, lay.version, 0, 0, lay.cluster_bits, 0, 0, 0, 0, cs, 1, 0, 0,
+        incompat, 1 if lay.lazy_refcounts else 0, 2 if lay.data_file_raw else 0,
+        lay.refcount_order, _HEADER_V3,
+    ) + bytes([1 if lay.zstd else 0])  # fmt: skip
+    reftable = struct.pack(">Q", 2 * cs).ljust(cs, b"\0")
+    return header.ljust(cs, b"\0") + reftable + bytes(cs)
+
+
 def image_bytes(lay: Qcow2Layout, used: int = 0, reftable_cluster: int = 1) -> bytes:
     """Header cluster, refcount table, refcount block and L1 table of the new image.
 
