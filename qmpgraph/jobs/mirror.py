@@ -322,7 +322,8 @@ class MirrorJob(BlockJob):
                 await self.io_point()
                 return
             cnt = dirty.dirty_bytes()
-            self.progress_set_remaining(min(cnt, length))
+            # Whole chunks, the last one too (QEMU does not clip the count).
+            self.progress_set_remaining(cnt)
             if cnt:
                 cursor = await self._iteration(dirty, cursor, length)
                 delay = self.ratelimit_delay(0)
