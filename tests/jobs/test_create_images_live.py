@@ -8,9 +8,9 @@ L1 table needs refcount blocks of its own, sizes 0 and 2 PiB, preallocation
 with extended L2 entries), ``qemu-img check`` must find both images clean,
 ``qemu-img info --output=json`` must report the same format-specific data,
 cluster size, virtual size, dirty flag and backing file, and the files must
-be equal byte for byte.  Jobs that fail
-(QEMU's truncate refusals, encryption refusals after the image was sized)
-must fail with the same error and leave the same bytes behind.
+be equal byte for byte.  Jobs that fail (QEMU's truncate refusals,
+encryption and backing file refusals after the image was sized) must fail
+with the same error and leave the same bytes behind.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ FAILURES: list[tuple[str, dict[str, Any], str]] = [
     ("bad-cipher", {"size": 2097152, "backing-file": "base.qcow2", "encrypt":
                     {"format": "luks", "key-secret": "s0", "cipher-alg": "3des"}},
      "Algorithm '3des' not supported"),
+    ("long-backing", {"size": 1048576, "backing-file": "/" + "x" * 1023},
+     f"Could not assign backing file '/{'x' * 1023}' with format '(null)': Invalid argument"),
+    ("header-full", {"size": 1048576, "cluster-size": 512, "version": "v2",
+                     "backing-file": "b" * 433, "backing-fmt": "raw"},
+     f"Could not assign backing file '{'b' * 433}' with format 'raw': No space left on device"),
 ]  # fmt: skip
 
 
