@@ -42,6 +42,7 @@ from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.filelock import ImageLock, ofd_supported
 from qmpgraph.drivers.open import TreeOpenContext, open_one
+from qmpgraph.drivers.raw import RawState
 from qmpgraph.errors import GenericError
 from qmpgraph.graph.model import BlockBackend, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
@@ -272,10 +273,21 @@ def _write(fd: int, offset: int, data: bytes) -> None:
 
 
 def _file_state(node: Node) -> FileState:
+    # Writes through a throttle filter or a raw node without offset or size
+    # land at the same offsets of its file: the image is written there.
+    while (node.format_name == "throttle" or _whole_raw(node)) and node.file is not None:
+        child = node.file.child
+        assert isinstance(child, Node)
+        node = child
     state = node.state
     if not isinstance(state, FileState) or state.lock.closed:
         raise JobFailed(errno.ENOTSUP, "qcow2 images can be created on 'file' nodes only")
     return state
+
+
+def _whole_raw(node: Node) -> bool:
+    state = node.state
+    return isinstance(state, RawState) and not state.offset and not state.has_size
 
 
 @command("blockdev-create")
