@@ -8,8 +8,14 @@ the export table changes through undoable actions, and the side effects that
 must not happen on abort (the BLOCK_EXPORT_DELETED event, disconnecting
 clients, closing the listener) are queued with ``tran.on_commit``.
 
-The listening socket is bound here, synchronously, so that bind errors are
-the command's errors; serving it is the job of a runtime
+Deleting an export a client holds: mode safe refuses; mode hard hangs the
+clients up and marks the export shutting down (QEMU's ``!user_owned``: its
+id stays taken and its node in use, its NBD name is free); the runtime calls
+``finish_shutdown`` once the last client has gone, which deletes it and
+sends the event, after the command's reply.
+
+The listening socket is bound synchronously (``socket_addr``), so that
+bind errors are the command's errors; serving it is the job of a runtime
 (``qmpgraph.server.nbd``), started only when the command runs inside trio.
 
 What does not live here: the NBD protocol (``qmpgraph.nbd``), sockets'
