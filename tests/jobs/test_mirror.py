@@ -187,6 +187,19 @@ def test_dirty_map_runs() -> None:
     assert m.next_run(0, 16) is None and m.dirty_bytes() == 0
 
 
+def test_dirty_map_is_the_job_bitmap() -> None:
+    """The map's bits are the job bitmap's (what query-named-block-nodes counts):
+    clearing runs that start and end inside a byte keeps the other bits."""
+    m = DirtyMap(40 * 4096, 4096)
+    m.mark(0, 40 * 4096)
+    m.clear_chunks(3, 5)  # inside one byte
+    m.clear_chunks(7, 21)  # across bytes
+    dirty = [i for i in range(40) if m.bitmap.get(i * 4096)]
+    assert dirty == [0, 1, 2, 5, 6, *range(21, 40)]
+    assert m.bitmap.count() == m.dirty_bytes() == len(dirty) * 4096
+    assert m.is_dirty(5 * 4096 + 100) and not m.is_dirty(4 * 4096)
+
+
 async def test_write_blocking_copies_guest_writes_at_once(tmp_path: Path) -> None:
     c = _client(tmp_path, virtual=False)
     guest = _guest(c, _node(c, "src"))
