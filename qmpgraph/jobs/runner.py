@@ -6,7 +6,9 @@ events is QEMU's (see ``qmpgraph.jobs.core``, "Ordering"):
 
 * ``quiesce`` (before a reply): the jobs the command entered run until they
   park, reach an ``io_point`` or end; meanwhile ``holding`` keeps any job
-  that reaches an io point (or whose timer fires) waiting;
+  that reaches an io point (or whose timer fires) waiting, and the data
+  path's yield points (``Job._yield_point``) count main-loop turns from
+  this command on;
 * ``after_reply``: held jobs go on; with a virtual clock, ``settle`` then
   runs every job until none can go on without a command, one step at a
   time in creation order, moving the clock straight to the earliest timer
