@@ -245,10 +245,11 @@ class CreateJob(Job):
 def _size_data_file(fd: int, layout: Qcow2Layout) -> None:
     """The data file after the image's truncate to its size.
 
-    Without preallocation it is resized exactly.  With metadata
-    preallocation, copy-on-write writes zeros from an unaligned end to the
-    cluster's end, else the file grows (only) to the size.  A file that was
-    empty gets its first block written (allocate_first_block).
+    Without preallocation it is resized exactly.  With preallocation,
+    copy-on-write writes zeros from an unaligned end to the cluster's end,
+    else the file grows (only) to the size (with falloc and full, the new
+    part allocated).  A file that was empty gets its first block written
+    (allocate_first_block).
     """
     size = layout.size
     old_length = os.fstat(fd).st_size
@@ -259,6 +260,10 @@ def _size_data_file(fd: int, layout: Qcow2Layout) -> None:
             return
         if old_length >= size:
             return
+    if layout.preallocation in ("falloc", "full"):
+        # preallocate_co grows the data file with the mode asked for.
+        truncate_file(fd, size, layout.preallocation)
+        return
     os.ftruncate(fd, size)
     if old_length == 0 and size > 0:
         record_fd_write(fd, 0, os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0))

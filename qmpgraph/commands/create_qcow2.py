@@ -134,8 +134,10 @@ def validate(
         raise GenericError("data-file-raw requires data-file")
     if data_file_raw and "backing-file" in opts:
         raise GenericError("Backing file and data-file-raw cannot be used at the same time")
-    if data_file_raw and prealloc != "off":
-        raise GenericError("Preallocation and data-file-raw cannot be used at the same time")
+    if data_file_raw and prealloc == "off":
+        # The L2 tables must map the whole data file 1:1 from the start;
+        # a preallocation asked for is kept.
+        prealloc = "metadata"
     data_file = None
     if "data-file" in opts:
         if version < 3:
@@ -145,20 +147,13 @@ def validate(
                 "qcow2 data-file in blockdev-create is not supported by qmpgraph yet"
             )
         data_file = data_file_name(opts["data-file"])
-        if data_file_raw:
-            prealloc = "metadata"  # QEMU maps the whole data file from the start
     zstd = False
     if opts.get("compression-type", "zlib") != "zlib":
         if version < 3:
             raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
         zstd = True
     resize_error = _resize_error(size, bits, extended_l2)
-    if (
-        resize_error is None
-        and prealloc != "off"
-        and data_file
-        and (extended_l2 or prealloc != "metadata")
-    ):
+    if resize_error is None and prealloc != "off" and data_file and extended_l2:
         raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
         size=size,
@@ -268,8 +263,10 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
         # The L1 table needs refcount blocks of its own (small clusters).
         head = _head_writes(lay, alloc, bytes(lay.l1_size * 8))
         return ImageWrites(head, alloc.next * lay.cluster_size)
-    if lay.preallocation != "metadata":
+    if lay.preallocation != "metadata" and lay.data_file is None:
         return _preallocated_data(lay)
+    # With a data file, falloc and full preallocate the image's metadata
+    # only (the data file grows with the mode: ``create``).
     cs = lay.cluster_size
     entries = cs // _entry_size(lay)
     data_clusters = -(-lay.size // cs)

@@ -26,6 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nbd"))
 from livekit import TIMEOUT, LiveDaemon, run  # tests/nbd helpers, put on sys.path above
+from test_create_datafile_live import _extents
 from test_jobs_live import wait_concluded
 
 pytestmark = pytest.mark.qemu
@@ -142,3 +143,60 @@ def test_failed_creations_leave_what_qsd_leaves(tmp_path: Path, qsd_path: str) -
         assert images[0].read_bytes() == images[1].read_bytes(), name
         assert _info(images[0]) == _info(images[1]), name
         _check(images[1])
+
+
+# (preallocation, size, the data file before: "" empty, "x" 5000 bytes, or a qemu-img size,
+# and other options)
+DATA_FILE_PREALLOC: list[tuple[Any, ...]] = [
+    ("falloc", 1000448, ""),
+    ("full", 1048576, ""),
+    ("falloc", 1048576, "2M"),
+    ("full", 3145728, "1M"),
+    ("falloc", 1000448, "x"),
+    ("full", 2097152, "x"),
+    ("falloc", 2097152, "", {"data-file-raw": True}),
+    ("full", 1000448, "1M", {"data-file-raw": True, "cluster-size": 4096}),
+]
+
+
+def test_data_file_preallocation_matches_qsd(tmp_path: Path, qsd_path: str) -> None:
+    """falloc/full with an external data file: the image gets metadata
+    preallocation only, the data file grows with the mode (after
+    copy-on-write's zeros): same image, data file length and extents."""
+    works = {}
+    for kind, name in (("qsd", "A"), ("qmpgraph", "B")):
+        work = tmp_path / name
+        work.mkdir()
+        for i, (_, _, before, *_) in enumerate(DATA_FILE_PREALLOC):
+            (work / f"{i}.qcow2").touch()
+            data = work / f"{i}.data"
+            if before == "x":
+                data.write_bytes(b"\1" * 5000)
+            elif before:
+                run("qemu-img", "create", "-q", "-f", "raw", str(data), before)
+            else:
+                data.touch()
+        d = LiveDaemon(kind, qsd_path, work, [])
+        try:
+            for i, (mode, size, _, *extra) in enumerate(DATA_FILE_PREALLOC):
+                d.ok("blockdev-add", driver="file", node_name=f"f{i}",
+                     filename=str(work / f"{i}.qcow2"))  # fmt: skip
+                d.ok("blockdev-add", driver="file", node_name=f"d{i}",
+                     filename=str(work / f"{i}.data"))  # fmt: skip
+                opts = {"driver": "qcow2", "file": f"f{i}", "data-file": f"d{i}", "size": size,
+                        "preallocation": mode, **(extra[0] if extra else {})}  # fmt: skip
+                d.ok("blockdev-create", job_id=f"j{i}", options=opts)
+                assert "error" not in wait_concluded(d, f"j{i}"), (kind, i)
+        finally:
+            d.stop()
+        works[kind] = work
+    for i, case in enumerate(DATA_FILE_PREALLOC):
+        images = [
+            (w / f"{i}.qcow2").read_bytes().replace(f"/{w.name}/".encode(), b"/X/")
+            for w in works.values()
+        ]
+        assert images[0] == images[1], case
+        data = [works[k] / f"{i}.data" for k in ("qsd", "qmpgraph")]
+        assert data[0].stat().st_size == data[1].stat().st_size, case
+        assert _extents(data[0]) == _extents(data[1]), case
+        _check(works["qmpgraph"] / f"{i}.qcow2")
