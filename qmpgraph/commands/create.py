@@ -246,7 +246,7 @@ def _size_data_file(fd: int, layout: Qcow2Layout) -> None:
     """The data file after the image's truncate to its size.
 
     Without preallocation it is resized exactly.  With preallocation,
-    copy-on-write writes zeros from an unaligned end to the cluster's end,
+    copy-on-write writes zeros from an unaligned end to the (sub)cluster's end,
     else the file grows (only) to the size (with falloc and full, the new
     part allocated).  A file that was empty gets its first block written
     (allocate_first_block).
@@ -254,9 +254,9 @@ def _size_data_file(fd: int, layout: Qcow2Layout) -> None:
     size = layout.size
     old_length = os.fstat(fd).st_size
     if layout.preallocation != "off":
-        tail = size % layout.cluster_size
-        if tail:
-            _write(fd, size, bytes(layout.cluster_size - tail))
+        cow = (-size) % layout.cow_size
+        if cow:
+            _write(fd, size, bytes(cow))
             return
         if old_length >= size:
             return

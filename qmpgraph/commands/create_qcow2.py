@@ -77,6 +77,12 @@ class Qcow2Layout:
         return 1 << self.cluster_bits
 
     @property
+    def cow_size(self) -> int:
+        """Bytes copy-on-write works on: the cluster, or the subcluster with
+        extended L2 entries."""
+        return self.cluster_size // 32 if self.extended_l2 else self.cluster_size
+
+    @property
     def l1_size(self) -> int:
         """L1 entries for the image size (each L2 table maps its clusters)."""
         entries = self.cluster_size // (16 if self.extended_l2 else 8)
@@ -153,8 +159,6 @@ def validate(
             raise GenericError(f"Non-zlib compression type is only supported with {_V3_HINT}")
         zstd = True
     resize_error = _resize_error(size, bits, extended_l2)
-    if resize_error is None and prealloc != "off" and data_file and extended_l2:
-        raise GenericError(f"qcow2 preallocation '{prealloc}' is not supported by qmpgraph yet")
     return Qcow2Layout(
         size=size,
         version=version,
@@ -287,7 +291,7 @@ def image_writes(lay: Qcow2Layout) -> ImageWrites:
         last_data = first + count - 1
     tail = lay.size % cs
     # Copy-on-write works on subclusters with extended L2 entries.
-    cow = (-tail) % (cs // 32 if lay.extended_l2 else cs)
+    cow = (-tail) % lay.cow_size
     if tail and cow and lay.data_file is None:
         # The last data cluster is allocated for part of its bytes: QEMU's
         # copy-on-write fills the rest of its (sub)cluster with written zeros.

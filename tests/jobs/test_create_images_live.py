@@ -156,13 +156,18 @@ DATA_FILE_PREALLOC: list[tuple[Any, ...]] = [
     ("full", 2097152, "x"),
     ("falloc", 2097152, "", {"data-file-raw": True}),
     ("full", 1000448, "1M", {"data-file-raw": True, "cluster-size": 4096}),
+    ("metadata", 1000448, "", {"extended-l2": True}),
+    ("metadata", 1001472, "x", {"extended-l2": True, "cluster-size": 32768}),
+    ("falloc", 3146240, "1M", {"extended-l2": True, "data-file-raw": True}),
+    ("off", 1000448, "", {"extended-l2": True, "data-file-raw": True}),
 ]
 
 
 def test_data_file_preallocation_matches_qsd(tmp_path: Path, qsd_path: str) -> None:
-    """falloc/full with an external data file: the image gets metadata
-    preallocation only, the data file grows with the mode (after
-    copy-on-write's zeros): same image, data file length and extents."""
+    """Preallocation with an external data file (also data-file-raw and
+    extended L2 entries): the image gets metadata preallocation only, the
+    data file grows with the mode (after copy-on-write's zeros, per
+    subcluster with extended L2): same image, data file length and extents."""
     works = {}
     for kind, name in (("qsd", "A"), ("qmpgraph", "B")):
         work = tmp_path / name
