@@ -281,6 +281,8 @@ def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
         # Deleted (and announced) oldest first, as qsd 7.2 does, except those
         # with clients: they go when their clients, hung up, have left (newest
         # connection first).  Those shutting down go too: QEMU waits for them.
+        # (In QEMU, exports sharing a node with a client's export interleave
+        # otherwise: deleting one drains the node, which polls in between.)
         runtime = server.runtime
         order = list(reversed(table.exports))
         if runtime is not None:

@@ -243,6 +243,23 @@ def test_server_stop_with_clients(tmp_path: Path) -> None:
     assert log[3][0] == "nbd-server-stop" and len(log[3][1]) == 2
 
 
+def _server_stop_order(s: Session) -> None:
+    # Exports on nodes of their own, clients on two of them.
+    for i in range(4):
+        s.step("blockdev-add", driver="null-co", node_name=f"n{i}")
+        s.step("block-export-add", type="nbd", id=f"e{i}", node_name=f"n{i}")
+    clients = [go(s.daemon.nbd_path, name) for name in ("n2", "n0")]
+    s.step("nbd-server-stop")
+    for client in clients:
+        client.close()
+
+
+def test_server_stop_deletes_exports_with_clients_last(tmp_path: Path) -> None:
+    log = _both(tmp_path, _server_stop_order)
+    deleted = [f'BLOCK_EXPORT_DELETED{{"id": "e{i}"}}' for i in "1302"]
+    assert log[-1] == ["nbd-server-stop", deleted, {"return": {}}]
+
+
 def _fleecing_teardown(s: Session) -> None:
     d = Path(s.daemon.qmp_path).parent
     run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "src.qcow2"), "1M")
