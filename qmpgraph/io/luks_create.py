@@ -10,6 +10,11 @@ file truncated to the payload offset plus ``size`` (with the preallocation
 asked for, ``metadata`` meaning none), then key slot 0 stored with the
 password and the header written.
 
+Shared with other creators: ``check_key_secret`` and ``check_cipher`` (the
+checks qcow2's ``encrypt`` options get too, with the ``encrypt.`` prefix)
+and ``truncate_file`` (file-posix's truncate with preallocation, also the
+``file`` driver's create and a qcow2 data file's growth).
+
 Not modelled (refused with a qmpgraph message): ciphers other than AES,
 ESSIV IVs and modes other than xts/cbc/ecb (``luks_crypto`` cannot run
 them).
