@@ -61,7 +61,7 @@ from qmpgraph.io.qcow2_hook import QCOW2_IO
 from qmpgraph.io.request import ALLOCATED, DATA, ZERO, BlockIOError, eperm
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import JobFailed, JobTxn
-from qmpgraph.jobs.drain import drain_reaches
+from qmpgraph.jobs.drain import drain_node_bounce, drain_reaches
 from qmpgraph.jobs.policy import error_action, io_errno
 from qmpgraph.transactions.actions import ref_node, unref_node
 from qmpgraph.transactions.composite import drop_filter, insert_node
@@ -469,6 +469,9 @@ class BackupJob(BlockJob):
         graph = self.daemon.graph
         cbw = self.cbw
         self._drain_txn_peers()
+        # Dropping the filter drains it: a job above it (another backup of
+        # the same source, whose filter sits on this one) pauses and goes on.
+        drain_node_bounce(self.daemon, cbw)
         with self.daemon.graph_transaction("backup-clean", {"id": self.id}) as tran:
             ref_node(tran, cbw)
             self.remove_all_nodes(tran)

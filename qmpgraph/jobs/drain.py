@@ -249,18 +249,22 @@ class Drain:
         self.sections: list[Node] = []
         self.paused: list[Job] = []
         self.txn: JobTxn | None = None
-        self.daemon: Daemon | None = None
 
     def _held(self, job: Job) -> bool:
         return any(_holds(job, _ancestors(node)) for node in self.sections)
 
     def begin(self, daemon: Daemon, node: Node) -> None:
-        """bdrv_drained_begin(node): the jobs holding it or a node above pause."""
-        self.daemon = daemon
+        """bdrv_drained_begin(node): the jobs holding it or a node above pause,
+        nearest to it first (and among equals the newest), as the walk up
+        through the parents reaches them."""
         self.sections.append(node)
-        nodes = _ancestors(node)
-        for job in reversed(list(job_runner(daemon))):
-            if job not in self.paused and _holds(job, nodes) and _pause_event(job):
+        depths = _depths(node)
+        nodes = set(depths)
+        jobs = list(job_runner(daemon))  # newest first
+        held = [j for j in jobs if j not in self.paused and _holds(j, nodes)]
+        held.sort(key=lambda j: (_job_depth(j, depths), jobs.index(j)))
+        for job in held:
+            if _pause_event(job):
                 self.paused.append(job)
 
     def started(self, job: Job) -> None:
