@@ -163,9 +163,12 @@ class CbwIO(IOHook):
         """The node's bitmaps if a request made them already (queries)."""
         return self._states.get(node.id)
 
-    def live(self) -> bool:
-        """Whether any node's bitmaps exist (their counts move without the graph)."""
-        return bool(self._states)
+    def fingerprint(self) -> tuple[tuple[int, int, int, int], ...]:
+        """What the bitmaps' counts depend on (they move without the graph), per node."""
+        return tuple(
+            (nid, st.to_copy.count(1), st.access.count(1), len(st.written))
+            for nid, st in sorted(self._states.items())
+        )
 
     def drop(self, node: Node) -> None:
         """Forget ``node``'s bitmaps (a new snapshot starts on the next request)."""

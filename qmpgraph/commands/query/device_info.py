@@ -171,6 +171,8 @@ class _Reply:
     epoch: int
     #: ``bitmap_generation()`` when it was built (dirty counts move on writes).
     bitmaps: int
+    #: ``CBW_IO.fingerprint()`` then (copy-before-write's counts).
+    cbw: tuple[tuple[int, int, int, int], ...]
     #: Every file node read while building it, with the facts read then.
     files: tuple[tuple[Node, FileFacts], ...]
     reply: list[RawJSON]
@@ -195,7 +197,7 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
         and cached_reply.graph is graph
         and cached_reply.epoch == mutation_epoch()
         and cached_reply.bitmaps == bitmap_generation()
-        and not CBW_IO.live()
+        and cached_reply.cbw == CBW_IO.fingerprint()
         and all(file_facts(node) == facts for node, facts in cached_reply.files)
     ):
         # Nothing that the reply is made of changed since it was built.
@@ -211,7 +213,9 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[R
             raw = _texts[key] = RawJSON(info)
         out.append(raw)
     prune(graph, _texts)
-    _replies[reply_key] = _Reply(graph, mutation_epoch(), bitmap_generation(), end_query(), out)
+    _replies[reply_key] = _Reply(
+        graph, mutation_epoch(), bitmap_generation(), CBW_IO.fingerprint(), end_query(), out
+    )
     return out
 
 
