@@ -7,7 +7,9 @@ runs its loop again.  qmpgraph changes the graph synchronously, so only the
 visible part is replayed: the two events, then a wake-up.
 
 * ``drain_all_bounce``: bdrv_drain_all at the start of every QMP
-  ``transaction`` (and of the commands that are one-action transactions);
+  ``transaction`` (and of the commands that are one-action transactions):
+  nodes in creation order, so a job pauses at the first node it holds and
+  goes on at the last;
 * ``drain_node_bounce``: drained sections of one node (and what is above
   it), as deleting an export (twice) or attaching an existing node as a
   new child (twice) makes them;
@@ -18,8 +20,13 @@ visible part is replayed: the two events, then a wake-up.
   on permissions);
 * ``SubtreeDrains``: blockdev-reopen's drained subtrees, one section from
   the first listed node to the end of the command;
-* ``Drain``: the drained sections of one transaction's backup actions, from
-  their prepare to the last clean; a job started meanwhile pauses at once.
+* ``Drain``: the drained sections of one transaction's backup actions, each
+  from its prepare to its clean (oldest first); a job started meanwhile
+  pauses at once, and goes on when no open section holds it;
+* ``drain_reaches``: whether a drained node quiesces a job.
+
+Where one drain reaches several jobs, the walk up through the parents
+meets the nearest first (and among equals the newest).
 
 Synchronous (it only emits events and enters parked jobs).  What does not
 live here: the job core (``core``), the commands.
