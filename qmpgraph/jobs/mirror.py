@@ -439,6 +439,9 @@ class MirrorJob(BlockJob):
                     self.ratelimit_delay(n)
                 pos += n
         if report is not None:
+            # mirror_run sees s->ret at its loop's next turn, after the
+            # iteration's job_sleep_ns: a timer, so a pending reply goes first.
+            await self.sleep_ns(0)
             raise JobFailed(report)
         if failed:
             return 0
