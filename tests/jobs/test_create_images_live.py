@@ -201,7 +201,7 @@ def test_data_file_preallocation_matches_qsd(tmp_path: Path, qsd_path: str) -> N
             for w in works.values()
         ]
         assert images[0] == images[1], case
-        data = [works[k] / f"{i}.data" for k in ("qsd", "qmpgraph")]
-        assert data[0].stat().st_size == data[1].stat().st_size, case
-        assert _extents(data[0]) == _extents(data[1]), case
+        data_files = [works[k] / f"{i}.data" for k in ("qsd", "qmpgraph")]
+        assert data_files[0].stat().st_size == data_files[1].stat().st_size, case
+        assert _extents(data_files[0]) == _extents(data_files[1]), case
         _check(works["qmpgraph"] / f"{i}.qcow2")
