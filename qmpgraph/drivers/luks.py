@@ -17,8 +17,9 @@ share them (crypto's own rule, probed on 7.2); while an amend job updates
 the key slots (``updating_keys``), WRITE is taken and CONSISTENT_READ and
 WRITE are not shared.
 
-Not modelled: ESSIV and non-AES ciphers cannot be unlocked here (the open
-is refused with a qmpgraph message), and the data path.
+The unlocked master key stays in the node's state for the data path
+(``qmpgraph.io.luks_io``). Not modelled: ESSIV and non-AES ciphers cannot be
+unlocked here (the open is refused with a qmpgraph message).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class LuksState:
     secret: str | None = None
     # During x-blockdev-amend: exclusive write access to the header.
     updating_keys: bool = False
+    # The master key (None when opened without I/O): the payload's cipher key.
+    key: bytes | None = None
 
 
 def _cstr(raw: bytes) -> str:
@@ -174,16 +177,17 @@ def load_key(header: LuksHeader, slot: KeySlot, password: str, material: bytes) 
     return master if digest == header.master_key_digest else None
 
 
-def _unlock(node: Node, header: LuksHeader, password: str, read: Any) -> bool:
-    """Whether ``password`` opens one active key slot (QEMU's find_key)."""
+def _unlock(node: Node, header: LuksHeader, password: str, read: Any) -> bytes | None:
+    """The master key if ``password`` opens one active key slot (QEMU's find_key)."""
     for slot in header.slots:
         if slot.active != _SLOT_ENABLED:
             continue
         length = header.master_key_len * slot.stripes
         material = read(node, slot.key_offset_sector * _SECTOR, length)
-        if load_key(header, slot, password, material) is not None:
-            return True
-    return False
+        key = load_key(header, slot, password, material)
+        if key is not None:
+            return key
+    return None
 
 
 class Luks(Driver):
@@ -209,14 +213,15 @@ class Luks(Driver):
             password = lookup_secret_utf8(tree_for(ctx.graph), str(secret_id))
         raw = child.driver.read(child, 0, _HEADER.size + _NUM_SLOTS * _SLOT.size)
         header = parse_header(raw)
-        if password is not None and not _unlock(
-            child, header, password, lambda n, o, ln: n.driver.read(n, o, ln)
-        ):
-            raise GenericError("Invalid password, cannot unlock any keyslot")
+        key = None
+        if password is not None:
+            key = _unlock(child, header, password, lambda n, o, ln: n.driver.read(n, o, ln))
+            if key is None:
+                raise GenericError("Invalid password, cannot unlock any keyslot")
         payload = header.payload_offset_sector * _SECTOR
         size = max(child.driver.size(child) - payload, 0)
         secret = options.get("key-secret")
-        node.state = LuksState(header, size, None if secret is None else str(secret))
+        node.state = LuksState(header, size, None if secret is None else str(secret), key=key)
 
     def adjust_default_perms(
         self, node: Node, perm: int, shared: int, nperm: int, nshared: int

@@ -466,6 +466,7 @@ from qmpgraph.io import blkdebug_io as _blkdebug_io  # noqa: E402, F401  (regist
 from qmpgraph.io import cbw_hook as _cbw_hook  # noqa: E402, F401  (copy-before-write, snapshot-access)
 from qmpgraph.io import cor_io as _cor_io  # noqa: E402, F401  (registers "copy-on-read")
 from qmpgraph.io import filters_io as _filters_io  # noqa: E402, F401  (compress, preallocate, blkverify, blklogwrites)
+from qmpgraph.io import luks_io as _luks_io  # noqa: E402, F401  (registers "luks")
 from qmpgraph.io import qcow2_hook as _qcow2_hook  # noqa: E402, F401  (registers "qcow2")
 from qmpgraph.io import quorum_io as _quorum_io  # noqa: E402, F401  (registers "quorum")
 from qmpgraph.io import throttle_io as _throttle_io  # noqa: E402, F401  (registers "throttle")

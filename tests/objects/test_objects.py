@@ -1,5 +1,5 @@
 """Library-level tests of QOM objects: transactional add/del, group references,
-the transaction log, and the pure-Python AES used to unlock LUKS key slots.
+the transaction log, and the AES block cipher used to unlock LUKS key slots.
 
 Expected QEMU texts are those the differential scripts compare against
 qemu-storage-daemon (object-*.qmp, driver-throttle.qmp, driver-luks.qmp).
