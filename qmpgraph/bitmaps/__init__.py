@@ -5,7 +5,10 @@ Modules:
 * ``model``: ``DirtyBitmap`` (QEMU's BdrvDirtyBitmap over an HBitmap laid out
   as QEMU lays it out, so the sha256 matches);
 * ``registry``: each node's bitmaps, the undo records every change goes
-  through, ``mark_dirty`` for the write path and the digest source.
+  through (a backup's successor and its abdication too), ``mark_dirty`` for
+  the write path and the digest source;
+* ``checks``: bdrv_dirty_bitmap_check, QEMU's busy / read-only /
+  inconsistent refusals for every user of a bitmap.
 
 This package is synchronous and imports no trio.  What does not live here:
 the QMP commands and transaction actions (``qmpgraph.commands.bitmaps``),

@@ -7,7 +7,7 @@ go with it (``forget``) and a new node of the same name starts with none.
 
 Every change made by a command goes through an engine ``Action`` holding the
 old values (``add``, ``remove``, ``change_flags``, ``change_bits``,
-``truncate_node``), so an aborted
+``truncate_node``, ``set_successor``, ``abdicate``), so an aborted
 transaction puts the bitmaps back exactly; the bitmaps of every named node
 join the graph digest through ``register_state_source("bitmaps", ...)``.
 
