@@ -21,8 +21,10 @@ Which kinds pass (``discard_passthrough``), from the qcow2 node's options:
 
 Below that, ``bdrv_co_pdiscard`` on the file node does nothing unless the
 file node itself has ``discard=unmap`` (a format's inline ``file`` gets it
-by default).  qmpgraph discards only into ``file`` nodes; other protocol
-children keep their bytes.
+by default).  The control plane discards only into ``file`` nodes; the data
+path also discards through other children (blkdebug, raw, throttle...) with
+the graph's ``child_discard`` (a ``discard`` method of the image's host file,
+``qmpgraph.io.qcow2_graphfile``), which checks that flag itself.
 
 A cluster freed and allocated again within one operation is never
 punched after its new contents were written: the pending regions are
@@ -82,12 +84,13 @@ def _bool(value: object, default: bool) -> bool:
     return bool(value)
 
 
-def passed_types(node: Node) -> frozenset[DiscardType]:
+def passed_types(node: Node, *, graph: bool = False) -> frozenset[DiscardType]:
     """The kinds of freed clusters that reach ``node``'s image file as discards
-    (empty where the file child is not a ``file`` node with discard=unmap)."""
+    (empty where the file child is not a ``file`` node with discard=unmap;
+    ``graph``: discards go through the graph, which checks the child)."""
     edge = node.file
     file_node = edge.child if edge is not None else None
-    if (
+    if not graph and (
         file_node is None
         or file_node.driver is None
         or file_node.driver.format_name != "file"
@@ -134,6 +137,8 @@ class FreedClusters:
         self.regions: list[list[int]] = []
         #: Told each discarded byte range (the file node's dirty bitmaps).
         self.on_discard: Callable[[int, int], None] | None = None
+        #: Discards a byte range instead of punching a hole in ``fd``.
+        self.discard: Callable[[int, int], None] | None = None
 
     def freed(self, cluster: int) -> None:
         """update_refcount_discard: one cluster's refcount reached 0."""
@@ -175,7 +180,11 @@ class FreedClusters:
                 merged.append([start, end])
         cb = self.cluster_bits
         for start, end in merged:
-            punch(self.fd, start << cb, (end - start) << cb)
+            if self.discard is not None:
+                with contextlib.suppress(Exception):  # failures are ignored, as QEMU's
+                    self.discard(start << cb, (end - start) << cb)
+            else:
+                punch(self.fd, start << cb, (end - start) << cb)
             if self.on_discard is not None:
                 self.on_discard(start << cb, (end - start) << cb)
 
@@ -187,14 +196,18 @@ def discarding(
     passed: frozenset[DiscardType],
     kind: DiscardType,
     on_discard: Callable[[int, int], None] | None = None,
+    *,
+    discard: Callable[[int, int], None] | None = None,
 ) -> Iterator[None]:
     """Within the block, clusters ``refcounts`` frees are discarded in the file
-    (fd) when ``kind`` is passed; at the end if it succeeds, dropped if not."""
+    (fd, or by ``discard``) when ``kind`` is passed; at the end if it
+    succeeds, dropped if not."""
     if kind not in passed or refcounts.discards is not None:
         yield
         return
     queue = FreedClusters(fd, refcounts.cluster_bits, passed, kind)
     queue.on_discard = on_discard
+    queue.discard = discard
     refcounts.discards = queue
     try:
         yield
@@ -216,6 +229,11 @@ def freeing(
 ) -> T:
     """Run ``fn`` (a data-path call on ``img``) with the clusters it frees
     discarded in the image file when ``kind`` is passed."""
+    discard = getattr(img.host, "discard", None)
+    if callable(discard):
+        # A file reached through the graph: its child_discard marks bitmaps.
+        with discarding(img.refcounts, -1, passed, kind, discard=discard):
+            return fn()
     fd = getattr(img.host, "fd", None)
     if not isinstance(fd, int):
         return fn()

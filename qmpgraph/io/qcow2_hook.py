@@ -57,6 +57,7 @@ from qmpgraph.io.hooks import (
     in_job,
     register_hook,
 )
+from qmpgraph.io.qcow2_graphfile import GraphFile, plain_file
 from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, REQ_MAY_UNMAP, ZERO, BlockIOError
 from qmpgraph.io.stats import highest_offset, record_discard, record_write
 
@@ -204,14 +205,27 @@ class _Runner:
 
 @dataclass(slots=True)
 class _Open:
-    """One node's image and what it was built from."""
+    """One node's image and what it was built from.
+
+    ``file_state`` is None for an image whose file or data file is reached
+    through the graph (``graph``): its calls always run in the worker thread.
+    """
 
     image: Qcow2Image
     lock: trio.Lock
     key: tuple[Any, ...]
-    file_state: FileState
+    file_state: FileState | None
     source: _BackingSource
     runner: _Runner = field(default_factory=_Runner)
+
+    @property
+    def graph(self) -> bool:
+        """Whether the library's file I/O goes through the graph (``GraphFile``)."""
+        return self.file_state is None
+
+    def closed(self) -> bool:
+        """Whether the file node's descriptor was closed (the node went away)."""
+        return self.file_state is not None and self.file_state.lock.closed
 
 
 def _key(node: Node) -> tuple[Any, ...]:
@@ -298,15 +312,17 @@ class Qcow2IO(IOHook):
 
     def __init__(self) -> None:
         self._images: dict[int, _Open] = {}
+        # Graph images are built in a worker thread: one build at a time.
+        self._building = trio.Lock()
 
     def _stale(self, opened: _Open, node: Node | None) -> bool:
-        return opened.file_state.lock.closed or (node is not None and opened.key != _key(node))
+        return opened.closed() or (node is not None and opened.key != _key(node))
 
     def drop(self, node: Node) -> None:
         """Forget ``node``'s image (it is rebuilt on the next request)."""
         self._images.pop(node.id, None)
 
-    def _image(self, node: Node) -> _Open:
+    async def _image(self, node: Node) -> _Open:
         opened = self._images.get(node.id)
         if opened is not None and not self._stale(opened, node):
             return opened
@@ -314,6 +330,14 @@ class Qcow2IO(IOHook):
         for node_id, other in list(self._images.items()):
             if self._stale(other, None) or node_id == node.id:
                 del self._images[node_id]
+        data_edge = _edge(node, "data-file")
+        if not plain_file(node.file) or (data_edge is not None and not plain_file(data_edge)):
+            async with self._building:
+                opened = self._images.get(node.id)
+                if opened is None or self._stale(opened, node):
+                    opened = await self._graph_image(node, data_edge is not None)
+                    self._images[node.id] = opened
+                return opened
         file_state = _file_state(node.file)
         data_edge = _edge(node, "data-file")
         data_file = None
@@ -336,6 +360,30 @@ class Qcow2IO(IOHook):
         opened = _Open(image, trio.Lock(), _key(node), file_state, source)
         self._images[node.id] = opened
         return opened
+
+    async def _graph_image(self, node: Node, has_data_file: bool) -> _Open:
+        """An image whose file (and data file) I/O goes through the graph:
+        built in a worker thread, as its reads come back into trio."""
+        key = _key(node)
+        host = GraphFile(node, "file")
+        data_file = GraphFile(node, "data-file", data=True) if has_data_file else None
+        source = _BackingSource(node)
+
+        def build() -> Qcow2Image:
+            image = Qcow2Image(host, backing=source, data_file=data_file, read_only=node.read_only)
+            if not image.external_data:
+                # Guest data in the image file itself: a view that fires
+                # read_aio/write_aio (metadata I/O fires nothing).
+                image.data_host = host.view(data=True)
+            return image
+
+        try:
+            image = await trio.to_thread.run_sync(build)
+        except (Qcow2Error, QMPError, ValueError) as err:
+            raise BlockIOError(errno.EIO, str(err)) from err
+        except OSError as err:
+            raise BlockIOError(err.errno or errno.EIO) from err
+        return _Open(image, trio.Lock(), key, None, source)
 
     def busy(self, node: Node) -> bool:
         """Whether a library call on ``node``'s image is queued or running in a
@@ -362,11 +410,12 @@ class Qcow2IO(IOHook):
         # The common case inline (an NBD copy makes thousands of calls): the
         # image is open, current and idle, and the node has no backing child.
         opened = self._images.get(node.id)
-        if opened is None or opened.file_state.lock.closed or opened.key != _key(node):
-            opened = self._image(node)
+        if opened is None or opened.closed() or opened.key != _key(node):
+            opened = await self._image(node)
         backing = node.backing
         if (
-            (own_only or backing is None or backing.child is None)
+            not opened.graph  # its file I/O comes back into trio: never inline
+            and (own_only or backing is None or backing.child is None)
             and not opened.runner.busy
             and not opened.lock.locked()
         ):
@@ -395,7 +444,15 @@ class Qcow2IO(IOHook):
             except OSError as err:
                 raise BlockIOError(err.errno or errno.EIO) from err
 
-        return await opened.runner.run(opened.lock, work)
+        try:
+            return await opened.runner.run(opened.lock, work)
+        except BlockIOError:
+            if opened.graph and not image.read_only and self._images.get(node.id) is opened:
+                # A child's request failed midway (blkdebug): the library's
+                # cached tables may be ahead of the file.  Rebuilt from the
+                # file on the next request.
+                del self._images[node.id]
+            raise
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
         if in_job() and await self._call(
@@ -446,12 +503,12 @@ class Qcow2IO(IOHook):
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
         unmap = bool(flags & REQ_MAY_UNMAP)
         # Clusters a zeroing with unmap frees are guest discards (QCOW2_DISCARD_REQUEST).
-        passed = passed_types(node) if unmap else frozenset()
+        passed = passed_types(node, graph=not plain_file(node.file)) if unmap else frozenset()
         await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
             img.write_zeroes(offset, length, may_unmap=unmap))), disk=False)  # fmt: skip
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        passed = passed_types(node)
+        passed = passed_types(node, graph=not plain_file(node.file))
         await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
             img.discard(offset, length))), disk=False)  # fmt: skip
 
