@@ -54,7 +54,7 @@ from qmpgraph.drivers.luks import (
 )
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Node
-from qmpgraph.io.hooks import hook_of
+from qmpgraph.io.hooks import JOB_YIELD, hook_of
 from qmpgraph.jobs.core import JobFailed
 from qmpgraph.objects.qom import ObjectTree
 from qmpgraph.objects.secret import lookup_secret_utf8
@@ -151,8 +151,14 @@ class _Io:
         self.base = base
 
     async def header(self, length: int) -> bytes:
-        """The header as it is (QEMU keeps it in memory: no I/O point)."""
-        return await hook_of(self.node).read(self.node, self.base, length)
+        """The header as it is (QEMU keeps it in memory: no I/O point, and no
+        wait for the disk either, so a check failing on it fails the job
+        before the command's reply, as in qsd)."""
+        token = JOB_YIELD.set(None)
+        try:
+            return await hook_of(self.node).read(self.node, self.base, length)
+        finally:
+            JOB_YIELD.reset(token)
 
     async def read(self, offset: int, length: int) -> bytes:
         await self.io_point()
