@@ -331,7 +331,7 @@ class Qcow2IO(IOHook):
             if self._stale(other, None) or node_id == node.id:
                 del self._images[node_id]
         data_edge = _edge(node, "data-file")
-        if not plain_file(node.file) or (data_edge is not None and not plain_file(data_edge)):
+        if _through_graph(node):
             async with self._building:
                 opened = self._images.get(node.id)
                 if opened is None or self._stale(opened, node):
@@ -403,15 +403,17 @@ class Qcow2IO(IOHook):
         """Run ``fn(image)``, one call per image at a time: in a worker thread,
         or right here when the image is idle and the node has no backing child
         (or ``own_only``: ``fn`` never reads through the backing chain)."""
-        if disk:
-            # Guest data is read or written: QEMU's request waits for the disk
-            # (metadata lookups alone count as cached: no wait).
-            await disk_wait()
         # The common case inline (an NBD copy makes thousands of calls): the
         # image is open, current and idle, and the node has no backing child.
         opened = self._images.get(node.id)
         if opened is None or opened.closed() or opened.key != _key(node):
             opened = await self._image(node)
+        if disk and not opened.graph:
+            # Guest data is read or written: QEMU's request waits for the disk
+            # (metadata lookups alone count as cached: no wait).  Through the
+            # graph, the child's own hook waits where it does I/O (a blkdebug
+            # rule fails the request before any).
+            await disk_wait()
         backing = node.backing
         if (
             not opened.graph  # its file I/O comes back into trio: never inline
@@ -455,7 +457,7 @@ class Qcow2IO(IOHook):
             raise
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
-        if in_job() and await self._call(
+        if in_job() and not _through_graph(node) and await self._call(
             node, lambda img: _holds_data(img, offset, length), own_only=True, disk=False
         ):
             # Only clusters this layer holds are read from its file; the rest
@@ -547,6 +549,12 @@ class Qcow2IO(IOHook):
             node, lambda img: img.snapshot(snap_id).block_status(offset, length), disk=False
         )
         return _first_status(extents, length, offset_valid=False)
+
+
+def _through_graph(node: Node) -> bool:
+    """Whether ``node``'s image reaches its file or data file through the graph."""
+    data_edge = _edge(node, "data-file")
+    return not plain_file(node.file) or (data_edge is not None and not plain_file(data_edge))
 
 
 def _own_range(img: Qcow2Image, offset: int, length: int) -> bool:
