@@ -6,6 +6,11 @@ image locks live on it, so the file is never opened again); an external
 ``data-file`` child is used the same way.  The backing image is the
 node's ``backing`` edge seen through the graph (``_BackingSource``), so
 whatever driver the backing node has, its own hook serves the reads.
+When the ``file`` or ``data-file`` child is not a ``file`` node (blkdebug,
+a raw window, throttle...), the image reads and writes it through the graph
+instead (``qcow2_graphfile.GraphFile``): such an image is built and used
+only in its worker thread, and after a failed child request its L1 and
+cached L2 tables are re-read from the file (``_resync``).
 
 The library is synchronous and not thread-safe: calls on one image run one
 at a time, in a worker thread under that image's ``trio.Lock`` (one worker
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -45,7 +51,7 @@ from qmpgraph.bitmaps.registry import bitmaps_of, mark_dirty
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2_discard import DiscardType, freeing, passed_types
 from qmpgraph.drivers.qcow2_io import Extent, Qcow2Error, Qcow2Image, Status
-from qmpgraph.drivers.qcow2_read import COMPRESSED, NORMAL, UNALLOCATED
+from qmpgraph.drivers.qcow2_read import COMPRESSED, NORMAL, OFFSET_MASK, UNALLOCATED
 from qmpgraph.drivers.qcow2_storage import WatchedFdFile
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
@@ -322,22 +328,31 @@ class Qcow2IO(IOHook):
         """Forget ``node``'s image (it is rebuilt on the next request)."""
         self._images.pop(node.id, None)
 
-    async def _image(self, node: Node) -> _Open:
-        opened = self._images.get(node.id)
-        if opened is not None and not self._stale(opened, node):
+    async def _open(self, node: Node) -> _Open:
+        """``node``'s current image, built if needed (in a worker thread when
+        its file is reached through the graph)."""
+        if not _through_graph(node):
+            return self._image(node)
+        async with self._building:
+            opened = self._images.get(node.id)
+            if opened is None or self._stale(opened, node):
+                self._sweep(node)
+                opened = await self._graph_image(node, _edge(node, "data-file") is not None)
+                self._images[node.id] = opened
             return opened
-        # Sweep images of nodes that went away (their descriptors are closed).
+
+    def _sweep(self, node: Node) -> None:
+        """Forget ``node``'s image and those of nodes that went away (closed descriptors)."""
         for node_id, other in list(self._images.items()):
             if self._stale(other, None) or node_id == node.id:
                 del self._images[node_id]
-        data_edge = _edge(node, "data-file")
-        if _through_graph(node):
-            async with self._building:
-                opened = self._images.get(node.id)
-                if opened is None or self._stale(opened, node):
-                    opened = await self._graph_image(node, data_edge is not None)
-                    self._images[node.id] = opened
-                return opened
+
+    def _image(self, node: Node) -> _Open:
+        """``node``'s current image over its file node's descriptor."""
+        opened = self._images.get(node.id)
+        if opened is not None and not self._stale(opened, node):
+            return opened
+        self._sweep(node)
         file_state = _file_state(node.file)
         data_edge = _edge(node, "data-file")
         data_file = None
@@ -407,7 +422,7 @@ class Qcow2IO(IOHook):
         # image is open, current and idle, and the node has no backing child.
         opened = self._images.get(node.id)
         if opened is None or opened.closed() or opened.key != _key(node):
-            opened = await self._image(node)
+            opened = await self._open(node)
         if disk and not opened.graph:
             # Guest data is read or written: QEMU's request waits for the disk
             # (metadata lookups alone count as cached: no wait).  Through the
@@ -437,28 +452,31 @@ class Qcow2IO(IOHook):
                 opened.source.inline = False
 
         image = opened.image
+        resync = opened.graph and not image.read_only
 
         def work() -> T:
             try:
                 return fn(image)
+            except BlockIOError:
+                # A child's request failed midway (blkdebug): the library's
+                # tables may be ahead of the file.
+                if resync and not _resync(image, node):
+                    opened.key = ()  # stale: rebuilt on the next request
+                raise
             except (Qcow2Error, QMPError, ValueError) as err:
                 raise BlockIOError(errno.EIO, str(err)) from err
             except OSError as err:
                 raise BlockIOError(err.errno or errno.EIO) from err
 
-        try:
-            return await opened.runner.run(opened.lock, work)
-        except BlockIOError:
-            if opened.graph and not image.read_only and self._images.get(node.id) is opened:
-                # A child's request failed midway (blkdebug): the library's
-                # cached tables may be ahead of the file.  Rebuilt from the
-                # file on the next request.
-                del self._images[node.id]
-            raise
+        return await opened.runner.run(opened.lock, work)
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
-        if in_job() and not _through_graph(node) and await self._call(
-            node, lambda img: _holds_data(img, offset, length), own_only=True, disk=False
+        if (
+            in_job()
+            and not _through_graph(node)
+            and await self._call(
+                node, lambda img: _holds_data(img, offset, length), own_only=True, disk=False
+            )
         ):
             # Only clusters this layer holds are read from its file; the rest
             # comes from the backing chain or reads as zeros without I/O.
@@ -549,6 +567,34 @@ class Qcow2IO(IOHook):
             node, lambda img: img.snapshot(snap_id).block_status(offset, length), disk=False
         )
         return _first_status(extents, length, offset_valid=False)
+
+
+def _resync(image: Qcow2Image, node: Node) -> bool:
+    """After a failed request through the graph, make the image's L1 table
+    and cached L2 tables what the file holds (QEMU's caches are updated only
+    after the writes they describe succeeded).  Read with the drivers'
+    control-plane reads, which no blkdebug rule fails; False if that fails."""
+    edge = node.file
+    child = edge.child if edge is not None else None
+    if child is None or child.driver is None:
+        return False
+    driver = child.driver
+    cs = image.cluster_size
+    try:
+        raw = driver.read(child, image.l1_offset, len(image.l1) * 8)
+        image.l1[:] = struct.unpack(f">{len(image.l1)}Q", raw.ljust(len(image.l1) * 8, b"\0"))
+        live = {entry & OFFSET_MASK for entry in image.l1}
+        for offset in list(image._l2_cache):
+            if offset not in live:
+                del image._l2_cache[offset]
+                continue
+            table = struct.unpack(
+                f">{image.l2_entries}Q", driver.read(child, offset, cs).ljust(cs, b"\0")
+            )
+            image._l2_cache[offset][:] = table
+    except (OSError, QMPError, BlockIOError, struct.error):
+        return False
+    return True
 
 
 def _through_graph(node: Node) -> bool:
