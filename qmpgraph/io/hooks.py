@@ -376,23 +376,34 @@ class RawIO(IOHook):
     handles_fua = True
 
     @staticmethod
-    def _base(node: Node) -> int:
+    def _base(node: Node, offset: int = 0, length: int = 0, write: bool = False) -> int:
+        """raw_adjust_offset: the window's start; a request that does not fit
+        a window with an explicit ``size`` (a format above it may grow past
+        it) fails, ENOSPC for writes, EINVAL for reads."""
         state = node.state
-        return state.offset if isinstance(state, RawState) else 0
+        if not isinstance(state, RawState):
+            return 0
+        if state.has_size and (offset > state.size or length > state.size - offset):
+            raise BlockIOError(errno.ENOSPC if write else errno.EINVAL)
+        return state.offset
 
     async def read(self, node: Node, offset: int, length: int) -> bytes:
+        base = self._base(node, offset, length)
         debug_event(node.file, "read_aio")
-        return await child_read(_file_edge(node), self._base(node) + offset, length)
+        return await child_read(_file_edge(node), base + offset, length)
 
     async def write(self, node: Node, offset: int, data: bytes, flags: int) -> None:
+        base = self._base(node, offset, len(data), write=True)
         debug_event(node.file, "write_aio")
-        await child_write(_file_edge(node), self._base(node) + offset, data, flags)
+        await child_write(_file_edge(node), base + offset, data, flags)
 
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
-        await child_write_zeroes(_file_edge(node), self._base(node) + offset, length, flags)
+        base = self._base(node, offset, length, write=True)
+        await child_write_zeroes(_file_edge(node), base + offset, length, flags)
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        await child_discard(_file_edge(node), self._base(node) + offset, length)
+        base = self._base(node, offset, length, write=True)
+        await child_discard(_file_edge(node), base + offset, length)
 
     async def block_status(self, node: Node, offset: int, length: int) -> tuple[int, int]:
         return await child_block_status(_file_edge(node), self._base(node) + offset, length)

@@ -454,19 +454,40 @@ class Qcow2IO(IOHook):
         image = opened.image
         resync = opened.graph and not image.read_only
 
-        def work() -> T:
+        def call() -> T:
             try:
                 return fn(image)
-            except BlockIOError:
-                # A child's request failed midway (blkdebug): the library's
-                # tables may be ahead of the file.
-                if resync and not _resync(image, node):
-                    opened.key = ()  # stale: rebuilt on the next request
-                raise
             except (Qcow2Error, QMPError, ValueError) as err:
                 raise BlockIOError(errno.EIO, str(err)) from err
             except OSError as err:
                 raise BlockIOError(err.errno or errno.EIO) from err
+
+        def work() -> T:
+            if not resync:
+                return call()
+            refs = image.refcounts
+            allocate = refs.allocate
+            allocated: list[tuple[int, int]] = []
+
+            def tracked(count: int) -> int:
+                offset = allocate(count)
+                allocated.append((offset, count))
+                return offset
+
+            refs.allocate = tracked  # type: ignore[method-assign]
+            try:
+                return call()
+            except BlockIOError:
+                # A child's request failed midway (blkdebug, a full raw
+                # window): the library's tables may be ahead of the file,
+                # and clusters it allocated may be linked nowhere.
+                if _resync(image, node):
+                    _free_unlinked(image, allocated)
+                else:
+                    opened.key = ()  # stale: rebuilt on the next request
+                raise
+            finally:
+                del refs.allocate
 
         return await opened.runner.run(opened.lock, work)
 
@@ -595,6 +616,27 @@ def _resync(image: Qcow2Image, node: Node) -> bool:
     except (OSError, QMPError, BlockIOError, struct.error):
         return False
     return True
+
+
+def _free_unlinked(image: Qcow2Image, allocated: list[tuple[int, int]]) -> None:
+    """Give back the clusters a failed request allocated that no table links
+    (qcow2_alloc_cluster_abort), so the next allocation reuses them; best effort."""
+    if not allocated:
+        return
+    cs = image.cluster_size
+    linked = {entry & OFFSET_MASK for entry in image.l1}
+    linked.update(entry & OFFSET_MASK for table in image._l2_cache.values() for entry in table)
+    refs = image.refcounts
+    linked.update(entry & OFFSET_MASK for entry in refs.table)
+    for offset, count in allocated:
+        for host in range(offset, offset + count * cs, cs):
+            if host in linked:
+                continue
+            try:
+                refs.free_bytes(host, cs)
+            except (BlockIOError, Qcow2Error, OSError):
+                return
+            refs.free_hint = min(refs.free_hint, host // cs)
 
 
 def _through_graph(node: Node) -> bool:
