@@ -17,6 +17,10 @@ fires blkdebug's ``read_aio``/``write_aio`` events on the image's ``file``
 edge before each guest data read or write, where QEMU's qcow2 fires
 BLKDBG_READ_AIO/BLKDBG_WRITE_AIO; metadata I/O fires nothing.
 
+After a failed request, ``resync_tables`` makes the image's L1 and cached
+L2 tables what the file holds and ``free_unlinked`` gives back the clusters
+the request allocated that no table links.
+
 What does not live here: the descriptor-based files (``qcow2_storage``),
 the qcow2 format, the image's lock and worker thread (``qcow2_hook``).
 """
@@ -24,9 +28,13 @@ the qcow2 format, the image's lock and worker thread (``qcow2_hook``).
 from __future__ import annotations
 
 import errno
+import struct
 
 import trio
 
+from qmpgraph.drivers.qcow2_io import Qcow2Error, Qcow2Image
+from qmpgraph.drivers.qcow2_read import OFFSET_MASK
+from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.io.hooks import child_discard, child_read, child_write, debug_event, flush_node
 from qmpgraph.io.request import BlockIOError
@@ -127,3 +135,52 @@ class GraphFile:
     def truncate(self, size: int) -> None:
         """Not through the graph: the data path never shrinks or grows its file."""
         raise BlockIOError(errno.ENOTSUP)
+
+
+def resync_tables(image: Qcow2Image, node: Node) -> bool:
+    """After a failed request through the graph, make the image's L1 table
+    and cached L2 tables what the file holds (QEMU's caches are updated only
+    after the writes they describe succeeded).  Read with the drivers'
+    control-plane reads, which no blkdebug rule fails; False if that fails."""
+    edge = node.file
+    child = edge.child if edge is not None else None
+    if child is None or child.driver is None:
+        return False
+    driver = child.driver
+    cs = image.cluster_size
+    try:
+        raw = driver.read(child, image.l1_offset, len(image.l1) * 8)
+        image.l1[:] = struct.unpack(f">{len(image.l1)}Q", raw.ljust(len(image.l1) * 8, b"\0"))
+        live = {entry & OFFSET_MASK for entry in image.l1}
+        for offset in list(image._l2_cache):
+            if offset not in live:
+                del image._l2_cache[offset]
+                continue
+            table = struct.unpack(
+                f">{image.l2_entries}Q", driver.read(child, offset, cs).ljust(cs, b"\0")
+            )
+            image._l2_cache[offset][:] = table
+    except (OSError, QMPError, BlockIOError, struct.error):
+        return False
+    return True
+
+
+def free_unlinked(image: Qcow2Image, allocated: list[tuple[int, int]]) -> None:
+    """Give back the clusters a failed request allocated that no table links
+    (qcow2_alloc_cluster_abort), so the next allocation reuses them; best effort."""
+    if not allocated:
+        return
+    cs = image.cluster_size
+    linked = {entry & OFFSET_MASK for entry in image.l1}
+    linked.update(entry & OFFSET_MASK for table in image._l2_cache.values() for entry in table)
+    refs = image.refcounts
+    linked.update(entry & OFFSET_MASK for entry in refs.table)
+    for offset, count in allocated:
+        for host in range(offset, offset + count * cs, cs):
+            if host in linked:
+                continue
+            try:
+                refs.free_bytes(host, cs)
+            except (BlockIOError, Qcow2Error, OSError):
+                return
+            refs.free_hint = min(refs.free_hint, host // cs)

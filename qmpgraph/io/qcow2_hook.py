@@ -10,7 +10,7 @@ When the ``file`` or ``data-file`` child is not a ``file`` node (blkdebug,
 a raw window, throttle...), the image reads and writes it through the graph
 instead (``qcow2_graphfile.GraphFile``): such an image is built and used
 only in its worker thread, and after a failed child request its L1 and
-cached L2 tables are re-read from the file (``_resync``).
+cached L2 tables are re-read from the file (``qcow2_graphfile.resync_tables``).
 
 The library is synchronous and not thread-safe: calls on one image run one
 at a time, in a worker thread under that image's ``trio.Lock`` (one worker
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from qmpgraph.bitmaps.registry import bitmaps_of, mark_dirty
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2_discard import DiscardType, freeing, passed_types
 from qmpgraph.drivers.qcow2_io import Extent, Qcow2Error, Qcow2Image, Status
-from qmpgraph.drivers.qcow2_read import COMPRESSED, NORMAL, OFFSET_MASK, UNALLOCATED
+from qmpgraph.drivers.qcow2_read import COMPRESSED, NORMAL, UNALLOCATED
 from qmpgraph.drivers.qcow2_storage import WatchedFdFile
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
@@ -63,7 +62,7 @@ from qmpgraph.io.hooks import (
     in_job,
     register_hook,
 )
-from qmpgraph.io.qcow2_graphfile import GraphFile, plain_file
+from qmpgraph.io.qcow2_graphfile import GraphFile, free_unlinked, plain_file, resync_tables
 from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, REQ_MAY_UNMAP, ZERO, BlockIOError
 from qmpgraph.io.stats import highest_offset, record_discard, record_write
 
@@ -481,8 +480,8 @@ class Qcow2IO(IOHook):
                 # A child's request failed midway (blkdebug, a full raw
                 # window): the library's tables may be ahead of the file,
                 # and clusters it allocated may be linked nowhere.
-                if _resync(image, node):
-                    _free_unlinked(image, allocated)
+                if resync_tables(image, node):
+                    free_unlinked(image, allocated)
                 else:
                     opened.key = ()  # stale: rebuilt on the next request
                 raise
@@ -588,55 +587,6 @@ class Qcow2IO(IOHook):
             node, lambda img: img.snapshot(snap_id).block_status(offset, length), disk=False
         )
         return _first_status(extents, length, offset_valid=False)
-
-
-def _resync(image: Qcow2Image, node: Node) -> bool:
-    """After a failed request through the graph, make the image's L1 table
-    and cached L2 tables what the file holds (QEMU's caches are updated only
-    after the writes they describe succeeded).  Read with the drivers'
-    control-plane reads, which no blkdebug rule fails; False if that fails."""
-    edge = node.file
-    child = edge.child if edge is not None else None
-    if child is None or child.driver is None:
-        return False
-    driver = child.driver
-    cs = image.cluster_size
-    try:
-        raw = driver.read(child, image.l1_offset, len(image.l1) * 8)
-        image.l1[:] = struct.unpack(f">{len(image.l1)}Q", raw.ljust(len(image.l1) * 8, b"\0"))
-        live = {entry & OFFSET_MASK for entry in image.l1}
-        for offset in list(image._l2_cache):
-            if offset not in live:
-                del image._l2_cache[offset]
-                continue
-            table = struct.unpack(
-                f">{image.l2_entries}Q", driver.read(child, offset, cs).ljust(cs, b"\0")
-            )
-            image._l2_cache[offset][:] = table
-    except (OSError, QMPError, BlockIOError, struct.error):
-        return False
-    return True
-
-
-def _free_unlinked(image: Qcow2Image, allocated: list[tuple[int, int]]) -> None:
-    """Give back the clusters a failed request allocated that no table links
-    (qcow2_alloc_cluster_abort), so the next allocation reuses them; best effort."""
-    if not allocated:
-        return
-    cs = image.cluster_size
-    linked = {entry & OFFSET_MASK for entry in image.l1}
-    linked.update(entry & OFFSET_MASK for table in image._l2_cache.values() for entry in table)
-    refs = image.refcounts
-    linked.update(entry & OFFSET_MASK for entry in refs.table)
-    for offset, count in allocated:
-        for host in range(offset, offset + count * cs, cs):
-            if host in linked:
-                continue
-            try:
-                refs.free_bytes(host, cs)
-            except (BlockIOError, Qcow2Error, OSError):
-                return
-            refs.free_hint = min(refs.free_hint, host // cs)
 
 
 def _through_graph(node: Node) -> bool:
