@@ -36,7 +36,7 @@ from qmpgraph.drivers.qcow2_io import Qcow2Error, Qcow2Image
 from qmpgraph.drivers.qcow2_read import OFFSET_MASK
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
-from qmpgraph.io.hooks import child_discard, child_read, child_write, debug_event, flush_node
+from qmpgraph.io import hooks  # a module: hooks imports qcow2_hook, which imports this one
 from qmpgraph.io.request import BlockIOError
 
 
@@ -78,27 +78,27 @@ class GraphFile:
     async def _read(self, offset: int, length: int) -> bytes:
         edge = self._edge()
         if self.data:
-            debug_event(self.node.file, "read_aio")
+            hooks.debug_event(self.node.file, "read_aio")
         # A HostFile read stops at the end of the file; the child may refuse
         # to read past its own end (a raw window), so ask only what exists.
         length = max(0, min(length, self._size() - offset))
         if not length:
             return b""
-        return await child_read(edge, offset, length)
+        return await hooks.child_read(edge, offset, length)
 
     async def _write(self, offset: int, data: bytes) -> None:
         edge = self._edge()
         if self.data:
-            debug_event(self.node.file, "write_aio")
-        await child_write(edge, offset, data)
+            hooks.debug_event(self.node.file, "write_aio")
+        await hooks.child_write(edge, offset, data)
 
     async def _discard(self, offset: int, length: int) -> None:
-        await child_discard(self._edge(), offset, length)
+        await hooks.child_discard(self._edge(), offset, length)
 
     async def _flush(self) -> None:
         child = self._edge().child
         assert child is not None
-        await flush_node(child)
+        await hooks.flush_node(child)
 
     # -- HostFile, in the image's worker thread ----------------------------------
 

@@ -54,6 +54,9 @@ from qmpgraph.drivers.qcow2_read import COMPRESSED, NORMAL, UNALLOCATED
 from qmpgraph.drivers.qcow2_storage import WatchedFdFile
 from qmpgraph.errors import QMPError
 from qmpgraph.graph.model import Edge, Node
+from qmpgraph.io import (
+    qcow2_graphfile as graphfile,  # a module: it imports hooks, which import this one
+)
 from qmpgraph.io.hooks import (
     IOHook,
     child_block_status,
@@ -62,7 +65,6 @@ from qmpgraph.io.hooks import (
     in_job,
     register_hook,
 )
-from qmpgraph.io.qcow2_graphfile import GraphFile, free_unlinked, plain_file, resync_tables
 from qmpgraph.io.request import ALLOCATED, DATA, OFFSET_VALID, REQ_MAY_UNMAP, ZERO, BlockIOError
 from qmpgraph.io.stats import highest_offset, record_discard, record_write
 
@@ -379,8 +381,8 @@ class Qcow2IO(IOHook):
         """An image whose file (and data file) I/O goes through the graph:
         built in a worker thread, as its reads come back into trio."""
         key = _key(node)
-        host = GraphFile(node, "file")
-        data_file = GraphFile(node, "data-file", data=True) if has_data_file else None
+        host = graphfile.GraphFile(node, "file")
+        data_file = graphfile.GraphFile(node, "data-file", data=True) if has_data_file else None
         source = _BackingSource(node)
 
         def build() -> Qcow2Image:
@@ -480,8 +482,8 @@ class Qcow2IO(IOHook):
                 # A child's request failed midway (blkdebug, a full raw
                 # window): the library's tables may be ahead of the file,
                 # and clusters it allocated may be linked nowhere.
-                if resync_tables(image, node):
-                    free_unlinked(image, allocated)
+                if graphfile.resync_tables(image, node):
+                    graphfile.free_unlinked(image, allocated)
                 else:
                     opened.key = ()  # stale: rebuilt on the next request
                 raise
@@ -543,12 +545,13 @@ class Qcow2IO(IOHook):
     async def write_zeroes(self, node: Node, offset: int, length: int, flags: int) -> None:
         unmap = bool(flags & REQ_MAY_UNMAP)
         # Clusters a zeroing with unmap frees are guest discards (QCOW2_DISCARD_REQUEST).
-        passed = passed_types(node, graph=not plain_file(node.file)) if unmap else frozenset()
+        graph = not graphfile.plain_file(node.file)
+        passed = passed_types(node, graph=graph) if unmap else frozenset()
         await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
             img.write_zeroes(offset, length, may_unmap=unmap))), disk=False)  # fmt: skip
 
     async def discard(self, node: Node, offset: int, length: int) -> None:
-        passed = passed_types(node, graph=not plain_file(node.file))
+        passed = passed_types(node, graph=not graphfile.plain_file(node.file))
         await self._call(node, lambda img: freeing(img, passed, DiscardType.REQUEST, lambda: (
             img.discard(offset, length))), disk=False)  # fmt: skip
 
@@ -592,7 +595,8 @@ class Qcow2IO(IOHook):
 def _through_graph(node: Node) -> bool:
     """Whether ``node``'s image reaches its file or data file through the graph."""
     data_edge = _edge(node, "data-file")
-    return not plain_file(node.file) or (data_edge is not None and not plain_file(data_edge))
+    plain = graphfile.plain_file
+    return not plain(node.file) or (data_edge is not None and not plain(data_edge))
 
 
 def _own_range(img: Qcow2Image, offset: int, length: int) -> bool:
