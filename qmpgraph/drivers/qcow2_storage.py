@@ -5,7 +5,9 @@ the file under it (the image file, or an external data file): positional
 ``pread``/``pwrite``, ``size``, ``flush`` and ``truncate``.  ``FdFile``
 implements it over a POSIX file descriptor (``WatchedFdFile`` also reports
 the ranges it wrote); an async I/O layer can wrap its own objects in
-anything with these five methods.
+anything with these five methods (``qmpgraph.io.qcow2_graphfile.GraphFile``
+goes through the block graph, with a ``discard`` method that
+``qcow2_discard.freeing`` uses instead of punching holes in a descriptor).
 
 ``BlockSource`` is what a backing image must offer: a virtual ``size``,
 ``read`` and ``block_status``.  ``Qcow2Image`` is one; ``RawImage`` (a raw
