@@ -36,8 +36,6 @@ from qmpgraph.errors import GenericError
 
 __all__ = ["CmdlineSocket", "SocketChardev", "open_socket", "validate_socket"]
 
-_UNIX_PATH_MAX = 108
-
 
 def validate_socket(data: dict[str, Any], kind: str) -> None:
     """``qmp_chardev_validate_socket``: options that depend on the address
@@ -216,78 +214,6 @@ def _flatten(legacy: dict[str, Any]) -> dict[str, Any]:
     return {"type": legacy["type"], **legacy.get("data", {})}
 
 
-def _listen_unix(path: str) -> tuple[socket.socket, tuple[str, int]]:
-    if len(os.fsencode(path)) >= _UNIX_PATH_MAX:
-        raise GenericError(
-            f"UNIX socket path '{path}' is too long\nPath must be less than {_UNIX_PATH_MAX} bytes"
-        )
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise GenericError(
-            f"Failed to unlink socket {path}: {os.strerror(err.errno or 0)}"
-        ) from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(1)
-    except OSError as err:
-        sock.close()
-        raise GenericError(
-            f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}"
-        ) from None
-    return sock, (os.path.abspath(path), os.stat(path).st_ino)
-
-
-def _listen_abstract(name: str, tight: bool) -> socket.socket:
-    """A Linux abstract-namespace listener (no file; ``tight`` trims the
-    address to the name, else it is padded to the full sun_path)."""
-    raw = b"\0" + os.fsencode(name)
-    if not tight:
-        raw = raw.ljust(_UNIX_PATH_MAX, b"\0")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(raw)
-        sock.listen(1)
-    except OSError as err:
-        sock.close()
-        raise GenericError(
-            f"Failed to bind socket to {name}: {os.strerror(err.errno or 0)}"
-        ) from None
-    return sock
-
-
-def _listen_inet(addr: dict[str, Any]) -> socket.socket:
-    host, port = addr.get("host", ""), addr.get("port", "")
-    family = socket.AF_UNSPEC
-    if addr.get("ipv4") and not addr.get("ipv6"):
-        family = socket.AF_INET
-    elif addr.get("ipv6") and not addr.get("ipv4"):
-        family = socket.AF_INET6
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-    except socket.gaierror as err:
-        raise GenericError(f"address resolution failed for {host}:{port}: {err.strerror}") from None
-    last: OSError | None = None
-    for fam, kind, proto, _, sa in infos:
-        sock = socket.socket(fam, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(sa)
-            sock.listen(1)
-        except OSError as err:
-            sock.close()
-            last = err
-            continue
-        return sock
-    assert last is not None
-    raise GenericError(f"Failed to bind socket: {os.strerror(last.errno or 0)}")
-
-
 def _connect(addr: dict[str, Any]) -> socket.socket:
     if addr["type"] == "unix":
         path = addr["path"]
@@ -337,13 +263,14 @@ def open_socket(label: str, data: dict[str, Any], *, objects: Any = None) -> Cha
     validate_socket(data, addr["type"])
     chr_ = SocketChardev(label, addr, data)
     if chr_.server:
+        # The same listeners as the NBD server's: QEMU's chardev and NBD
+        # server both go through socket_listen (unix/inet_listen_saddr).
         if addr["type"] == "unix":
-            if addr.get("abstract"):
-                chr_.listener = _listen_abstract(addr["path"], addr.get("tight", True))
-            else:
-                chr_.listener, chr_._created = _listen_unix(addr["path"])
+            chr_.listener, made = socket_addr.unix_listen(addr)
+            if made is not None:
+                chr_._created = (os.path.abspath(made), os.stat(made).st_ino)
         elif addr["type"] == "inet":
-            chr_.listener = _listen_inet(addr)
+            chr_.listener = socket_addr.inet_listen(addr)
             host, port = _numeric(chr_.listener.getsockname())
             v6 = chr_.listener.family == socket.AF_INET6
             chr_.addr = {"type": "inet", "host": host, "port": port, "ipv6" if v6 else "ipv4": True}
