@@ -40,7 +40,10 @@ class _Daemon:
         qmp = work / "q.sock"
         monitor = ["--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "m"]
         self.proc = subprocess.Popen(
-            _command(kind, qsd) + monitor + args,
+            # The monitor comes last: qsd's monitor I/O thread greets a client
+            # as soon as its socket exists, even while a later option is about
+            # to end the daemon, so a monitor created first could greet first.
+            _command(kind, qsd) + args + monitor,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
