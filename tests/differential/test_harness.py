@@ -99,7 +99,9 @@ def test_normalize_pretty_timestamp_across_lines() -> None:
 # A stand-in daemon for the harness's own tests: it listens where --chardev
 # says, greets (twice while the file named by FAKE_TWICE does not exist yet,
 # creating it, so only its first run glitches; FAKE_TWICE=always keeps
-# glitching) and answers every line with an empty return.
+# glitching) and answers every line with an empty return, or with
+# {"run": N} when FAKE_RUNS names a file counting its runs (N: this run's
+# number modulo FAKE_MOD), or {"run": FAKE_FIXED} when that is set.
 _FAKE_DAEMON = r"""
 import os, socket, sys
 path = next(a.split("path=")[1].split(",")[0] for a in sys.argv if "path=" in a)
@@ -113,21 +115,31 @@ twice = marker == "always" or (marker and not os.path.exists(marker))
 if marker and marker != "always":
     open(marker, "w").close()
 conn.sendall(greeting * (2 if twice else 1))
+reply = b'{"return": {}}\r\n'
+if os.environ.get("FAKE_RUNS"):
+    counter = os.environ["FAKE_RUNS"]
+    run = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(run + 1))
+    reply = b'{"return": {"run": %d}}\r\n' % (run % int(os.environ["FAKE_MOD"]))
+elif os.environ.get("FAKE_FIXED"):
+    reply = b'{"return": {"run": %d}}\r\n' % int(os.environ["FAKE_FIXED"])
 buf = b""
 while chunk := conn.recv(4096):
     buf += chunk
     while b"\n" in buf:
         _, buf = buf.split(b"\n", 1)
-        conn.sendall(b'{"return": {}}\r\n')
+        conn.sendall(reply)
 """
 
 
-def _fake(tmp_path: Path, name: str, twice: str) -> str:
-    """An executable that runs the stand-in daemon with FAKE_TWICE set."""
+def _fake(tmp_path: Path, name: str, twice: str, env: str = "") -> str:
+    """An executable that runs the stand-in daemon with FAKE_TWICE (and ``env``) set."""
     code = tmp_path / "fake.py"
     code.write_text(_FAKE_DAEMON)
     wrapper = tmp_path / name
-    wrapper.write_text(f'#!/bin/sh\nFAKE_TWICE="{twice}" exec "{sys.executable}" "{code}" "$@"\n')
+    wrapper.write_text(
+        f'#!/bin/sh\nFAKE_TWICE="{twice}" {env} exec "{sys.executable}" "{code}" "$@"\n'
+    )
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -144,3 +156,23 @@ def test_a_double_greeting_from_qemu_is_run_again(tmp_path: Path) -> None:
     result = run_differential(script, _fake(tmp_path, "always", "always"), honest)
     assert not result.equal
     assert result.oracle_glitch == "greeted twice"
+
+
+def test_qemu_giving_qmpgraphs_answer_in_another_run_is_a_match(tmp_path: Path) -> None:
+    """A QEMU that answers a script in more than one way (its own races): a
+    mismatch is followed by QEMU-only runs, and qmpgraph matches when one of
+    them gives exactly its transcript; an answer QEMU never gives still fails."""
+    script = parse_script('> {"execute": "qmp_capabilities"}\n', "variants")
+    counter = tmp_path / "runs"
+    qemu = _fake(tmp_path, "qemu", "", f"FAKE_RUNS={counter} FAKE_MOD=3")
+    # QEMU's first run answers run 0, the next ones 1 and 2: found in its third run.
+    result = run_differential(script, qemu, [_fake(tmp_path, "two", "", "FAKE_FIXED=2")])
+    assert result.equal, result.diff()
+    assert result.oracle_runs == 3
+    assert counter.read_text() == "3"
+    # An answer QEMU never gives: every rerun is spent, and the diff stands.
+    counter.unlink()
+    result = run_differential(script, qemu, [_fake(tmp_path, "seven", "", "FAKE_FIXED=7")])
+    assert not result.equal
+    assert counter.read_text() == "4"  # the first run and ORACLE_RERUNS more
+    assert '"run": 7' in result.diff()
