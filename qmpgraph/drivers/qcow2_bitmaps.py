@@ -28,7 +28,8 @@ serialized bits are HBitmap's last level, little-endian words: exactly
   ``image_bitmaps`` is the format-specific ``bitmaps`` list of queries, read
   from the image like QEMU's (flags as stored: ``in-use`` while open).
 
-Only images whose ``file`` child is a ``file`` node are handled.  What does
+Only images whose ``file`` child is a ``file`` node (or a ``blkdebug`` over
+one) are handled.  What does
 not live here: the bitmap model and commands, the qcow2 header parser.
 """
 
@@ -139,6 +140,11 @@ def all_in_use(host: HostFile, raw: bytes) -> bool:
 
 
 def _file_fd(file_node: Node | None) -> int | None:
+    # blkdebug passes offsets through unchanged: its image's descriptor holds
+    # the same bytes (iotest 257 puts it between qcow2 and the file).
+    while file_node is not None and file_node.format_name == "blkdebug":
+        image = next((e for e in file_node.children if e.name == "image"), None)
+        file_node = image.child if image is not None else None
     state = file_node.state if file_node is not None else None
     if isinstance(state, FileState) and not state.lock.closed:
         return int(state.lock.fd)
