@@ -256,16 +256,24 @@ class CbwIO(IOHook):
 
     @staticmethod
     def _piece(st: _CbwState, offset: int, end: int) -> tuple[int, bool]:
-        """The end of the run from ``offset`` with one ``done`` state, and that state."""
-        c = offset // st.cluster
-        copied = bool(st.done[c]) if c < len(st.done) else False
-        pos = (c + 1) * st.cluster
-        while pos < end:
-            c = pos // st.cluster
-            if (bool(st.done[c]) if c < len(st.done) else False) != copied:
-                break
+        """Where the snapshot's ``offset``..``end`` is read from: (piece end, from target).
+
+        QEMU 7.2's cbw_snapshot_read_lock asks the done bitmap with
+        hbitmap_status, which (before QEMU 8.0's fix) says "done" only when
+        the whole remaining range is: a done run followed by clusters not
+        copied is read from ``file`` (the guest's new data) up to the run's
+        end.  qsd's snapshot reads and block status do that; so do these.
+        """
+
+        def done(c: int) -> bool:
+            return bool(st.done[c]) if c < len(st.done) else False
+
+        first = done(offset // st.cluster)
+        pos = (offset // st.cluster + 1) * st.cluster
+        while pos < end and done(pos // st.cluster) == first:
             pos += st.cluster
-        return min(pos, end), copied
+        stop = min(pos, end)
+        return stop, first and stop == end
 
     async def read_snapshot(self, node: Node, offset: int, length: int) -> bytes:
         """The snapshot's bytes: from ``target`` where copied, else from ``file``."""
@@ -284,7 +292,12 @@ class CbwIO(IOHook):
         return bytes(out)
 
     async def block_status_snapshot(self, node: Node, offset: int, length: int) -> tuple[int, int]:
-        """Status of the snapshot's first extent: target's where copied (allocated)."""
+        """Status of the snapshot's first extent: of the node ``_piece`` reads it from.
+
+        Where a done run is followed by clusters not copied, that is
+        ``file``: its current status, not the copied data's (checked live
+        against qsd 7.2, tests/nbd/test_nbdy_fleece_map.py).
+        """
         st = self.state(node)
         self._check_access(st, offset, length)
         async with st.lock:
