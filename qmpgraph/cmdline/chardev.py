@@ -71,8 +71,10 @@ class ChardevSpec:
     fd: str | None = None
     server: bool = False
     wait: bool = False
-    ipv4: bool = False
-    ipv6: bool = False
+    # ipv4/ipv6/to of a TCP socket as given (None: not given).
+    ipv4: bool | None = None
+    ipv6: bool | None = None
+    to: int | None = None
     data: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -233,8 +235,10 @@ def _socket(opts: QemuOpts, cid: str) -> ChardevSpec:
         fd=fd,
         server=server,
         wait=server and opts.get_bool("wait", True),
-        ipv4=opts.get_bool("ipv4", False),
-        ipv6=opts.get_bool("ipv6", False),
+        ipv4=None if opts.get("ipv4") is None else opts.get_bool("ipv4", False),
+        ipv6=None if opts.get("ipv6") is None else opts.get_bool("ipv6", False),
+        # InetSocketAddress.to is a uint16: QEMU keeps the low 16 bits.
+        to=None if (to := opts.get_number("to")) is None else to & 0xFFFF,
     )
 
 

@@ -104,6 +104,12 @@ class QemuOpts:
         v = self.get(key)
         return default if v is None else v in _TRUE
 
+    def get_number(self, key: str) -> int | None:
+        """``key`` as a number option (already validated: QEMU's
+        ``qemu_opt_get_number``, a uint64), or None when not given."""
+        v = self.get(key)
+        return None if v is None else parse_number(v)
+
 
 def parse_bool(name: str, value: str) -> bool:
     """QEMU's ``qapi_bool_parse``: on/yes/true/y and off/no/false/n."""
@@ -219,14 +225,20 @@ def _check(opts_list: OptsList, name: str, value: str) -> None:
 
 
 def _is_number(value: str) -> bool:
-    # qemu_strtou64 with base 0: decimal, 0x hex or 0 octal; a '-' wraps.
+    return parse_number(value) is not None
+
+
+def parse_number(value: str) -> int | None:
+    """qemu_strtou64 with base 0: decimal, 0x hex or 0 octal; a '-' wraps
+    modulo 2^64. None when ``value`` is not a number."""
     text = value.strip(" \t\n\v\f\r")
+    negative = text[:1] == "-"
     text = text[1:] if text[:1] in "+-" else text
     try:
-        int(text, 0 if not re.fullmatch(r"0[0-7]+", text) else 8)
+        number = int(text, 0 if not re.fullmatch(r"0[0-7]+", text) else 8)
     except ValueError:
-        return False
-    return True
+        return None
+    return (-number if negative else number) % (1 << 64)
 
 
 def opts_help(opts_list: OptsList) -> str:

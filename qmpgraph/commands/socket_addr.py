@@ -162,6 +162,10 @@ def _inet_family(data: dict[str, Any]) -> int:
     ipv4, ipv6 = data.get("ipv4"), data.get("ipv6")
     if ipv4 is False and ipv6 is False:
         raise GenericError("Cannot disable IPv4 and IPv6 at same time")
+    if ipv4 is True and ipv6 is True:
+        # Both asked for: "" listens on "::" (V6ONLY off), any other host
+        # is left to getaddrinfo.
+        return socket.AF_INET6 if not data.get("host") else socket.AF_UNSPEC
     if ipv6 is True or ipv4 is False:
         return socket.AF_INET6
     if ipv4 is True or ipv6 is False:

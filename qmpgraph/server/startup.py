@@ -125,32 +125,17 @@ def remove_socket(created: tuple[str, int] | None) -> None:
 
 
 def _bind_tcp(spec: ChardevSpec) -> socket.socket:
-    host, port = spec.host or "", spec.port or ""
-    family = socket.AF_UNSPEC
-    if spec.ipv4 and not spec.ipv6:
-        family = socket.AF_INET
-    elif spec.ipv6 and not spec.ipv4:
-        family = socket.AF_INET6
+    """Listen as QEMU's chardev does: its inet socket address (host, port and
+    the optional ``to``, ``ipv4``, ``ipv6``) through the same listener loop
+    as QMP's chardev-add and the NBD server (``socket_addr.inet_listen``)."""
+    data: dict[str, Any] = {"host": spec.host or "", "port": spec.port or ""}
+    for key in ("to", "ipv4", "ipv6"):
+        if getattr(spec, key) is not None:
+            data[key] = getattr(spec, key)
     try:
-        infos = socket.getaddrinfo(
-            host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-    except socket.gaierror as e:
-        raise CmdlineError(f"address resolution failed for {host}:{port}: {e.strerror}") from None
-    last: OSError | None = None
-    for fam, kind, proto, _, addr in infos:
-        sock = socket.socket(fam, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-            sock.listen(_BACKLOG)
-        except OSError as e:
-            sock.close()
-            last = e
-            continue
-        return sock
-    assert last is not None
-    raise CmdlineError(f"Failed to bind socket: {os.strerror(last.errno or 0)}")
+        return socket_addr.inet_listen(data)
+    except QMPError as exc:
+        raise CmdlineError(exc.desc) from None
 
 
 def _connect(spec: ChardevSpec) -> socket.socket:

@@ -8,6 +8,7 @@ never qmpgraph's.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ CASES = [
     ["--chardev", "socket,id=c0,host=127.0.0.1,server=on,wait=off"],
     ["--chardev", "socket,id=c0,host=127.0.0.1,port=abc,server=on,wait=off"],
     ["--chardev", "socket,id=c0,path=$D/s0,host=127.0.0.1,port=1,server=on,wait=off"],
+    # TCP listeners that fail before binding: an empty port range, no family, a
+    # host of the other family
+    ["--chardev", "socket,id=c0,host=127.0.0.1,port=47120,to=0x10,server=on,wait=off"],
+    ["--chardev", "socket,id=c0,host=127.0.0.1,port=47120,ipv4=off,ipv6=off,server=on,wait=off"],
+    ["--chardev", "socket,id=c0,host=::1,port=47120,ipv4=on,server=on,wait=off"],
     ["--chardev", "socket,id=c0,path=$D/nodir/s,server=on,wait=off"],
     ["--chardev", "socket,id=c0,path=$D/" + "a" * 120 + ",server=on,wait=off"],
     ["--chardev", "socket,id=c0,fd=abc"],
@@ -130,4 +136,22 @@ def test_error_matches_qemu(argv: list[str], tmp_path: Path) -> None:
     qsd = require_qemu()
     want = _run(argv, tmp_path / "q", [qsd])
     got = _run(argv, tmp_path / "g", None)
+    assert got == want
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("extra", ["", ",to={port}"])
+def test_tcp_port_in_use_matches_qemu(extra: str, tmp_path: Path) -> None:
+    """A chardev listening on a port this test holds (alone, or as a
+    one-port range) ends both daemons with QEMU's message."""
+    qsd = require_qemu()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        chardev = f"socket,id=c0,host=127.0.0.1,port={port},server=on,wait=off" + extra
+        argv = ["--chardev", chardev.format(port=port), "--monitor", "c0"]
+        want = _run(argv, tmp_path / "q", [qsd])
+        got = _run(argv, tmp_path / "g", None)
+    assert want[0] == 1 and "Failed to find an available port" in want[1]
     assert got == want
