@@ -51,7 +51,10 @@ object on a clean stream, a reply is certain, so the harness waits for it as
 long as it takes (up to 10 s), and a slow command is not cut short.
 qmpgraph is then read until it has sent as many messages as QEMU did (and
 closed the connection if QEMU did), with a timeout, and watched briefly for
-anything extra.
+anything extra. When the transcripts differ, QEMU alone runs the script up
+to ``ORACLE_RERUNS`` more times: QEMU answers a few scripts in more than one
+way, and a QEMU transcript equal to qmpgraph's is a match (``record_diff.py
+--self`` finds such scripts; prefer making them deterministic).
 
 A transcript is the greeting plus each step's messages (raw bytes split after
 each CRLF, so framing and formatting differences show), whether the daemon
