@@ -132,11 +132,13 @@ class Driver:
         """QEMU's leftover-option error for keys the driver did not consume."""
         for key in options:
             if key not in self.options and key not in {c.name for c in self.children}:
-                kind = "protocol" if self.protocol else "format"
-                verb = "doesn't" if self.protocol else "does not"
-                raise GenericError(
-                    f"Block {kind} '{self.format_name}' {verb} support the option '{key}'"
-                )
+                raise self.leftover_option(key)
+
+    def leftover_option(self, key: str) -> GenericError:
+        """QEMU's error for option ``key`` left over once the node is open."""
+        kind = "protocol" if self.protocol else "format"
+        verb = "doesn't" if self.protocol else "does not"
+        return GenericError(f"Block {kind} '{self.format_name}' {verb} support the option '{key}'")
 
     def reopen_prepare(self, graph: BlockGraph, node: Node, options: dict[str, Any]) -> Any:
         """blockdev-reopen's driver check of the new (flattened) ``options``.

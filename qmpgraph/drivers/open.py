@@ -35,6 +35,7 @@ from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.graph.model import Edge, Node
 from qmpgraph.graph.names import check_node_name
 from qmpgraph.graph.perms import OpenFlag, Role
+from qmpgraph.protocol.qjson import qdict_order
 from qmpgraph.transactions.actions import (
     add_node,
     ref_node,
@@ -291,9 +292,32 @@ def _check_length(node: Node) -> None:
         raise GenericError("Could not refresh total sector count: File too large")
 
 
-def open_one(ctx: TreeOpenContext, options: dict[str, Any], inh: Inheritance | None) -> Node:
-    """Open one node (and, through its driver, its children); refcount 1 on return."""
+def _empty_options(options: dict[str, Any]) -> list[str]:
+    """Keys whose value is an empty object or array, in QDict order.
+
+    QEMU flattens a node's options into dotted keys before the driver and the
+    generic code take theirs; an empty object or array has nothing to
+    flatten and stays behind under its own key, which nobody takes: once the
+    node is open it is the leftover option QEMU refuses (``"cache": {}``,
+    blkdebug's ``"inject-error": []``).
+    """
+    return qdict_order([k for k, v in options.items() if v in ({}, [])])
+
+
+def open_one(
+    ctx: TreeOpenContext,
+    options: dict[str, Any],
+    inh: Inheritance | None,
+    empty: list[str] | None = None,
+) -> Node:
+    """Open one node (and, through its driver, its children); refcount 1 on return.
+
+    ``empty``: the keys left over after flattening (default: computed from
+    ``options``; see ``_empty_options``).
+    """
     tran, graph = ctx.tran, ctx.graph
+    if empty is None:
+        empty = _empty_options(options)
     opts = _flatten_generic(options)
     explicit = dict(opts)
     flags = inherit_options(opts, inh) if inh is not None else 0
@@ -351,6 +375,9 @@ def open_one(ctx: TreeOpenContext, options: dict[str, Any], inh: Inheritance | N
     if drv.supports_backing and not node.open_flags & OpenFlag.NO_BACKING:
         _open_backing(ctx, node, driver_opts)
     children = {c.name for c in drv.children} | {"backing"}
+    leftover = [k for k in empty if k not in children]
+    if leftover:
+        raise drv.leftover_option(leftover[0])
     set_options(
         tran,
         node,
@@ -365,12 +392,13 @@ def open_node_tree(graph: BlockGraph, options: dict[str, Any], tran: Transaction
     if "node-name" not in options:
         raise GenericError("'node-name' must be specified for the root node")
     opts = dict(options)
+    empty = _empty_options(options)
     cache = dict(opts.get("cache") or {})
     cache.setdefault("direct", False)
     cache.setdefault("no-flush", False)
     opts["cache"] = cache
     opts.setdefault("read-only", False)
     ctx = TreeOpenContext(graph, tran)
-    node = open_one(ctx, opts, None)
+    node = open_one(ctx, opts, None, empty)
     set_monitor_owned(tran, node, True)
     return node
