@@ -47,7 +47,7 @@ RESERVED_BITMAPS = (("n0", "k0"), ("a", "k1"))
 
 NODE_NAMES = ("n0", "a", "af", "n1", "n2", "q", "qf", "r", "rf", "b", "o1", "o2", "ov")
 BAD_NODE_NAMES = ("nope", "", "#bad", "1x")
-BITMAP_NAMES = ("b0", "b1", "b2", "stored", "k0", "k1")
+BITMAP_NAMES = ("b0", "b1", "b2", "stored", "st2", "sa", "k0", "k1")
 BAD_BITMAP_NAMES = ("", "x" * 1024, "nope")
 GRANULARITIES = (512, 4096, 65536, 1 << 20, 1 << 31)
 BAD_GRANULARITIES = (0, 256, 3000, 1 << 32, -512)
@@ -81,11 +81,12 @@ class Generator:
         self.r = random.Random(seed)
         self.seed = seed
         self.snap_files = 0
+        self.nbd = False
         self.internal = ["s0", "s1", "1"]
         # Names some step tried to create: picked more often, so that later
         # steps find what earlier ones made.
         self.nodes: list[str] = list(RESERVED_NODES)
-        self.bitmaps: list[str] = ["k0", "k1"]
+        self.bitmaps: list[str] = ["k0", "k1", "stored", "st2", "sa"]
 
     # -- choices ------------------------------------------------------------
 
@@ -127,9 +128,18 @@ class Generator:
         else:
             lines.append("#! setup: qemu-img create -q -f qcow2 a.qcow2 1M")
         lines.append("#! setup: qemu-img create -q -f qcow2 c.qcow2 2M")
-        if self.chance(0.5):
-            extra = r.choice(("", " --disable", " -g 4096"))
-            lines.append(f"#! setup: qemu-img bitmap -q --add{extra} c.qcow2 stored")
+        # Stored bitmaps, then writes (qemu-io dirties the enabled ones).
+        for image, names in (("c.qcow2", ("stored", "st2")), ("a.qcow2", ("sa",))):
+            for name in names:
+                if self.chance(0.5):
+                    extra = r.choice(("", " --disable", " -g 4096", " -g 1M"))
+                    lines.append(f"#! setup: qemu-img bitmap --add{extra} {image} {name}")
+            if self.chance(0.6):
+                cmds = " ".join(
+                    f"-c 'write {r.randrange(16) * 64}k {r.choice((512, 4096, 65536))}'"
+                    for _ in range(r.randint(1, 3))
+                )
+                lines.append(f"#! setup: qemu-io {cmds} {image} >/dev/null")
         if self.chance(0.4):
             lines.append("#! setup: qemu-img snapshot -c s0 c.qcow2")
         lines.append("#! setup: qemu-img create -q -f raw r.raw 1M")
@@ -169,6 +179,8 @@ class Generator:
             (self.resize, 1),
             (self.reopen, 1),
             (self.query, 2),
+            (self.cycle, 2),
+            (self.export, 1),
         ]
         funcs = [f for f, _ in kinds]
         weights = [w for _, w in kinds]
@@ -223,6 +235,39 @@ class Generator:
         else:
             self.nodes.append(name)
         return [_cmd("blockdev-add", args)]
+
+    def cycle(self) -> list[str]:
+        """Delete and re-add a qcow2 node, so stored bitmaps are written and read back."""
+        name, image = self.r.choice((("q", "c.qcow2"), ("b", "b.qcow2"), ("q", "a.qcow2")))
+        args: dict[str, Any] = {
+            "driver": "qcow2",
+            "node-name": name,
+            "file": {"driver": "file", "filename": f"$TMP/{image}", "node-name": name + "f"},
+        }
+        if self.chance(0.3):
+            args["read-only"] = True
+        self.nodes.append(name)
+        lines = [_cmd("blockdev-del", {"node-name": name})] if self.chance(0.7) else []
+        return [*lines, _cmd("blockdev-add", args)]
+
+    def export(self) -> list[str]:
+        """An NBD export with bitmaps (no client: the bitmaps only get busy)."""
+        lines = []
+        if not self.nbd:
+            self.nbd = True
+            addr = {"type": "unix", "path": "$TMP/nbd.sock"}
+            lines.append(_cmd("nbd-server-start", {"addr": addr}))
+        if self.chance(0.3):
+            return [*lines, _cmd("block-export-del", {"id": self.r.choice(("e0", "e1"))})]
+        args: dict[str, Any] = {
+            "type": "nbd",
+            "id": self.r.choice(("e0", "e1")),
+            "node-name": self.node(),
+            "bitmaps": [self.bitmap() for _ in range(self.r.randint(0, 2))],
+        }
+        if self.chance(0.3):
+            args["writable"] = True
+        return [*lines, _cmd("block-export-add", args)]
 
     def blockdev_del(self) -> list[str]:
         """blockdev-del of any but the reserved nodes."""
@@ -335,7 +380,7 @@ class Generator:
 
     def resize(self) -> list[str]:
         """block_resize by node name (grow, shrink, unaligned)."""
-        size = self.r.choice((2 * MIB, MIB, 512 * 1024, 4 * MIB + 512, 1000, -1))
+        size = self.r.choice((2 * MIB, MIB, 512 * 1024, 4 * MIB + 512, 1000, -1, 4 * MIB))
         return [_cmd("block_resize", {"node-name": self.node(), "size": size})]
 
     def reopen(self) -> list[str]:
@@ -346,7 +391,8 @@ class Generator:
             if self.chance(0.5):
                 opts["size"] = r.choice(SIZES)
         else:
-            opts = {"driver": "qcow2", "node-name": "a", "file": "af"}
+            node = r.choice(("a", "q", "b"))
+            opts = {"driver": "qcow2", "node-name": node, "file": node + "f"}
             if self.chance(0.3):
                 opts["backing"] = None
         if self.chance(0.5):
@@ -437,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = []
     for seed in range(args.start, stop):
-        diff = run_seed(seed, args.qsd)
+        try:
+            diff = run_seed(seed, args.qsd)
+        except RuntimeError as exc:  # a setup line failed: the generator's bug
+            diff = f"harness error: {exc}"
         if diff is None:
             print(f"seed {seed}: identical", flush=True)
             continue

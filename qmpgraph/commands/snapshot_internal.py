@@ -11,9 +11,10 @@ child as block/snapshot.c does (a filter over a qcow2 node snapshots that
 node); qcow2 is the only driver with internal snapshots.
 
 The image file is changed in place by ``qmpgraph.drivers.qcow2_snapshot_write``
-through a journal (``ImageUndo``): an aborted transaction puts every byte
-back, which leaves the image exactly as QEMU's abort (deleting the new
-snapshot) leaves it for ``qemu-img check`` and ``snapshot -l``.  The node's
+through a journal (``ImageUndo``): a failed command puts every byte back.
+A transaction aborted after the snapshot was taken deletes it as QEMU's
+internal_snapshot_abort does (``DeleteOnAbort``), so the file keeps its
+grown length and its freed clusters, as in qsd.  The node's
 ``Qcow2State`` is replaced with the new header and snapshot list, so
 queries list the snapshot and the data path rebuilds its image (the
 clusters the snapshot shares lost their COPIED flags: later guest writes
@@ -37,7 +38,7 @@ import errno
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
@@ -61,7 +62,7 @@ from qmpgraph.graph.graph import BlockGraph
 from qmpgraph.graph.model import Node, ParentKind
 from qmpgraph.graph.perms import OpenFlag, Role
 from qmpgraph.transactions.actions import set_runtime
-from qmpgraph.transactions.engine import Transaction
+from qmpgraph.transactions.engine import Action, Transaction
 
 _NAME_MAX = 255  # QEMUSnapshotInfo.name is a 256-byte C string
 _CHILD_ROLES = Role.DATA | Role.METADATA | Role.FILTERED
@@ -171,8 +172,8 @@ def _journal(tran: Transaction, target: Node) -> JournalFile:
     return JournalFile(io)
 
 
-def _refresh(tran: Transaction, target: Node, host: JournalFile) -> None:
-    """Install the new header fields and snapshot list in ``target``'s state."""
+def _reread(target: Node, host: JournalFile) -> Qcow2State:
+    """``target``'s state with the header fields and snapshot list now on disk."""
     state = target.state
     assert isinstance(state, Qcow2State)
     head = host.pread(60, 12)
@@ -180,7 +181,46 @@ def _refresh(tran: Transaction, target: Node, host: JournalFile) -> None:
     offset = int.from_bytes(head[4:], "big")
     header = replace(state.header, nb_snapshots=count, snapshots_offset=offset)
     snapshots = read_snapshots(host.pread, offset, count)
-    set_runtime(tran, target, state=replace(state, header=header, snapshots=snapshots))
+    return replace(state, header=header, snapshots=snapshots)
+
+
+def _refresh(tran: Transaction, target: Node, host: JournalFile) -> None:
+    """Install the new header fields and snapshot list in ``target``'s state."""
+    set_runtime(tran, target, state=_reread(target, host))
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOnAbort(Action):
+    """internal_snapshot_abort: delete the snapshot just taken (bdrv_snapshot_delete).
+
+    Registered after the create's journal and before the node's new state, so
+    it aborts after the state went back and before the journal: it deletes the
+    snapshot for real, leaves the journal nothing to put back, and installs
+    the header and snapshot list the deletion wrote.  A failed deletion is only
+    reported by QEMU (on stderr): the snapshot then stays.
+    """
+
+    name = "internal-snapshot-delete-on-abort"
+    target: Node
+    journal: qcow2_resize.ImageWriter
+    ident: str
+    discards: FreedClusters | None
+
+    def abort(self) -> None:
+        io = self.journal
+        host = JournalFile(qcow2_resize.ImageWriter(io.fd, os.fstat(io.fd).st_size))
+        try:
+            delete_snapshot(host, self.ident, None, discards=self.discards)
+            if self.discards is not None:
+                self.discards.process()
+        except (Qcow2Error, OSError) as err:
+            print(
+                f"qmpgraph: Failed to delete snapshot with id '{self.ident}': {err}",
+                file=sys.stderr,
+            )
+        io.journal.clear()
+        io.length = io.original_length = os.fstat(io.fd).st_size
+        self.target.state = _reread(self.target, host)
 
 
 def _truncate_name(name: str) -> bytes:
@@ -216,13 +256,14 @@ class InternalSnapshot(BlkAction):
         now = time.time_ns() // 1000 * 1000
         try:
             host = _journal(tran, target)
-            create_snapshot(
+            discards = _snapshot_discards(tran, target, host)
+            entry = create_snapshot(
                 host,
                 _truncate_name(name),
                 date_sec=now // 1_000_000_000,
                 date_nsec=now % 1_000_000_000,
                 vm_clock_nsec=now,
-                discards=_snapshot_discards(tran, target, host),
+                discards=discards,
             )
         except SnapshotFailed as err:
             raise GenericError(
@@ -233,6 +274,7 @@ class InternalSnapshot(BlkAction):
             raise GenericError(
                 f"Failed to create snapshot '{name}' on device '{device}': {os.strerror(code)}"
             ) from err
+        tran.add(DeleteOnAbort(target, host.io, entry.id, discards))
         _refresh(tran, target, host)
 
 

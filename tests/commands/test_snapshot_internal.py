@@ -99,7 +99,9 @@ def test_snapshots_listed_and_deleted_as_qemu_img_sees_them(tmp_path: Path, qsd_
     _check(image)
 
 
-def test_failed_transaction_leaves_the_image_as_it_was(tmp_path: Path, qsd_path: str) -> None:
+def test_failed_transaction_deletes_the_new_snapshots(tmp_path: Path, qsd_path: str) -> None:
+    """As QEMU's internal_snapshot_abort: deleted, not undone byte for byte (the
+    file keeps its grown length; script fuzz-snapshot-internal-abort shows qsd's)."""
     del qsd_path
     image = _image(tmp_path / "a.qcow2", "write -P 0x11 0 1M")
     client = Client()
@@ -113,7 +115,7 @@ def test_failed_transaction_leaves_the_image_as_it_was(tmp_path: Path, qsd_path:
         {"type": "abort", "data": {}},
     ]
     client.fails("transaction", {"actions": actions}, "Transaction aborted using Abort action")
-    assert image.read_bytes() == raw
+    assert len(image.read_bytes()) > len(raw)
     assert graph_digest(client.daemon.graph) == digest
     assert [s["name"] for s in _node_snapshots(client, "q")] == ["kept"]
     _check(image)
