@@ -414,7 +414,7 @@ def _discarding(refcounts: Refcounts, fd: int, node: Node) -> None:
     """Clusters ``refcounts`` frees from now on are discarded in the file as the
     qcow2 node's discard options say (old directories and tables:
     QCOW2_DISCARD_OTHER, bitmap data clusters: QCOW2_DISCARD_ALWAYS)."""
-    passed = passed_types(node)
+    passed = passed_types(node, file_node=_FILES.get(node))
     if passed:
         refcounts.discards = FreedClusters(fd, refcounts.cluster_bits, passed, DiscardType.OTHER)
 

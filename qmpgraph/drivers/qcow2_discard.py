@@ -84,12 +84,17 @@ def _bool(value: object, default: bool) -> bool:
     return bool(value)
 
 
-def passed_types(node: Node, *, graph: bool = False) -> frozenset[DiscardType]:
+def passed_types(
+    node: Node, *, graph: bool = False, file_node: Node | None = None
+) -> frozenset[DiscardType]:
     """The kinds of freed clusters that reach ``node``'s image file as discards
     (empty where the file child is not a ``file`` node with discard=unmap;
-    ``graph``: discards go through the graph, which checks the child)."""
+    ``graph``: discards go through the graph, which checks the child;
+    ``file_node``: the image file when the ``file`` edge is already gone, as
+    when a closing node stores its bitmaps)."""
     edge = node.file
-    file_node = edge.child if edge is not None else None
+    if edge is not None:
+        file_node = edge.child
     if not graph and (
         file_node is None
         or file_node.driver is None
