@@ -367,7 +367,14 @@ class Blkdebug(Driver):
             for index, rule in enumerate(options[group]):
                 members = [k for k in _MEMBERS[group] if k in rule]
                 flat_keys += [f"{group}.{index}.{k}" for k in qdict_order(members)]
-        flat_iter = qdict_order(flat_keys)
+        # An inline child's options were flattened in its topmost parent's
+        # QDict, then extracted level by level (qdict_extract_subqdict copies
+        # in the source's iteration order), which can swap same-bucket keys.
+        prefixes = _option_prefixes(node)
+        keys = ["".join(prefixes) + k for k in flat_keys]
+        for prefix in prefixes:
+            keys = [k[len(prefix) :] for k in qdict_order(keys)]
+        flat_iter = qdict_order(keys)
         out: dict[str, Any] = {}
         for name in _STRONG:
             if name.endswith("."):
@@ -394,3 +401,17 @@ class Blkdebug(Driver):
 
 
 DRIVERS = (Blkdebug(),)
+
+
+def _option_prefixes(node: Node) -> list[str]:
+    """The option prefixes of an inline child, topmost first (``["file."]``)."""
+    prefixes: list[str] = []
+    child = node
+    while child.inherits_from is not None:
+        parent = child.inherits_from
+        edge = next((e for e in parent.children if e.child is child), None)
+        if edge is None:
+            break
+        prefixes.append(edge.name + ".")
+        child = parent
+    return prefixes[::-1]
