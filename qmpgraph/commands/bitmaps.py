@@ -152,7 +152,6 @@ def do_remove(
 def do_merge(tran: Transaction, graph: BlockGraph, args: dict[str, Any]) -> DirtyBitmap:
     """block_dirty_bitmap_merge: sources into an anonymous bitmap, then into the target."""
     node, dst = bitmap_lookup(graph, str(args["node"]), str(args["target"]))
-    check(dst, DEFAULT)  # 7.2 checks the target before any source (seen on qsd)
     anon = DirtyBitmap(None, node_length(node), dst.granularity)
     for src_spec in args["bitmaps"]:
         if isinstance(src_spec, str):
@@ -161,6 +160,10 @@ def do_merge(tran: Transaction, graph: BlockGraph, args: dict[str, Any]) -> Dirt
                 raise GenericError(f"Dirty bitmap '{src_spec}' not found")
         else:
             _, src = bitmap_lookup(graph, str(src_spec["node"]), str(src_spec["name"]))
+        # qsd 7.2 checks the target after each source's lookup and before
+        # that source's own checks: a missing first source is reported before
+        # a read-only target, a read-only target before a size mismatch.
+        check(dst, DEFAULT)
         _merge_checks(anon, src)
         anon.merge_from(src)
     _merge_checks(dst, anon)
