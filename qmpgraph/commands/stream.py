@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import replace
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.query.filenames import Filenames
+from qmpgraph.commands.query.filenames import Filenames, auto_backing_file, primary_child
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.commands.snapshot import reopen_read_only, set_node_state
@@ -109,21 +110,79 @@ def image_filename(node: Node) -> str:
     return Filenames().refresh(node).filename
 
 
+def path_has_protocol(path: str) -> bool:
+    """path_has_protocol: a ':' comes before any '/'."""
+    cut = re.search(r"[:/]", path)
+    return cut is not None and cut.group() == ":"
+
+
+def _strict_realpath(path: str | None) -> str | None:
+    """realpath(3): None when the path (or a directory on it) does not exist."""
+    if not path:
+        return None
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError:
+        return None
+
+
+def _backing_overridden(node: Node, names: Filenames) -> bool:
+    """bdrv_backing_overridden: the backing is not the one the header names."""
+    auto = auto_backing_file(node)
+    edge = node.backing
+    if edge is not None and edge.child is not None:
+        return auto != names.refresh(edge.child).filename
+    return bool(auto)
+
+
+def _absolute_name(node: Node, name: str, names: Filenames) -> str | None:
+    """bdrv_make_absolute_filename: ``name`` against the image's directory."""
+    if not name:
+        return None
+    if name.startswith("/") or path_has_protocol(name):
+        return name
+    cur: Node | None = node
+    while cur is not None:
+        primary = primary_child(cur)
+        if primary is None:
+            exact = names.refresh(cur).exact
+            return exact[: exact.rfind("/") + 1] + name if exact else None
+        cur = primary
+    return None
+
+
 def find_backing_image(bs: Node, name: str) -> Node | None:
-    """bdrv_find_backing_image: the chain node whose name (as written) matches."""
+    """bdrv_find_backing_image: the chain node ``name`` designates (legacy file names).
+
+    Filters are skipped.  Where a node's backing was overridden (opened from
+    a node reference or options rather than from the header), only the
+    backing node's filename, compared as text, can match; else a protocol
+    name is compared as text with the header's name and its absolute form,
+    and a plain path must resolve (it and the header's name made absolute
+    against the image's directory) to the same existing file.
+    """
+    names = Filenames()
+    is_protocol = path_has_protocol(name)
     cur = skip_filters(bs)
     while cur is not None and cow_child(cur) is not None:
         below = backing_chain_next(cur)
         if below is None:
             return None
         state = cur.state
-        written = state.header.backing_file if isinstance(state, Qcow2State) else None
-        if name == written or name == image_filename(below):
-            return below
-        base_dir = os.path.dirname(image_filename(cur))
-        wanted = os.path.realpath(os.path.join(base_dir, name))
-        if wanted == os.path.realpath(image_filename(below)):
-            return below
+        written = state.header.backing_file if isinstance(state, Qcow2State) else ""
+        written = written or ""
+        if _backing_overridden(cur, names):
+            if name == names.refresh(below).filename:
+                return below
+        elif is_protocol or path_has_protocol(written):
+            if name == written or name == _absolute_name(cur, written, names):
+                return below
+        else:
+            wanted = _strict_realpath(_absolute_name(cur, name, names))
+            if wanted is not None:
+                header = _strict_realpath(_absolute_name(cur, written, names))
+                if header is not None and header == wanted:
+                    return below
         cur = below
     return None
 
