@@ -20,7 +20,6 @@ transaction machinery (``qmpgraph.commands.transaction``).
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Any
 
 from qmpgraph.bitmaps import registry as bitmap_registry
@@ -40,19 +39,12 @@ from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
 from qmpgraph.jobs.backup import BackupJob, BackupParams, start_backup
 from qmpgraph.jobs.core import JobTxn
-from qmpgraph.jobs.drain import Drain
+from qmpgraph.jobs.drain import transaction_drain
 from qmpgraph.transactions.actions import unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
 
-_DRAINS: weakref.WeakKeyDictionary[Transaction, Drain] = weakref.WeakKeyDictionary()
-
-
-def _drain_of(tran: Transaction) -> Drain:
-    drain = _DRAINS.get(tran)
-    if drain is None:
-        drain = _DRAINS[tran] = Drain()
-    return drain
+_drain_of = transaction_drain
 
 
 # -- do_backup_common ------------------------------------------------------------------

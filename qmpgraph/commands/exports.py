@@ -40,7 +40,7 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.aio_context import unpin
 from qmpgraph.graph.model import BlockBackend, Edge, Node
 from qmpgraph.graph.perms import PERM_ALL, Perm, Role
-from qmpgraph.jobs.drain import drain_node_bounce
+from qmpgraph.jobs.drain import DrainsOnAbort, drain_node_bounce
 from qmpgraph.nbd import constants as nbdc
 from qmpgraph.objects import id_wellformed, tree_for
 from qmpgraph.objects.misc import IOThread
@@ -354,6 +354,7 @@ def _add_export(
         perm=int(perm),
         shared=PERM_ALL,
     )
+    tran.add(DrainsOnAbort(daemon, node))  # a failure from here on unrefs the BlockBackend
     server = table.server
     if server is None:
         raise GenericError("NBD server not running")

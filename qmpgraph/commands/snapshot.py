@@ -3,7 +3,8 @@
 ``change-backing-file`` (sections 5.4, 5.5, 5.9 and 7 of the reference).
 
 The snapshot action follows QEMU 7.2's external_snapshot_prepare step by
-step: completion mode, the old node's lookup, the op blocker, for ``-sync``
+step: completion mode, the old node's lookup and its drained section (until
+clean or abort: jobs using it pause), the op blocker, for ``-sync``
 the node-name checks, the image creation (bdrv_img_create's checks, then a
 real qcow2 file written by ``qmpgraph.drivers.qcow2_image``; it stays on disk
 whatever happens next, as in QEMU) and the overlay's open, then the overlay
@@ -36,6 +37,7 @@ from qmpgraph.errors import GenericError
 from qmpgraph.graph.graph import BlockGraph, cow_child, filter_or_cow_child
 from qmpgraph.graph.model import Node, ParentKind
 from qmpgraph.graph.perms import OpenFlag, Perm
+from qmpgraph.jobs.drain import transaction_drain
 from qmpgraph.transactions.actions import ref_node, set_options, unref_node
 from qmpgraph.transactions.composite import append
 from qmpgraph.transactions.engine import Action, Transaction
@@ -158,6 +160,7 @@ class ExternalSnapshot(BlkAction):
     old: Node | None = None
     new: Node | None = None
     appended = False
+    drained = False
 
     def prepare(self, tran: Transaction) -> None:
         """external_snapshot_prepare, QEMU 7.2's order."""
@@ -169,6 +172,9 @@ class ExternalSnapshot(BlkAction):
             device = node_name = str(data["node"])
         self.check_completion_mode()
         old = self.old = lookup_bs(self.graph, device, node_name)
+        # Drained from here to clean (or abort): the jobs using it pause.
+        transaction_drain(tran).begin(self.daemon, old)
+        self.drained = True
         _blocked(old, "external-snapshot")
         if sync:
             self.new = self._open_new_image(tran, old, node_name)
@@ -262,10 +268,20 @@ class ExternalSnapshot(BlkAction):
         except GenericError:
             tran.rollback_to(mark)
 
+    def abort(self, tran: Transaction) -> None:
+        """End the drain of the old node."""
+        self._end_drain(tran)
+
     def clean(self, tran: Transaction) -> None:
-        """Drop the reference the open (or lookup) took on the overlay."""
+        """Drop the reference the open (or lookup) took on the overlay; end the drain."""
         if self.new is not None:
             unref_node(tran, self.graph, self.new)
+        self._end_drain(tran)
+
+    def _end_drain(self, tran: Transaction) -> None:
+        if self.drained:
+            self.drained = False
+            transaction_drain(tran).end()
 
 
 for _kind in ("blockdev-snapshot", "blockdev-snapshot-sync"):

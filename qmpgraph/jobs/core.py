@@ -171,6 +171,7 @@ class Job:
         self._task: trio.lowlevel.Task | None = None
         self._turns = 0  # main-loop turns taken since the pending command entered the job
         self._deadline: int | None = None
+        self._sleeps_cut = 0  # sleeps to skip (``cut_next_sleep``)
         self._transition(S.CREATED)
         self.runner.add(self)
         self.txn = txn if txn is not None else JobTxn()
@@ -316,7 +317,9 @@ class Job:
         """job_sleep_ns: sleep ``ns`` on the daemon's clock, or until entered."""
         if self.is_cancelled():
             return
-        if not self._should_pause():
+        if self._sleeps_cut:
+            self._sleeps_cut -= 1
+        elif not self._should_pause():
             await self._park(self.daemon.clock.now_ns() + ns)
         await self.pause_point()
 
@@ -366,6 +369,17 @@ class Job:
         assert self._enter is not None
         self._enter.set()
         self.runner.changed()
+
+    def is_parked(self) -> bool:
+        """Whether the job's task waits to be entered (``enter`` would wake it)."""
+        return self._task_state == TASK_PARKED
+
+    def cut_next_sleep(self) -> None:
+        """The job's next ``sleep_ns`` returns at once (a drain paused the job
+        while it was not parked: QEMU's job_sleep_ns does not sleep while a
+        pause is pending, and the drain's poll ran the job up to there)."""
+        if self.started and not self.deferred:
+            self._sleeps_cut += 1
 
     def start(self) -> None:
         """job_start: the job runs (its task is started by the runner)."""

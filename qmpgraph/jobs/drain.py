@@ -14,15 +14,18 @@ visible part is replayed: the two events, then a wake-up.
   it), as deleting an export (twice) or attaching an existing node as a
   new child (twice) makes them;
 * ``drain_nodes_bounce``: one drained section over a set of nodes (an
-  AioContext change);
+  AioContext change), the resume coming after the reply;
+* ``DrainsOnAbort``: an undo record draining a node when its transaction
+  aborts (a failed export add unrefs the BlockBackend it attached);
 * ``file_attach_drains``: blockdev-add naming an existing node as a
   ``file`` child drains that node twice (even when the attach then fails
   on permissions);
 * ``SubtreeDrains``: blockdev-reopen's drained subtrees, one section from
   the first listed node to the end of the command;
-* ``Drain``: the drained sections of one transaction's backup actions, each
-  from its prepare to its clean (oldest first); a job started meanwhile
-  pauses at once, and goes on when no open section holds it;
+* ``Drain``: the drained sections of one transaction's actions (backups,
+  external snapshots), each from its prepare to its clean (oldest first);
+  a job started meanwhile pauses at once, and goes on when no open section
+  holds it; ``transaction_drain`` gives a transaction's one ``Drain``;
 * ``drain_reaches``: whether a drained node quiesces a job.
 
 Where one drain reaches several jobs, the walk up through the parents
@@ -34,8 +37,10 @@ live here: the job core (``core``), the commands.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from qmpgraph.daemon import Daemon
@@ -45,6 +50,7 @@ from qmpgraph.graph.model import Node
 from qmpgraph.jobs.blockjob import BlockJob
 from qmpgraph.jobs.core import Job, JobTxn, job_runner
 from qmpgraph.jobs.state import JobStatus
+from qmpgraph.transactions.engine import Action, Transaction
 
 S = JobStatus
 
@@ -114,14 +120,22 @@ def _pause_event(job: Job) -> bool:
 
 
 def _resume_event(job: Job) -> None:
-    """The drain ended: the job goes on from its pause point.  A job that
-    was sleeping (a speed limit) or waiting was woken by the pause, so it
-    runs its loop again instead of going back to sleep."""
+    """The drain ended: the job goes on from its pause point.
+
+    A job that was sleeping (a speed limit) or waiting was woken by the
+    pause, so it runs its loop again instead of going back to sleep.  A job
+    that was not parked (entered by an earlier drain of the same command,
+    or in the middle of its I/O) would in QEMU have been run by the drain's
+    poll up to its next sleep, which the pending pause skips: it skips that
+    sleep here (``Job.cut_next_sleep``)."""
     if job.status is S.PAUSED:
         job._transition(S.RUNNING)
     elif job.status is S.STANDBY:
         job._transition(S.READY)
-    job.enter()
+    if job.is_parked():
+        job.enter()
+    else:
+        job.cut_next_sleep()
 
 
 def _held_ids(job: Job) -> list[int]:
@@ -155,14 +169,46 @@ def drain_node_bounce(daemon: Daemon, node: Node, times: int = 1) -> None:
             _resume_event(job)
 
 
+@dataclass(frozen=True, slots=True)
+class DrainsOnAbort(Action):
+    """An undo record: if the transaction aborts, ``node`` is drained
+    ``times`` times (a BlockBackend attached to it is unreferenced on the
+    command's failure path, as blk_exp_add's)."""
+
+    name = "drains-on-abort"
+    daemon: Daemon
+    node: Node
+    times: int = 2
+
+    def abort(self) -> None:
+        """The drains happen."""
+        drain_node_bounce(self.daemon, self.node, self.times)
+
+    def describe(self) -> dict[str, Any]:
+        """The record's name and node."""
+        return {"action": self.name, "node": self.node.node_name, "times": self.times}
+
+
 def drain_nodes_bounce(daemon: Daemon, nodes: set[int]) -> None:
     """One drained section over the nodes with these ids (an AioContext
-    change drains every node it moves): the jobs holding any of them pause,
-    then resume."""
-    jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, nodes)]
+    change drains every node it moves): the jobs holding any of them pause
+    before the reply and resume after it.
+
+    The job moved with the nodes, and the drain's end schedules its
+    coroutine in its new context instead of entering it, so in qsd 7.2 the
+    resume (``running``/``ready``) races the reply; mostly it comes after
+    it, which is what is replayed here."""
+    runner = job_runner(daemon)
+    jobs = [j for j in reversed(list(runner)) if _holds(j, nodes)]
     paused = [j for j in jobs if _pause_event(j)]
-    for job in paused:
-        _resume_event(job)
+    if paused:
+        runner.call_after_reply(lambda: _resume_all(paused))
+
+
+def _resume_all(jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.is_completed():
+            _resume_event(job)
 
 
 def _file_refs(options: Any) -> list[str]:
@@ -245,7 +291,8 @@ def subtree_drains(daemon: Daemon) -> Iterator[SubtreeDrains]:
 
 
 class Drain:
-    """The drained sources of one QMP transaction's backup actions.
+    """The drained nodes of one QMP transaction's actions (a backup's source,
+    an external snapshot's old node).
 
     Each action's section drains its source from its prepare to its clean;
     the cleans run in list order, so the oldest section ends first, and a
@@ -293,3 +340,16 @@ class Drain:
         for job in resumed:
             self.paused.remove(job)
             _resume_event(job)
+
+
+_DRAINS: weakref.WeakKeyDictionary[Transaction, Drain] = weakref.WeakKeyDictionary()
+
+
+def transaction_drain(tran: Transaction) -> Drain:
+    """The ``Drain`` of the QMP transaction run as ``tran``: every action that
+    drains a node until its clean opens a section of it here, so that the
+    sections of different action types end in the actions' order."""
+    drain = _DRAINS.get(tran)
+    if drain is None:
+        drain = _DRAINS[tran] = Drain()
+    return drain

@@ -9,7 +9,9 @@ events is QEMU's (see ``qmpgraph.jobs.core``, "Ordering"):
   that reaches an io point (or whose timer fires) waiting, and the data
   path's yield points (``Job._yield_point``) count main-loop turns from
   this command on;
-* ``after_reply``: held jobs go on; with a virtual clock, ``settle`` then
+* ``after_reply``: what a command left for after its reply runs first
+  (``call_after_reply``: jobs resuming in another context), then held
+  jobs go on; with a virtual clock, ``settle`` then
   runs every job until none can go on without a command, one step at a
   time in creation order, moving the clock straight to the earliest timer
   when all wait for one.
@@ -19,7 +21,7 @@ What does not live here: the job itself (``core``), the clock (``clock``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,6 +48,7 @@ class JobRunner:
         self._unspawned: list[Job] = []
         self._changed = trio.Event()
         self._last: Job | None = None
+        self._post_reply: list[Callable[[], None]] = []
 
     # -- the table ------------------------------------------------------------------
 
@@ -137,8 +140,15 @@ class JobRunner:
         await self._until_idle(self.kicked)
         self.kicked.clear()
 
+    def call_after_reply(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` right after the pending command's reply (its events follow it)."""
+        self._post_reply.append(fn)
+
     async def after_reply(self) -> None:
         """After a reply: held jobs go on; with a virtual clock, run everything to idle."""
+        calls, self._post_reply = self._post_reply, []
+        for fn in calls:
+            fn()
         if not self.holding and not self.daemon.clock.virtual:
             return
         self.holding = False
