@@ -48,7 +48,7 @@ def _image(d: Path, cipher: list[str]) -> Path:
     img = d / "disk.luks"
     opts = ",".join(["key-secret=s", "iter-time=10", *cipher])
     create = ["qemu-img", "create", "-q", "-f", "luks", "--object", SECRET, "-o", opts, str(img)]
-    for _ in range(3):
+    for _ in range(10):
         # Under load qemu-img's PBKDF benchmark can fail ("Unable to get
         # accurate CPU usage"); that says nothing about either daemon.
         res = subprocess.run(
