@@ -47,6 +47,7 @@ from qmpgraph.jobs.dataplane import allocated_above, layer_allocated, node_size,
 from qmpgraph.jobs.drain import drain_node_bounce
 from qmpgraph.transactions.actions import (
     add_root_parent,
+    ref_node,
     remove_root_parent,
     set_frozen,
     unref_node,
@@ -336,10 +337,17 @@ class StreamJob(BlockJob):
                 if unfiltered_base is not None:
                     base_id = self.backing_file or image_filename(unfiltered_base)
                     base_fmt = unfiltered_base.format_name
+                # QEMU drops the old backing's reference only when the change
+                # commits: a base that already is the backing (nothing to
+                # stream) must survive being detached and attached again.
+                if base is not None:
+                    ref_node(tran, base)
                 try:
                     set_backing(tran, graph, top, base)
                 except GenericError as err:
                     raise JobFailed(errno.EPERM, err.desc) from err
+                if base is not None:
+                    unref_node(tran, graph, base)
                 change_backing_file(tran, top, base_id, base_fmt)
 
     def abort(self) -> None:
