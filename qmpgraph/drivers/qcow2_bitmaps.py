@@ -40,7 +40,7 @@ import contextlib
 import struct
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from qmpgraph.bitmaps import registry
 from qmpgraph.bitmaps.model import DirtyBitmap
@@ -51,7 +51,7 @@ from qmpgraph.drivers.qcow2_refcount import Refcounts
 from qmpgraph.drivers.qcow2_storage import FdFile, HostFile, Qcow2Error, pread_full
 from qmpgraph.graph.model import Node
 from qmpgraph.graph.perms import OpenFlag
-from qmpgraph.transactions.engine import Action, Transaction
+from qmpgraph.transactions.engine import Transaction
 
 if TYPE_CHECKING:
     from qmpgraph.drivers.base import OpenContext
@@ -470,18 +470,6 @@ def _rewrite_header(
     host.pwrite(0, header)
 
 
-@dataclass(frozen=True, slots=True)
-class _ReopenRoUndo(Action):
-    """A read-only reopen stored the bitmaps (clean in the image); abort marks
-    them in use again, as qcow2_reopen_abort does."""
-
-    name: ClassVar[str] = "qcow2-bitmaps-ro"
-    node: Node
-
-    def abort(self) -> None:
-        _mark_all_in_use(self.node)
-
-
 def _mark_all_in_use(node: Node) -> None:
     stored = _STORED.get(node)
     fd = _file_fd(_FILES.get(node))
@@ -491,22 +479,31 @@ def _mark_all_in_use(node: Node) -> None:
 
 
 def reopen_read_only(tran: Transaction, node: Node) -> None:
-    """qcow2_reopen_bitmaps_ro, in the reopen's prepare while the file is still
-    writable: store the persistent bitmaps (clean, not in use) and make them
-    read-only.  The image write is not undone; an abort marks them in use."""
+    """qcow2_reopen_bitmaps_ro, in the driver's reopen prepare while the file is
+    still writable: store the persistent bitmaps (clean, not in use) and make
+    them read-only.  Nothing undoes it: qcow2_reopen_abort leaves the bitmaps
+    stored and read-only on a node that stays writable (seen on qsd 7.2, both
+    for a later check of the same entry and a permission failure; a read-write
+    reopen makes them writable again)."""
+    del tran
     persistent = [bm for bm in registry.bitmaps_of(node) if bm.persistent]
     if not persistent:
         return
     store(node)
-    tran.add(_ReopenRoUndo(node))
     for bm in persistent:
-        if not bm.readonly:
-            registry.change_flags(tran, bm, readonly=True)
+        bm.readonly = True
+    registry.touch()
 
 
 def reopen_read_write(tran: Transaction, node: Node) -> None:
-    """qcow2_reopen_bitmaps_rw, once the reopen committed (the file is writable
-    again): the stored bitmaps are marked in use and become writable."""
+    """qcow2_reopen_bitmaps_rw, once a reopen to read-write committed (the file
+    is writable again): the stored bitmaps are marked in use and become
+    writable.  QEMU runs it after every such reopen; on a node that was
+    already writable it only matters after a failed read-only reopen."""
+    if node.open_flags & OpenFlag.RDWR and not any(
+        bm.persistent and bm.readonly for bm in registry.bitmaps_of(node)
+    ):
+        return
 
     def done() -> None:
         _mark_all_in_use(node)

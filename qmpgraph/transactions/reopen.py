@@ -216,6 +216,20 @@ def _header_backing(node: Node) -> bool:
     return header is not None and header(node) is not None
 
 
+def _follow_bitmaps(tran: Transaction, req: ReopenRequest) -> None:
+    """qcow2's persistent bitmaps follow the access mode: stored and read-only
+    in the driver's prepare of a reopen to read-only (so before the checks
+    that follow it, which do not undo it), writable again after any reopen to
+    read-write (qcow2_reopen_commit_post)."""
+    follow = getattr(req.node.driver, "reopen_bitmaps", None)
+    if follow is None:
+        return
+    if req.flags & OpenFlag.RDWR:
+        follow(tran, req.node, read_only=False)
+    elif req.node.open_flags & OpenFlag.RDWR:
+        follow(tran, req.node, read_only=True)
+
+
 def _prepare(tran: Transaction, graph: BlockGraph, req: ReopenRequest) -> None:
     """bdrv_reopen_prepare for one entry (section 5.3, steps 1 to 9)."""
     node = req.node
@@ -234,6 +248,7 @@ def _prepare(tran: Transaction, graph: BlockGraph, req: ReopenRequest) -> None:
         if key not in req.options and not resettable:
             raise GenericError(f"Option '{key}' cannot be reset to its default value")
     req.state = drv.reopen_prepare(graph, node, opts)
+    _follow_bitmaps(tran, req)
     has_backing = node.backing is not None or _header_backing(node)
     if drv.supports_backing and req.backing_missing and has_backing:
         raise GenericError(f"backing is missing for '{node.node_name}'")
@@ -297,12 +312,8 @@ def reopen_multiple(tran: Transaction, graph: BlockGraph, requests: list[ReopenR
         if flags & OpenFlag.RDWR:
             flags |= OpenFlag.ALLOW_RDWR
         req.flags = queue[req.node] = flags
-        # qcow2's persistent bitmaps follow a change of the access mode.
-        follow = getattr(req.node.driver, "reopen_bitmaps", None)
-        if follow is not None and bool(req.node.open_flags & OpenFlag.RDWR) != bool(
-            flags & OpenFlag.RDWR
-        ):
-            follow(tran, req.node, read_only=not flags & OpenFlag.RDWR)
+        if req.options is None:
+            _follow_bitmaps(tran, req)
         starts = [req.old_file, req.old_backing, req.node, *starts]
     refresh_subtrees(tran, graph, starts, queue)
     # Children commit before parents in QEMU (reverse queue order).
