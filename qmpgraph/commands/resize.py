@@ -11,6 +11,10 @@ resizes its window, ``qcow2`` rewrites its metadata through
 child, anything else cannot resize).  The whole command is one graph
 transaction: an abort restores every byte written to an image.
 
+Writes and truncations of qcow2 metadata mark the image file node's dirty
+bitmaps as QEMU's requests through ``bs->file`` do (``MarkingWriter``,
+``mark_metadata_writes``, ``mark_discard``; internal snapshots use them too).
+
 The write threshold of a node (bs->write_threshold_offset) lives in a table
 here, changed through an undoable action; query-named-block-nodes reads it
 with ``write_threshold(node)``.
@@ -19,7 +23,8 @@ with ``write_threshold(node)``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+import struct
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qmpgraph.bitmaps import registry as bitmap_registry
@@ -85,6 +90,67 @@ class ImageUndo(Action):
         self.io.restore()
 
 
+@dataclass(slots=True)
+class MarkingWriter(qcow2_resize.ImageWriter):
+    """An ``ImageWriter`` that remembers where it wrote, so that the image file
+    node's dirty bitmaps can be marked as QEMU's writes through ``bs->file``
+    mark them (``mark_metadata_writes``)."""
+
+    writes: list[tuple[int, int]] = field(default_factory=list)
+    truncated: bool = False
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write (journaled) and remember the range."""
+        qcow2_resize.ImageWriter.write(self, offset, data)
+        self.writes.append((offset, len(data)))
+
+    def truncate(self, length: int) -> None:
+        """Set the length (journaled) and remember that it was set."""
+        qcow2_resize.ImageWriter.truncate(self, length)
+        self.truncated = True
+
+
+# Offset bits of L1 and refcount table entries.
+_TABLE_OFFSET = 0x00FF_FFFF_FFFF_FE00
+
+
+def mark_metadata_writes(image: Node | None, io: MarkingWriter) -> None:
+    """bdrv_set_dirty on the image file node for the qcow2 metadata written
+    through ``io``.  QEMU writes L2 tables and refcount blocks whole, from its
+    metadata caches, and the refcount table whole: a write inside one of them
+    marks all of it (the tables as the header now lists them)."""
+    writes, io.writes = io.writes, []
+    if image is None or not bitmap_registry.bitmaps_of(image) or not writes:
+        return
+    header = io.read(0, 72)
+    cluster_bits, l1_size, l1_offset, reftable, reftable_clusters = struct.unpack_from(
+        ">20xI12xIQQI", header
+    )
+    cs = 1 << cluster_bits
+    entries = io.read(l1_offset, l1_size * 8) + io.read(reftable, reftable_clusters * cs)
+    tables = {e & _TABLE_OFFSET for (e,) in struct.iter_unpack(">Q", entries)} - {0}
+    for offset, length in writes:
+        start = offset - offset % cs
+        if reftable <= offset < reftable + reftable_clusters * cs:
+            bitmap_registry.mark_dirty(image, reftable, reftable_clusters * cs)
+        elif offset + length <= start + cs and start in tables:
+            bitmap_registry.mark_dirty(image, start, cs)
+        else:
+            bitmap_registry.mark_dirty(image, offset, length)
+
+
+def mark_discard(image: Node, offset: int, length: int) -> None:
+    """bdrv_set_dirty for clusters discarded in the image file.  qmpgraph
+    discards once the command commits, after any cut of the file that QEMU
+    makes later (and which then drops the marks): marks past the bitmaps'
+    current end are dropped here, and never grow them."""
+    bitmaps = bitmap_registry.bitmaps_of(image)
+    if bitmaps:
+        end = min(offset + length, bitmaps[0].size)
+        if end > offset:
+            bitmap_registry.mark_dirty(image, offset, end - offset)
+
+
 def lookup_bs(graph: BlockGraph, device: str | None, node_name: str | None) -> Node:
     """bdrv_lookup_bs: a BlockBackend by ``device``, else a node by ``node-name``."""
     if device is not None:
@@ -130,7 +196,7 @@ def _truncate_qcow2(tran: Transaction, node: Node, size: int) -> None:
     if image is None or image.format_name != "file":
         raise GenericError("Image format driver does not support resize")
     fd = _file_fd(image)
-    io = qcow2_resize.ImageWriter(fd, os.fstat(fd).st_size)
+    io = MarkingWriter(fd, os.fstat(fd).st_size)
     tran.add(ImageUndo(io))
     header = state.header
     # Freed clusters are discarded in the file once the resize commits (an
@@ -138,15 +204,22 @@ def _truncate_qcow2(tran: Transaction, node: Node, size: int) -> None:
     passed = passed_types(node)
     discards = FreedClusters(fd, header.cluster_bits, passed) if passed else None
     if discards is not None:
+        discards.on_discard = lambda offset, length: mark_discard(image, offset, length)
         tran.on_commit(discards.process)
-    result = qcow2_resize.resize(
-        io,
-        size,
-        nb_snapshots=header.nb_snapshots,
-        version=header.version,
-        free_hint=_free_hints.get(node.id, 0),
-        discards=discards,
-    )
+    try:
+        result = qcow2_resize.resize(
+            io,
+            size,
+            nb_snapshots=header.nb_snapshots,
+            version=header.version,
+            free_hint=_free_hints.get(node.id, 0),
+            discards=discards,
+        )
+    finally:  # what was written stays marked, as in QEMU
+        mark_metadata_writes(image, io)
+    if io.truncated:
+        # The file was cut (bdrv_co_truncate on bs->file): its bitmaps follow.
+        bitmap_registry.truncate_node(tran, image, io.length)
     _set_table(tran, _free_hints, node.id, result.free_hint)
     if header.has_data_file:
         for edge in node.children:

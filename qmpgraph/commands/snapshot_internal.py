@@ -43,9 +43,13 @@ from typing import Any
 
 from qmpgraph.commands.context import CommandContext
 from qmpgraph.commands.registry import command
-from qmpgraph.commands.resize import ImageUndo
+from qmpgraph.commands.resize import (
+    ImageUndo,
+    MarkingWriter,
+    mark_discard,
+    mark_metadata_writes,
+)
 from qmpgraph.commands.transaction import BlkAction, action, lookup_bs, single_action
-from qmpgraph.drivers import qcow2_resize
 from qmpgraph.drivers.file import FileState
 from qmpgraph.drivers.qcow2 import Qcow2State, read_snapshots
 from qmpgraph.drivers.qcow2_discard import DiscardType, FreedClusters, passed_types
@@ -69,9 +73,10 @@ _CHILD_ROLES = Role.DATA | Role.METADATA | Role.FILTERED
 
 
 class JournalFile:
-    """``HostFile`` over an ``ImageWriter``: every write can be undone."""
+    """``HostFile`` over a ``MarkingWriter``: every write can be undone, and
+    marks the image file node's dirty bitmaps (``mark_metadata_writes``)."""
 
-    def __init__(self, io: qcow2_resize.ImageWriter) -> None:
+    def __init__(self, io: MarkingWriter) -> None:
         self.io = io
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -158,6 +163,11 @@ def _data_path_busy(node: Node) -> bool:
     return hook is not None and bool(hook.QCOW2_IO.busy(node))
 
 
+def _image_file(target: Node) -> Node | None:
+    """The node of ``target``'s image file (its ``file`` child)."""
+    return target.file.child if target.file is not None else None
+
+
 def _journal(tran: Transaction, target: Node) -> JournalFile:
     """A journaled view of ``target``'s image file (its ``file`` child)."""
     image = target.file.child if target.file is not None else None
@@ -167,7 +177,7 @@ def _journal(tran: Transaction, target: Node) -> JournalFile:
     if _data_path_busy(target):
         raise SnapshotFailed(errno.EBUSY)
     fd = state.lock.fd
-    io = qcow2_resize.ImageWriter(fd, os.fstat(fd).st_size)
+    io = MarkingWriter(fd, os.fstat(fd).st_size)
     tran.add(ImageUndo(io))
     return JournalFile(io)
 
@@ -202,13 +212,13 @@ class DeleteOnAbort(Action):
 
     name = "internal-snapshot-delete-on-abort"
     target: Node
-    journal: qcow2_resize.ImageWriter
+    journal: MarkingWriter
     ident: str
     discards: FreedClusters | None
 
     def abort(self) -> None:
         io = self.journal
-        host = JournalFile(qcow2_resize.ImageWriter(io.fd, os.fstat(io.fd).st_size))
+        host = JournalFile(MarkingWriter(io.fd, os.fstat(io.fd).st_size))
         try:
             delete_snapshot(host, self.ident, None, discards=self.discards)
             if self.discards is not None:
@@ -218,6 +228,7 @@ class DeleteOnAbort(Action):
                 f"qmpgraph: Failed to delete snapshot with id '{self.ident}': {err}",
                 file=sys.stderr,
             )
+        mark_metadata_writes(_image_file(self.target), host.io)
         io.journal.clear()
         io.length = io.original_length = os.fstat(io.fd).st_size
         self.target.state = _reread(self.target, host)
@@ -254,6 +265,7 @@ class InternalSnapshot(BlkAction):
             raise GenericError(f"Snapshot with name '{name}' already exists on device '{device}'")
         # qemu-storage-daemon's virtual clock is the host clock (microseconds).
         now = time.time_ns() // 1000 * 1000
+        host: JournalFile | None = None
         try:
             host = _journal(tran, target)
             discards = _snapshot_discards(tran, target, host)
@@ -274,6 +286,9 @@ class InternalSnapshot(BlkAction):
             raise GenericError(
                 f"Failed to create snapshot '{name}' on device '{device}': {os.strerror(code)}"
             ) from err
+        finally:
+            if host is not None:
+                mark_metadata_writes(_image_file(target), host.io)
         tran.add(DeleteOnAbort(target, host.io, entry.id, discards))
         _refresh(tran, target, host)
 
@@ -366,6 +381,8 @@ def blockdev_snapshot_delete_internal_sync(
             code = getattr(err, "errno", None) or errno.EIO
             raise GenericError(f"Failed to remove snapshot from snapshot list: "
                                f"{os.strerror(code)}") from err  # fmt: skip
+        finally:
+            mark_metadata_writes(_image_file(target), host.io)
         _refresh(tran, target, host)
     return _snapshot_info(entry)
 
@@ -381,6 +398,9 @@ def _snapshot_discards(tran: Transaction, target: Node, host: JournalFile) -> Fr
     discards = FreedClusters(
         host.io.fd, state.header.cluster_bits, passed_types(target), DiscardType.SNAPSHOT
     )
+    image = _image_file(target)
+    if image is not None:
+        discards.on_discard = lambda offset, length: mark_discard(image, offset, length)
     tran.on_commit(discards.process)
     return discards
 
