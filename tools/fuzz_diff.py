@@ -19,7 +19,9 @@ enable or disable transaction action whose lookup fails, a merge with an
 empty list, and enable, disable or merge actions under completion-mode =
 grouped. So transaction enable/disable actions only name the reserved
 bitmaps (``k0`` on ``n0``, ``k1`` on ``a``), which no step removes and whose
-nodes no step deletes.
+nodes no step deletes.  It also adds no bitmap to a file node: with one
+there, an internal snapshot deletion (or its rollback) or a shrink after
+other resizes can end qsd 7.2 with an assertion in hbitmap_set.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ RESERVED_NODES = ("n0", "a")
 RESERVED_BITMAPS = (("n0", "k0"), ("a", "k1"))
 
 NODE_NAMES = ("n0", "a", "af", "n1", "n2", "q", "qf", "r", "rf", "b", "o1", "o2", "ov")
+#: File nodes, and the format node a bitmap goes to instead.
+FILE_NODES = {"af": "a", "qf": "q", "rf": "r", "bf": "b"}
 BAD_NODE_NAMES = ("nope", "", "#bad", "1x")
-BITMAP_NAMES = ("b0", "b1", "b2", "stored", "st2", "sa", "k0", "k1")
+BITMAP_NAMES = ("b0", "b1", "b2", "stored", "st2", "sa", "bad", "k0", "k1")
 BAD_BITMAP_NAMES = ("", "x" * 1024, "nope")
 GRANULARITIES = (512, 4096, 65536, 1 << 20, 1 << 31)
 BAD_GRANULARITIES = (0, 256, 3000, 1 << 32, -512)
@@ -140,6 +144,13 @@ class Generator:
                     for _ in range(r.randint(1, 3))
                 )
                 lines.append(f"#! setup: qemu-io {cmds} {image} >/dev/null")
+        if self.chance(0.25):
+            # A writer that dies leaves the stored bitmaps in use: inconsistent.
+            lines.append("#! setup: qemu-img bitmap --add c.qcow2 bad")
+            lines.append(
+                "#! setup: (ulimit -c 0; qemu-io -c 'write 0 4k' -c abort c.qcow2) "
+                ">/dev/null 2>&1 || true"
+            )
         if self.chance(0.4):
             lines.append("#! setup: qemu-img snapshot -c s0 c.qcow2")
         lines.append("#! setup: qemu-img create -q -f raw r.raw 1M")
@@ -275,7 +286,11 @@ class Generator:
 
     def bitmap_add_args(self) -> dict[str, Any]:
         """Arguments of block-dirty-bitmap-add (command or action)."""
-        args: dict[str, Any] = {"node": self.node(), "name": self.bitmap(allow_reserved=False)}
+        node = self.node()
+        # No bitmaps on file nodes: qsd 7.2 can then abort (hbitmap_set's
+        # assertion) when an internal snapshot deletion or a shrink discards.
+        node = FILE_NODES.get(node, node)
+        args: dict[str, Any] = {"node": node, "name": self.bitmap(allow_reserved=False)}
         self.bitmaps.append(args["name"])
         if self.chance(0.5):
             args["granularity"] = self.granularity()

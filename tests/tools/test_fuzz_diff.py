@@ -56,6 +56,8 @@ def test_scripts_avoid_what_crashes_qsd() -> None:
             args = cmd.get("arguments", {})
             if cmd["execute"] == "block-dirty-bitmap-merge":
                 assert args["bitmaps"], seed
+            if cmd["execute"] == "block-dirty-bitmap-add":
+                assert args["node"] not in fuzz_diff.FILE_NODES, seed
             if cmd["execute"] != "transaction":
                 continue
             kinds = {a["type"].removeprefix("block-dirty-bitmap-") for a in args["actions"]}
@@ -67,3 +69,5 @@ def test_scripts_avoid_what_crashes_qsd() -> None:
                     assert f"{data['node']}/{data['name']}" in reserved, (seed, act)
                 if act["type"] == "block-dirty-bitmap-merge":
                     assert data["bitmaps"], seed
+                if act["type"] == "block-dirty-bitmap-add":
+                    assert data["node"] not in fuzz_diff.FILE_NODES, seed
