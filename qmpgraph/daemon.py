@@ -135,6 +135,8 @@ class Daemon:
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Send event ``name`` to every subscribed session, timestamped by the clock."""
+        if self.job_runner is not None and self.job_runner.defer_event(name, data):
+            return  # after a drain the jobs must first run through (jobs.runner)
         seconds, microseconds = self.clock.event_time()
         event: dict[str, Any] = {
             "timestamp": {"seconds": seconds, "microseconds": microseconds},

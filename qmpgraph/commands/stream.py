@@ -314,6 +314,10 @@ class StreamJob(BlockJob):
         cor = self.cor
         if cor is None:
             return
+        # bdrv_cor_filter_drop's drained sections, as qsd 7.2 shows them to
+        # a job above (three: the first pauses it, the second's poll runs
+        # it on to its next pause point, the third's to the next or its end).
+        drain_node_bounce(self.daemon, cor, times=3)
         self.cor = None
         if self.data_blk.root is not None:
             detach_child(tran, self.daemon.graph, self.data_blk.root)

@@ -172,6 +172,7 @@ class Job:
         self._turns = 0  # main-loop turns taken since the pending command entered the job
         self._deadline: int | None = None
         self._sleeps_cut = 0  # sleeps to skip (``cut_next_sleep``)
+        self._forced = False  # a drain runs the job through (JobRunner.run_to_park)
         self._transition(S.CREATED)
         self.runner.add(self)
         self.txn = txn if txn is not None else JobTxn()
@@ -341,7 +342,11 @@ class Job:
         # yield for one turn resumes before it, waiting for the disk or a
         # second turn waits for the reply.  Tasks the job starts inherit the
         # hook but are not the job's coroutine: they go on.
-        if not self.runner.holding or trio.lowlevel.current_task() is not self._task:
+        if (
+            not self.runner.holding
+            or self._forced
+            or trio.lowlevel.current_task() is not self._task
+        ):
             return
         if disk or self._turns:
             await self.io_point()
@@ -410,7 +415,12 @@ class Job:
         except Exception as exc:  # a job's bug must not stop the daemon
             traceback.print_exception(exc, file=sys.stderr)
             self.ret, self.err = -errno.EIO, os.strerror(errno.EIO)
-        if self.runner.holding and self._turns and trio.lowlevel.current_task() is self._task:
+        if (
+            self.runner.holding
+            and self._turns
+            and not self._forced
+            and trio.lowlevel.current_task() is self._task
+        ):
             # job_exit is a bottom half of the next turn: after the reply.
             await self.io_point()
         self.deferred = True

@@ -31,6 +31,15 @@ visible part is replayed: the two events, then a wake-up.
 Where one drain reaches several jobs, the walk up through the parents
 meets the nearest first (and among equals the newest).
 
+A drain's poll runs the jobs it reaches up to their next pause point.  A job
+parked in a sleep just wakes (the pause cuts its sleep); one that is not
+parked skips its next sleep (``Job.cut_next_sleep``); and when a drained
+section of one node (``drain_node_bounce``) finds a job that an earlier
+section of the same command woke, the section and the command's later
+events are deferred until that job ran (``JobRunner.defer``), since in QEMU
+it runs, I/O and all, inside the command: a rate-limited mirror can go
+ready between two drains.
+
 Synchronous (it only emits events and enters parked jobs).  What does not
 live here: the job core (``core``), the commands.
 """
@@ -160,13 +169,43 @@ def drain_all_bounce(daemon: Daemon) -> None:
 
 def drain_node_bounce(daemon: Daemon, node: Node, times: int = 1) -> None:
     """``times`` drained sections of ``node``: every job holding it or a node
-    above it pauses, then resumes, each time."""
+    above it pauses, then resumes, each time.
+
+    A section that finds such a job entered earlier in this command (an
+    earlier section's end woke it) is deferred, with the command's later
+    events, until that job ran (``JobRunner.defer``): in QEMU its poll runs
+    the job, I/O and all, up to its next pause point first."""
+    runner = job_runner(daemon)
     for _ in range(times):
         nodes = _ancestors(node)
-        jobs = [j for j in reversed(list(job_runner(daemon))) if _holds(j, nodes)]
+        jobs = [j for j in reversed(list(runner)) if _holds(j, nodes)]
+        # The nodes reached are the ones above it now: the command goes on
+        # changing the graph before the deferred section plays.
+        if (runner.deferring() or any(_entered(runner, j) for j in jobs)) and runner.defer(
+            lambda nodes=nodes: _nodes_bounce_async(daemon, nodes)  # type: ignore[misc]
+        ):
+            continue
         paused = [j for j in jobs if _pause_event(j)]
         for job in paused:
             _resume_event(job)
+
+
+def _entered(runner: Any, job: Job) -> bool:
+    """Whether ``job`` was woken in this command and has not run yet."""
+    return job in runner.kicked and job.started and not job.is_parked() and not job.is_completed()
+
+
+async def _nodes_bounce_async(daemon: Daemon, nodes: set[int]) -> None:
+    """A deferred drained section of the nodes with these ids: the jobs it
+    reaches first run to their next park (or end), then pause and resume."""
+    runner = job_runner(daemon)
+    jobs = [j for j in reversed(list(runner)) if _holds(j, nodes)]
+    for job in jobs:
+        if not job.pause_count and not job.is_completed():
+            await runner.run_to_park(job)
+    paused = [j for j in jobs if _pause_event(j)]
+    for job in paused:
+        _resume_event(job)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,13 @@ events is QEMU's (see ``qmpgraph.jobs.core``, "Ordering"):
   that reaches an io point (or whose timer fires) waiting, and the data
   path's yield points (``Job._yield_point``) count main-loop turns from
   this command on;
+* drains a command cannot replay synchronously: a drain that finds a job
+  entered earlier in the same command (by an earlier drain's end) would in
+  QEMU poll until that job reaches its next pause point, its I/O done.
+  ``defer`` queues such a drain, and every event the command sends after
+  it, into a script that ``quiesce`` plays once the entered jobs ran:
+  the drain's async part runs the job on to its next park (``run_to_park``,
+  its I/O not held), then the queued events follow in order;
 * ``after_reply``: what a command left for after its reply runs first
   (``call_after_reply``: jobs resuming in another context), then held
   jobs go on; with a virtual clock, ``settle`` then
@@ -21,8 +28,8 @@ What does not live here: the job itself (``core``), the clock (``clock``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -49,6 +56,9 @@ class JobRunner:
         self._changed = trio.Event()
         self._last: Job | None = None
         self._post_reply: list[Callable[[], None]] = []
+        # Steps queued since a drain had to wait for a job: an async drain
+        # step, or an event (name, data) the command sent after it.
+        self._script: list[Callable[[], Awaitable[None]] | tuple[str, Any]] | None = None
 
     # -- the table ------------------------------------------------------------------
 
@@ -95,8 +105,9 @@ class JobRunner:
         self._changed = trio.Event()
 
     def must_hold(self, job: Job) -> bool:
-        """Whether ``job`` stops at an io point (a reply is pending, or the clock is virtual)."""
-        return self.holding or self.daemon.clock.virtual
+        """Whether ``job`` stops at an io point (a reply is pending, or the clock is
+        virtual), unless a drain runs it through (``run_to_park``)."""
+        return (self.holding or self.daemon.clock.virtual) and not job._forced
 
     async def wait_entered(self, job: Job) -> None:
         """Park ``job`` until entered, or until its deadline passes."""
@@ -130,8 +141,9 @@ class JobRunner:
         await self._until_idle()
 
     async def quiesce(self) -> None:
-        """Before a reply: jobs the command entered run until they park, reach I/O or end."""
-        if not self.kicked and not self._unspawned:
+        """Before a reply: jobs the command entered run until they park, reach I/O or end;
+        then the deferred script plays (see the module docstring)."""
+        if not self.kicked and not self._unspawned and self._script is None:
             return
         for job in self.jobs:
             job._turns = 0  # QEMU's main loop turns count from this command on
@@ -139,6 +151,72 @@ class JobRunner:
         self._spawn_pending()
         await self._until_idle(self.kicked)
         self.kicked.clear()
+        await self._play()
+
+    async def _play(self) -> None:
+        while self._script is not None:
+            script, self._script = self._script, None
+            for i, step in enumerate(script):
+                if self._script is not None:
+                    # A step deferred again: what is left follows it.
+                    self._script.extend(script[i:])
+                    break
+                if isinstance(step, tuple):
+                    self.daemon.emit_event(*step)
+                else:
+                    await step()
+                    await self._until_idle(self.kicked)
+                    self.kicked.clear()
+
+    def deferring(self) -> bool:
+        """Whether the pending command's drains and events are being queued."""
+        return self._script is not None
+
+    def defer(self, step: Callable[[], Awaitable[None]]) -> bool:
+        """Queue an async drain step; later events queue behind it.  False
+        (nothing queued) outside trio: the caller drains synchronously."""
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return False
+        if self._script is None:
+            self._script = []
+            if not self.holding:
+                trio.lowlevel.spawn_system_task(self._play_soon, name="deferred drains")
+        self._script.append(step)
+        return True
+
+    async def _play_soon(self) -> None:
+        # Deferred outside a command's quiesce: a command being dispatched
+        # has its quiesce play the script (it holds the jobs by then);
+        # otherwise (an NBD client's or a job's task) it plays now.
+        await trio.lowlevel.checkpoint()
+        if not self.holding:
+            await self._play()
+
+    def defer_event(self, name: str, data: dict[str, Any] | None) -> bool:
+        """Queue an event behind a deferred drain (True), or let it go now (False)."""
+        if self._script is None:
+            return False
+        self._script.append((name, data) if data is not None else (name, None))
+        return True
+
+    async def run_to_park(self, job: Job) -> None:
+        """A drain's poll: ``job`` runs, its I/O not held, until it parks or ends."""
+        if job._task_state not in (TASK_BUSY, TASK_AT_IO) or not job.started:
+            return
+        job._forced = True
+        try:
+            if job._task_state == TASK_AT_IO and job._go is not None:
+                job._task_state = TASK_BUSY
+                job._go.set()
+            while job._task_state in (TASK_BUSY, TASK_AT_IO):
+                if job._task_state == TASK_AT_IO and job._go is not None:
+                    job._task_state = TASK_BUSY
+                    job._go.set()
+                await self._changed.wait()
+        finally:
+            job._forced = False
 
     def call_after_reply(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` right after the pending command's reply (its events follow it)."""
