@@ -266,7 +266,7 @@ class Generator:
         lines = []
         if not self.nbd:
             self.nbd = True
-            addr = {"type": "unix", "path": "$TMP/nbd.sock"}
+            addr = {"type": "unix", "data": {"path": "$TMP/nbd.sock"}}
             lines.append(_cmd("nbd-server-start", {"addr": addr}))
         if self.chance(0.3):
             return [*lines, _cmd("block-export-del", {"id": self.r.choice(("e0", "e1"))})]

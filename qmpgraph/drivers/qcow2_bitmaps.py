@@ -319,6 +319,10 @@ def store(node: Node) -> None:
     bitmaps = [bm for bm in registry.bitmaps_of(node) if bm.persistent and not bm.skip_store]
     if old is None and not bitmaps:
         return
+    if not any(not bm.readonly and not bm.inconsistent for bm in bitmaps):
+        # need_write: only read-only or inconsistent ones, nothing is written
+        # (and a read-only node reports no error).
+        return
     message = None
     if node.read_only:
         # bdrv_has_changed_persistent_bitmaps: loaded ones are read-only here.
