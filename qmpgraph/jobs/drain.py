@@ -47,7 +47,7 @@ live here: the job core (``core``), the commands.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -342,18 +342,37 @@ class Drain:
         self.sections: list[Node] = []
         self.paused: list[Job] = []
         self.txn: JobTxn | None = None
+        self.runner: Any = None
 
     def _held(self, job: Job) -> bool:
         return any(_holds(job, _ancestors(node)) for node in self.sections)
 
+    def _defer(self, step: Callable[[], Awaitable[None]]) -> bool:
+        return self.runner is not None and self.runner.deferring() and self.runner.defer(step)
+
     def begin(self, daemon: Daemon, node: Node) -> None:
         """bdrv_drained_begin(node): the jobs holding it or a node above pause,
         nearest to it first (and among equals the newest), as the walk up
-        through the parents reaches them."""
+        through the parents reaches them.  Deferred (``drain_node_bounce``)
+        when a job it reaches was woken earlier in this command."""
+        runner = self.runner = job_runner(daemon)
         self.sections.append(node)
         depths = _depths(node)
+        reached = [j for j in runner if j not in self.paused and _holds(j, set(depths))]
+        deferred = any(_entered(runner, j) for j in reached) or runner.deferring()
+        if deferred and runner.defer(lambda: self._begin_async(depths)):
+            return
+        self._begin_now(depths)
+
+    async def _begin_async(self, depths: dict[int, int]) -> None:
+        for job in list(self.runner):
+            if job not in self.paused and _holds(job, set(depths)) and not job.pause_count:
+                await self.runner.run_to_park(job)
+        self._begin_now(depths)
+
+    def _begin_now(self, depths: dict[int, int]) -> None:
         nodes = set(depths)
-        jobs = list(job_runner(daemon))  # newest first
+        jobs = list(self.runner)  # newest first
         held = [j for j in jobs if j not in self.paused and _holds(j, nodes)]
         held.sort(key=lambda j: (_job_depth(j, depths), jobs.index(j)))
         for job in held:
@@ -362,6 +381,11 @@ class Drain:
 
     def started(self, job: Job) -> None:
         """A job started while its nodes are drained: it pauses at once."""
+        if self._defer(lambda: _call(lambda: self._started_now(job))):
+            return
+        self._started_now(job)
+
+    def _started_now(self, job: Job) -> None:
         if _pause_event(job):
             self.paused.append(job)
 
@@ -370,15 +394,24 @@ class Drain:
         if not self.sections:
             return
         node = self.sections.pop(0)
+        depths = _depths(node)
+        if self._defer(lambda: _call(lambda: self._end_now(depths))):
+            return
+        self._end_now(depths)
+
+    def _end_now(self, depths: dict[int, int]) -> None:
         resumed = [j for j in self.paused if not self._held(j)]
         # drained_end walks up from the node, newest parent first: the jobs
         # nearest to it resume first, and among equals the newest.
-        depths = _depths(node)
         order = {job: i for i, job in enumerate(self.paused)}
         resumed.sort(key=lambda j: (_job_depth(j, depths), -order[j]))
         for job in resumed:
             self.paused.remove(job)
             _resume_event(job)
+
+
+async def _call(fn: Callable[[], None]) -> None:
+    fn()
 
 
 _DRAINS: weakref.WeakKeyDictionary[Transaction, Drain] = weakref.WeakKeyDictionary()
