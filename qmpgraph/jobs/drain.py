@@ -34,11 +34,12 @@ meets the nearest first (and among equals the newest).
 A drain's poll runs the jobs it reaches up to their next pause point.  A job
 parked in a sleep just wakes (the pause cuts its sleep); one that is not
 parked skips its next sleep (``Job.cut_next_sleep``); and when a drained
-section of one node (``drain_node_bounce``) finds a job that an earlier
-section of the same command woke, the section and the command's later
-events are deferred until that job ran (``JobRunner.defer``), since in QEMU
-it runs, I/O and all, inside the command: a rate-limited mirror can go
-ready between two drains.
+section of one node (``drain_node_bounce``, ``Drain.begin``) finds a job
+that an earlier section of the same command woke, the section and the
+command's later events are deferred until that job ran (``JobRunner.defer``),
+since in QEMU it runs, I/O and all, inside the command: a rate-limited
+mirror can go ready between two drains.  (``drain_all_bounce``,
+``SubtreeDrains`` and ``drain_nodes_bounce`` do not defer yet.)
 
 Synchronous (it only emits events and enters parked jobs).  What does not
 live here: the job core (``core``), the commands.
