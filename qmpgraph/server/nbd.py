@@ -71,6 +71,38 @@ class _Client:
     # Hung up by the server (QEMU's client_close): no request is read any
     # more, but those in flight run to their end (their replies are lost).
     closing: bool = False
+    session: _Session | None = None  # once negotiation started
+
+
+def _left(client: _Client) -> bool:
+    """Whether ``client``, idle and not hung up, has only its NBD_CMD_DISC or
+    its end of stream left unread (see ``Runtime.has_clients``)."""
+    stream, session = client.stream, client.session
+    if client.closing or stream is None or session is None:
+        return False
+    if session.slots.value != MAX_IN_FLIGHT:  # requests in flight hold the export
+        return False
+    try:
+        # A duplicate of the descriptor: the trio socket's own calls are async.
+        with socket.fromfd(stream.socket.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            head = sock.recv(_DISC_SIZE + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return head == b"" or _is_disc(head)
+
+
+_DISC_SIZE = 28  # an NBD request header: magic, flags, type, cookie, offset, length
+
+
+def _is_disc(head: bytes) -> bool:
+    """Whether ``head`` is exactly one NBD_CMD_DISC request."""
+    return (
+        len(head) == _DISC_SIZE
+        and int.from_bytes(head[0:4], "big") == c.REQUEST_MAGIC
+        and int.from_bytes(head[6:8], "big") == c.CMD_DISC
+    )
 
 
 @dataclass(eq=False)
@@ -86,8 +118,16 @@ class Runtime:
     _slot_freed: trio.Event = field(default_factory=trio.Event)
 
     def has_clients(self, export: NBDExport) -> bool:
-        """Whether a client negotiated ``export`` and is still connected."""
-        return any(cl.export is export for cl in self.clients)
+        """Whether a client negotiated ``export`` and is still connected.
+
+        A client whose last bytes (its NBD_CMD_DISC, or the end of its
+        stream) wait unread in the socket has gone already: QEMU reads an
+        NBD socket as soon as it is readable, before a QMP command that came
+        after those bytes gets its turn, so e.g. block-export-del sent once a
+        backup tool exited finds the export free.  Here the monitor's task
+        may run first, so the socket is looked at.
+        """
+        return any(cl.export is export and not _left(cl) for cl in self.clients)
 
     def newest_client(self, export: NBDExport) -> int:
         """The ``seq`` of the newest client using ``export`` (0: none)."""
@@ -156,6 +196,7 @@ class Runtime:
 
     async def _speak(self, stream: trio.SocketStream, client: _Client) -> None:
         session = _Session(ServerConnection(self.table), client, _Sender(stream.socket))
+        client.session = session
         await session.sender.send([session.conn.data_to_send()])
         async with trio.open_nursery() as nursery:
             try:
