@@ -44,9 +44,6 @@ from qmpgraph.transactions.actions import unref_node
 from qmpgraph.transactions.composite import set_backing
 from qmpgraph.transactions.engine import Transaction
 
-_drain_of = transaction_drain
-
-
 # -- do_backup_common ------------------------------------------------------------------
 
 
@@ -125,7 +122,7 @@ class BackupAction(BlkAction):
     def prepare(self, tran: Transaction) -> None:
         """blockdev_backup_prepare: look up, drain the source, create the job."""
         source, target = self.lookup(tran)
-        drain = _drain_of(tran)
+        drain = transaction_drain(tran)
         drain.begin(self.daemon, source)
         self.drained = True
         txn: JobTxn | None = None
@@ -154,7 +151,7 @@ class BackupAction(BlkAction):
 
         tran.on_commit(created)
         job.start()
-        _drain_of(tran).started(job)
+        transaction_drain(tran).started(job)
 
     def abort(self, tran: Transaction) -> None:
         """Cancel a job that was created (job_cancel_sync), then end the drain."""
@@ -169,7 +166,7 @@ class BackupAction(BlkAction):
     def _end_drain(self, tran: Transaction) -> None:
         if self.drained:
             self.drained = False
-            _drain_of(tran).end()
+            transaction_drain(tran).end()
 
 
 action("blockdev-backup")(BackupAction)
@@ -190,7 +187,7 @@ class DriveBackupAction(BackupAction):
         source_bs = lookup_bs(self.graph, device, device)
         if source_bs.driver is None:
             raise GenericError("Device has no medium")
-        drain = _drain_of(tran)
+        drain = transaction_drain(tran)
         drain.begin(self.daemon, source_bs)
         self.drained = True
         fmt = data.get("format")

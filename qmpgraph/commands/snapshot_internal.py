@@ -170,7 +170,7 @@ def _image_file(target: Node) -> Node | None:
 
 def _journal(tran: Transaction, target: Node) -> JournalFile:
     """A journaled view of ``target``'s image file (its ``file`` child)."""
-    image = target.file.child if target.file is not None else None
+    image = _image_file(target)
     state = image.state if image is not None else None
     if not isinstance(state, FileState) or state.lock.closed:
         raise SnapshotFailed(errno.ENOTSUP)

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from dataclasses import replace
 from typing import Any
 
 from qmpgraph.commands.context import CommandContext
-from qmpgraph.commands.query.filenames import Filenames, auto_backing_file, primary_child
+from qmpgraph.commands.query.filenames import Filenames, auto_backing_file
 from qmpgraph.commands.registry import command
 from qmpgraph.commands.resize import lookup_bs
 from qmpgraph.commands.snapshot import reopen_read_only, set_node_state
 from qmpgraph.drivers.file import FileState
-from qmpgraph.drivers.open import TreeOpenContext, open_one
+from qmpgraph.drivers.open import TreeOpenContext, dirname, open_one, protocol_prefix
 from qmpgraph.drivers.qcow2 import Qcow2State
 from qmpgraph.drivers.qcow2_image import rewrite_backing
 from qmpgraph.errors import GenericError
@@ -111,12 +110,6 @@ def image_filename(node: Node) -> str:
     return Filenames().refresh(node).filename
 
 
-def path_has_protocol(path: str) -> bool:
-    """path_has_protocol: a ':' comes before any '/'."""
-    cut = re.search(r"[:/]", path)
-    return cut is not None and cut.group() == ":"
-
-
 def _strict_realpath(path: str | None) -> str | None:
     """realpath(3): None when the path (or a directory on it) does not exist."""
     if not path:
@@ -136,20 +129,17 @@ def _backing_overridden(node: Node, names: Filenames) -> bool:
     return bool(auto)
 
 
-def _absolute_name(node: Node, name: str, names: Filenames) -> str | None:
-    """bdrv_make_absolute_filename: ``name`` against the image's directory."""
+def _absolute_name(node: Node, name: str) -> str | None:
+    """bdrv_make_absolute_filename: ``name`` against the image's directory
+    (None when the image has none)."""
     if not name:
         return None
-    if name.startswith("/") or path_has_protocol(name):
+    if name.startswith("/") or protocol_prefix(name) is not None:
         return name
-    cur: Node | None = node
-    while cur is not None:
-        primary = primary_child(cur)
-        if primary is None:
-            exact = names.refresh(cur).exact
-            return exact[: exact.rfind("/") + 1] + name if exact else None
-        cur = primary
-    return None
+    try:
+        return dirname(node) + name
+    except GenericError:
+        return None
 
 
 def find_backing_image(bs: Node, name: str) -> Node | None:
@@ -163,7 +153,7 @@ def find_backing_image(bs: Node, name: str) -> Node | None:
     against the image's directory) to the same existing file.
     """
     names = Filenames()
-    is_protocol = path_has_protocol(name)
+    is_protocol = protocol_prefix(name) is not None
     cur = skip_filters(bs)
     while cur is not None and cow_child(cur) is not None:
         below = backing_chain_next(cur)
@@ -175,13 +165,13 @@ def find_backing_image(bs: Node, name: str) -> Node | None:
         if _backing_overridden(cur, names):
             if name == names.refresh(below).filename:
                 return below
-        elif is_protocol or path_has_protocol(written):
-            if name == written or name == _absolute_name(cur, written, names):
+        elif is_protocol or protocol_prefix(written) is not None:
+            if name == written or name == _absolute_name(cur, written):
                 return below
         else:
-            wanted = _strict_realpath(_absolute_name(cur, name, names))
+            wanted = _strict_realpath(_absolute_name(cur, name))
             if wanted is not None:
-                header = _strict_realpath(_absolute_name(cur, written, names))
+                header = _strict_realpath(_absolute_name(cur, written))
                 if header is not None and header == wanted:
                     return below
         cur = below

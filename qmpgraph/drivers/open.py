@@ -175,7 +175,7 @@ def _probe_format(path: str) -> str:
     return "qcow2" if head == _QCOW2_MAGIC else "raw"
 
 
-def _protocol_prefix(filename: str) -> str | None:
+def protocol_prefix(filename: str) -> str | None:
     """path_has_protocol: the ``proto`` of ``proto:...`` when ':' comes before any '/'."""
     cut = len(filename)
     for sep in ":/":
@@ -196,7 +196,7 @@ def _exact_filename(node: Node) -> str:
     return drv.filename(node) if drv.protocol else ""
 
 
-def _dirname(node: Node) -> str:
+def dirname(node: Node) -> str:
     """bdrv_dirname: the directory (with its '/') of the primary chain's protocol node."""
     cur = node
     while True:
@@ -209,14 +209,14 @@ def _dirname(node: Node) -> str:
         assert cur.driver is not None
         raise GenericError(f"Cannot generate a base directory for {cur.driver.format_name} nodes")
     # path_combine(exact, ""): keep everything up to the last '/', or the protocol prefix.
-    proto = _protocol_prefix(exact)
+    proto = protocol_prefix(exact)
     keep = len(proto) + 1 if proto is not None else 0
     return exact[: max(keep, exact.rfind("/") + 1)]
 
 
 def _protocol_options(filename: str) -> dict[str, Any]:
     """The protocol node that bdrv_find_protocol picks for ``filename``."""
-    proto = _protocol_prefix(filename)
+    proto = protocol_prefix(filename)
     if proto is None:
         return {"driver": "file", "filename": filename}
     if proto == "file":
@@ -241,9 +241,9 @@ def _open_backing(ctx: TreeOpenContext, node: Node, options: dict[str, Any]) -> 
         if found is None:
             return
         filename, fmt = found
-        if not filename.startswith("/") and _protocol_prefix(filename) is None:
+        if not filename.startswith("/") and protocol_prefix(filename) is None:
             # bdrv_get_full_backing_filename: relative to the image's directory.
-            filename = _dirname(node) + filename
+            filename = dirname(node) + filename
         value = None
     implicit = value is None
     try:

@@ -179,16 +179,26 @@ def drain_node_bounce(daemon: Daemon, node: Node, times: int = 1) -> None:
     runner = job_runner(daemon)
     for _ in range(times):
         nodes = _ancestors(node)
-        jobs = [j for j in reversed(list(runner)) if _holds(j, nodes)]
+        jobs = _holding(runner, nodes)
         # The nodes reached are the ones above it now: the command goes on
         # changing the graph before the deferred section plays.
         if (runner.deferring() or any(_entered(runner, j) for j in jobs)) and runner.defer(
             lambda nodes=nodes: _nodes_bounce_async(daemon, nodes)  # type: ignore[misc]
         ):
             continue
-        paused = [j for j in jobs if _pause_event(j)]
-        for job in paused:
-            _resume_event(job)
+        _bounce(jobs)
+
+
+def _holding(runner: Any, nodes: set[int]) -> list[Job]:
+    """The jobs holding any of the nodes with these ids, oldest first."""
+    return [j for j in reversed(list(runner)) if _holds(j, nodes)]
+
+
+def _bounce(jobs: list[Job]) -> None:
+    """One drained section: ``jobs`` pause, then the paused ones resume."""
+    paused = [j for j in jobs if _pause_event(j)]
+    for job in paused:
+        _resume_event(job)
 
 
 def _entered(runner: Any, job: Job) -> bool:
@@ -200,13 +210,11 @@ async def _nodes_bounce_async(daemon: Daemon, nodes: set[int]) -> None:
     """A deferred drained section of the nodes with these ids: the jobs it
     reaches first run to their next park (or end), then pause and resume."""
     runner = job_runner(daemon)
-    jobs = [j for j in reversed(list(runner)) if _holds(j, nodes)]
+    jobs = _holding(runner, nodes)
     for job in jobs:
         if not job.pause_count and not job.is_completed():
             await runner.run_to_park(job)
-    paused = [j for j in jobs if _pause_event(j)]
-    for job in paused:
-        _resume_event(job)
+    _bounce(jobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +247,7 @@ def drain_nodes_bounce(daemon: Daemon, nodes: set[int]) -> None:
     resume (``running``/``ready``) races the reply; mostly it comes after
     it, which is what is replayed here."""
     runner = job_runner(daemon)
-    jobs = [j for j in reversed(list(runner)) if _holds(j, nodes)]
-    paused = [j for j in jobs if _pause_event(j)]
+    paused = [j for j in _holding(runner, nodes) if _pause_event(j)]
     if paused:
         runner.call_after_reply(lambda: _resume_all(paused))
 

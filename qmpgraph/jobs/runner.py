@@ -198,7 +198,7 @@ class JobRunner:
         """Queue an event behind a deferred drain (True), or let it go now (False)."""
         if self._script is None:
             return False
-        self._script.append((name, data) if data is not None else (name, None))
+        self._script.append((name, data))
         return True
 
     async def run_to_park(self, job: Job) -> None:
@@ -207,9 +207,6 @@ class JobRunner:
             return
         job._forced = True
         try:
-            if job._task_state == TASK_AT_IO and job._go is not None:
-                job._task_state = TASK_BUSY
-                job._go.set()
             while job._task_state in (TASK_BUSY, TASK_AT_IO):
                 if job._task_state == TASK_AT_IO and job._go is not None:
                     job._task_state = TASK_BUSY

@@ -84,7 +84,8 @@ def _left(client: _Client) -> bool:
         return False
     try:
         # A duplicate of the descriptor: the trio socket's own calls are async.
-        with socket.fromfd(stream.socket.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        raw = stream.socket
+        with socket.fromfd(raw.fileno(), raw.family, raw.type) as sock:
             head = sock.recv(_DISC_SIZE + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return False

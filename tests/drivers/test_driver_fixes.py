@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from qmpgraph.drivers.open import _protocol_options, _protocol_prefix
+from qmpgraph.drivers.open import _protocol_options, protocol_prefix
 from qmpgraph.drivers.qcow2 import parse_header, read_snapshots
 from qmpgraph.errors import GenericError
 
@@ -108,8 +108,8 @@ def test_qcow2_snapshot_table(tmp_path: pathlib.Path) -> None:
     ("filename", "prefix"),
     [("a/b:c", None), ("file:x", "file"), ("null-co://", "null-co"), ("/abs", None), ("x", None)],
 )
-def test_protocol_prefix(filename: str, prefix: str | None) -> None:
-    assert _protocol_prefix(filename) == prefix
+def testprotocol_prefix(filename: str, prefix: str | None) -> None:
+    assert protocol_prefix(filename) == prefix
 
 
 def test_protocol_options() -> None:
